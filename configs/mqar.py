@@ -15,8 +15,8 @@ ARG tokens (combine with commas): ``64`` / ``128`` / ``256`` pick ``(seq_len, nu
 
 Keys: ``mechanism`` (any registered attention mechanism name, see
 ``models.mechanism_names()``), ``d_model``, ``num_heads``, ``seq_len``, ``num_kv_pairs``,
-``vocab_size``, ``power_a`` (query-gap power law), ``positions``, plus the runner's shared keys
-(``train_steps``, ``learning_rate``, ...).
+``vocab_size``, ``power_a`` (query-gap power law), ``positions``, ``init``, plus the runner's
+shared keys (``train_steps``, ``learning_rate``, ...).
 """
 
 import ml_collections
@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mlp = "swiglu"
     config.positions = "learned"
     config.tie_embeddings = False
+    # "models" (positions N(0, 0.02)) or "pytorch" (embeddings and positions N(0, 1), linears
+    # U(+-1/sqrt(fan_in)): experiments.tasks.base.apply_init)
+    config.init = "models"
     config.implementation = ""  # jattn.attention implementation ("" = best for the platform)
     # --- optimizer -------------------------------------------------------------------------------
     config.optimizer = "adamw"

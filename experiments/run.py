@@ -120,7 +120,7 @@ def main(argv: list[str]) -> None:
     maybe_initialize_distributed()
 
     from experiments.config import ConfigError
-    from experiments.trainer import train
+    from experiments.trainer import format_metrics, train
 
     try:
         summary = train(_CONFIG.value, _WORKDIR.value)
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> None:
     import jax
 
     if jax.process_index() == 0:
-        final = ", ".join(f"{k}={v:.4g}" for k, v in summary["final"].items())
+        final = format_metrics(summary["final"])
         print(f"[jattn] done: step {summary['step']} in {summary['wall_time_s']:.1f}s: {final}")
         print(f"[jattn] summary: {os.path.join(_WORKDIR.value, 'summary.json')}")
 

@@ -63,6 +63,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """``k=v, ...`` with 4 significant digits (the runner's log lines)."""
+    return ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
+
+
 def _json_default(x: Any) -> Any:
     if isinstance(x, np.generic | np.ndarray):
         return x.tolist()
@@ -353,6 +358,9 @@ class Trainer:
             metrics = self.evaluate(state, eval_batches)
             metrics.update(task.periodic_metrics(self.model(state), step))
             log_scalars(metrics, step, "eval/")
+            if self.is_main and not config.get("progress_bar", True):  # headless: a log line
+                print(f"[jattn] step {step} eval: {format_metrics(metrics)}", file=sys.stderr,
+                      flush=True)
             if eval_batches:
                 imgs = self._host(self.images_fn(state["params"], state["rest"], eval_batches[0]))
                 for tag, img in imgs.items():
@@ -404,6 +412,9 @@ class Trainer:
                 log_scalars(perf, step, "perf/")
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{last_train['loss']:.4g}", refresh=False)
+                elif self.is_main:  # no progress bar (batch jobs, logs to a file): a line
+                    print(f"[jattn] step {step}: {format_metrics(last_train)}, "
+                          f"step_time_s={perf['step_time_s']:.4g}", file=sys.stderr, flush=True)
                 t_window = time.perf_counter()
                 steps_in_window = 0
                 side_time = 0.0

@@ -194,9 +194,14 @@ class Decoder(nnx.Module):
 
     # --- full sequence --------------------------------------------------------------------------
     def __call__(self, inputs: jax.Array, *, positions: jax.Array | None = None,
-                 last_only: bool = False, return_intermediates: bool = False):
+                 last_only: bool = False, gather: jax.Array | None = None,
+                 return_intermediates: bool = False):
         """Logits ``[B, T, V]`` (``[B, V]`` with ``last_only``) for tokens ``[B, T]`` (or inputs
         ``[B, T, input_dim]``).
+
+        ``gather`` (int ``[B, K]``) returns the logits ``[B, K, V]`` of those positions only:
+        the output head (``O(T V d)``, the dominant cost at a large vocabulary) then runs on
+        ``K`` positions per row, e.g. the labelled positions of a sparse-loss task.
 
         With ``return_intermediates=True`` returns ``(logits, intermediates)``:
         ``intermediates["layers"][i]`` holds layer i's ``attention_weights [B, Hq, T, T]``
@@ -214,8 +219,14 @@ class Decoder(nnx.Module):
             h = layer(h, positions=positions, intermediates=li)
             if return_intermediates:
                 inter["layers"].append(li)
+        if last_only and gather is not None:
+            raise ValueError("pass at most one of last_only and gather")
         if last_only:
             h = h[:, -1]
+        elif gather is not None:
+            if gather.ndim != 2 or gather.shape[0] != h.shape[0]:
+                raise ValueError(f"gather must be int [B={h.shape[0]}, K], got {gather.shape}")
+            h = jnp.take_along_axis(h, gather[..., None].astype(jnp.int32), axis=1)
         logits = self._logits(h)
         return (logits, inter) if return_intermediates else logits
 

@@ -7,6 +7,7 @@ Everything computes in the input dtype with fp32 statistics in the norms.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -15,7 +16,7 @@ from flax import nnx
 
 from models.sharding import param
 
-__all__ = ["Dense", "RMSNorm", "LayerNorm", "make_norm", "MLP", "Embed"]
+__all__ = ["Dense", "RMSNorm", "LayerNorm", "make_norm", "MLP", "Embed", "pytorch_default_init"]
 
 _LECUN = nnx.initializers.lecun_normal()
 
@@ -168,3 +169,24 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(x.dtype))
+
+
+def pytorch_default_init(model: nnx.Module, rngs: nnx.Rngs) -> None:
+    """Re-initializes a :class:`models.Decoder` in place with PyTorch's default initializers:
+    token and position embeddings ``N(0, 1)`` (``nn.Embedding``), every projection
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``nn.Linear``), norm scales 1.
+
+    Papers whose code used PyTorch's defaults (Guo et al. 2024, Bigram-Backcopy) start from
+    this state: at d=256 it gives their initial norms ``||Val<s>|| ~ 9.0`` (= ``sqrt(d/3)``)
+    and ``||Res<s>|| ~ 24`` (~ ``sqrt(2 d)``). The models' own init has positions
+    ``N(0, 0.02)``: a ~50x weaker position signal, so position-based circuits (previous-token
+    heads, hence induction / backcopy heads) take far longer to form.
+    """
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Dense):
+            bound = 1.0 / math.sqrt(math.prod(node.in_shape))
+            k = node.kernel
+            k[...] = jax.random.uniform(rngs.params(), k.shape, k.dtype, -bound, bound)
+    pos = getattr(model, "pos_embed", None)
+    if pos is not None:
+        pos[...] = jax.random.normal(rngs.params(), pos.shape, pos.dtype)

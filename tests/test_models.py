@@ -276,6 +276,20 @@ def test_last_only_regression_head():
     assert y.shape == (3, 1)
 
 
+def test_gather_returns_the_logits_of_the_chosen_positions():
+    model = Decoder(DecoderConfig(**TINY), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 32)
+    full = model(tokens)
+    pos = jnp.array([[0, 5, 11], [7, 7, 2]], jnp.int32)
+    picked = model(tokens, gather=pos)
+    assert picked.shape == (2, 3, full.shape[-1])
+    assert_close(picked, jnp.take_along_axis(full, pos[..., None], axis=1), name="gather")
+    with pytest.raises(ValueError, match="gather must be int"):
+        model(tokens, gather=pos[0])
+    with pytest.raises(ValueError, match="at most one of last_only and gather"):
+        model(tokens, gather=pos, last_only=True)
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="registered: .*softmax"):
         AttentionBlock(AttentionConfig(d_model=8, num_heads=2, mechanism="nope"),

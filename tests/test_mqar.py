@@ -16,6 +16,7 @@ from experiments.tasks.mqar import (  # noqa: E402
     cache_size,
     check_sizes,
     mqar_batch,
+    query_positions,
     state_size,
 )
 
@@ -43,6 +44,17 @@ def test_queries_answered_at_the_next_position(vocab, seq_len, pairs):
         for p in pos:
             assert row_y[p] == paired[int(row_x[p])]
         assert np.all((row_x >= 0) & (row_x < vocab))
+
+
+def test_query_positions_are_the_labelled_positions():
+    b = mqar_batch(np.arange(20), seed=1, vocab_size=256, seq_len=64, num_kv_pairs=8)
+    pos = np.asarray(query_positions(b["labels"], 8))
+    for row_y, row_p in zip(b["labels"], pos, strict=True):
+        assert row_p.tolist() == np.flatnonzero(row_y != IGNORE).tolist()
+    labels = np.full((1, 10), IGNORE, np.int32)
+    labels[0, 4] = 7  # fewer labels than asked: padded with unlabelled positions
+    padded = np.asarray(query_positions(labels, 3))[0]
+    assert padded[0] == 4 and np.all(labels[0, padded[1:]] == IGNORE)
 
 
 def test_power_law_gaps_prefer_short_gaps():

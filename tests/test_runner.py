@@ -203,6 +203,16 @@ def _corrupt_data_files(step_dir: Path) -> None:
         p.write_bytes(bytes(raw))
 
 
+def test_without_progress_bar_prints_a_line_per_log_and_eval(tmp_path, capsys):
+    capsys.readouterr()
+    train(T.tiny_config(train_steps=20, log_every=10, eval_every=20, progress_bar=False),
+          str(tmp_path))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("[jattn] step")]
+    assert [ln.split(":")[0] for ln in lines] == [
+        "[jattn] step 10", "[jattn] step 20", "[jattn] step 20 eval"]
+    assert "loss=" in lines[0] and "step_time_s=" in lines[0] and "eval: loss=" in lines[2]
+
+
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, capsys):
     cfg = dict(train_steps=30, eval_every=0, checkpoint_every=10, keep_checkpoints=3)
     reference = train(T.tiny_config(**cfg), str(tmp_path))["final"]

@@ -44,6 +44,22 @@ Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+INITS = ("models", "pytorch")
+
+
+def apply_init(model: nnx.Module, rngs: nnx.Rngs, init: str) -> nnx.Module:
+    """``config.init``: ``"models"`` keeps the model's own initializers; ``"pytorch"``
+    re-initializes with PyTorch's defaults (:func:`models.layers.pytorch_default_init`), the
+    state papers with PyTorch code start from. Returns the model."""
+    if init == "pytorch":
+        from models.layers import pytorch_default_init
+
+        pytorch_default_init(model, rngs)
+    elif init != "models":
+        raise ConfigError(f"config.init={init!r}: must be one of {INITS}")
+    return model
+
+
 class Task:
     """Base class of experiment tasks. Subclasses override the methods they need.
 

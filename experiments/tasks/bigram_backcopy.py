@@ -31,8 +31,8 @@ Model: ``models.Decoder`` as in the paper: pre-LN (LayerNorm without bias), lear
 positions, one head, ReLU MLP of width ``4d``, no biases, untied output layer. The attention
 normalizer is ``config.normalizer``: ``softmax``, ``relu`` (``p_ij = relu(s_ij) / i``) or
 ``sigmoid``. ``config.init = "pytorch"`` (default) re-initializes it with PyTorch's defaults
-as the paper's code does (see :func:`pytorch_default_init`; it reproduces the published
-initial ``||Val<s>||`` and ``||Res<s>||``); ``"models"`` keeps ``models.Decoder``'s init.
+as the paper's code does (:func:`models.layers.pytorch_default_init`; it reproduces the
+published initial ``||Val<s>||`` and ``||Res<s>||``); ``"models"`` keeps ``models.Decoder``'s init.
 
 Metrics (eval, on the fixed eval batch; layer 0 unless suffixed ``/layer{i}``):
 * ``attn_sink`` = ``Attn<s>``: attention weight on position 0, averaged over the heads and over
@@ -58,7 +58,6 @@ under ``eval/`` and per-layer attention maps of the first eval sequence under
 from __future__ import annotations
 
 import bisect
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -72,7 +71,7 @@ import optax
 from flax import nnx
 
 from experiments.config import ConfigError
-from experiments.tasks.base import Batch, Metrics, Task, register
+from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
 from jattn import analysis
 
 BOS = 0
@@ -250,28 +249,6 @@ def excess_risk(
     return kl, trig
 
 
-def pytorch_default_init(model: nnx.Module, rngs: nnx.Rngs) -> None:
-    """Re-initializes a ``models.Decoder`` in place with PyTorch's default initializers, as in
-    the paper's code: token and position embeddings ``N(0, 1)`` (``nn.Embedding``), every
-    projection ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``nn.Linear``), LayerNorm scale 1.
-
-    It reproduces the published initial norms (d=256): ``||Val<s>|| ~ 9.0``
-    (= ``sqrt(d) / sqrt(3)``) and ``||Res<s>|| ~ 24`` (~ ``sqrt(2 d)``). With the models'
-    own init (positions ``N(0, 0.02)``) the position signal starts ~50x weaker and, at the
-    paper's Adam learning rates, the backcopy (and so the sink) takes far longer to form.
-    """
-    from models.layers import Dense
-
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, Dense):
-            bound = 1.0 / math.sqrt(math.prod(node.in_shape))
-            k = node.kernel
-            k[...] = jax.random.uniform(rngs.params(), k.shape, k.dtype, -bound, bound)
-    pos = getattr(model, "pos_embed", None)
-    if pos is not None:
-        pos[...] = jax.random.normal(rngs.params(), pos.shape, pos.dtype)
-
-
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     m = mask.astype(jnp.float32)
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
@@ -378,13 +355,8 @@ class BigramBackcopyTask(Task):
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from models import Decoder
 
-        model = Decoder(self.model_config(), rngs=rngs)
-        init = self.config.get("init", "pytorch")
-        if init == "pytorch":
-            pytorch_default_init(model, rngs)
-        elif init != "models":
-            raise ConfigError(f"config.init={init!r}: must be 'pytorch' or 'models'")
-        return model
+        return apply_init(Decoder(self.model_config(), rngs=rngs), rngs,
+                          self.config.get("init", "pytorch"))
 
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
