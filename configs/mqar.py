@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "models" (positions N(0, 0.02)) or "pytorch" (embeddings and positions N(0, 1), linears
     # U(+-1/sqrt(fan_in)): experiments.tasks.base.apply_init)
     config.init = "models"
+    config.embed_init_std = 1.0
     config.implementation = ""  # jattn.attention implementation ("" = best for the platform)
     # --- optimizer -------------------------------------------------------------------------------
     config.optimizer = "adamw"

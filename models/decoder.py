@@ -59,6 +59,8 @@ class DecoderConfig:
       positions: ``"rope"``, ``"alibi"``, ``"learned"`` (absolute table of ``max_len``) or
         ``"none"``.
       tie_embeddings: output logits ``h E^T`` with the input table.
+      embed_init_std: std of the token table's normal init (1.0; GPT-2-style models use 0.02,
+        which keeps tied logits ``h E^T`` of order 1 at initialization).
       use_bias: biases in every projection (and LayerNorm).
       qk_norm: RMSNorm on q and k.
       mechanism, linear_mechanism: mechanisms of ``"A"`` and ``"L"`` layers.
@@ -87,6 +89,7 @@ class DecoderConfig:
     rope_base: float = 10000.0
     rope_fraction: float = 1.0
     tie_embeddings: bool = True
+    embed_init_std: float = 1.0
     use_bias: bool = False
     qk_norm: bool = False
     mechanism: str = "softmax"
@@ -146,7 +149,7 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         d = cfg.d_model
         if cfg.input_dim is None:
-            self.embed = Embed(cfg.vocab_size, d, rngs=rngs)
+            self.embed = Embed(cfg.vocab_size, d, init_std=cfg.embed_init_std, rngs=rngs)
             self.in_proj = None
         else:
             self.embed = None

@@ -290,6 +290,18 @@ def test_gather_returns_the_logits_of_the_chosen_positions():
         model(tokens, gather=pos, last_only=True)
 
 
+def test_embed_init_std_scales_the_token_table_and_tied_logits():
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 32)
+    std = {}
+    for s in (1.0, 0.02):
+        model = Decoder(DecoderConfig(**TINY, embed_init_std=s), rngs=nnx.Rngs(0))
+        std[s] = (float(jnp.std(model.embed.embedding[...])), float(jnp.std(model(tokens))))
+    assert std[1.0][0] == pytest.approx(1.0, rel=0.15)
+    assert std[0.02][0] == pytest.approx(0.02, rel=0.15)
+    # tied head: the logits scale with the table (the blocks see normalized inputs)
+    assert std[0.02][1] < 0.1 * std[1.0][1]
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="registered: .*softmax"):
         AttentionBlock(AttentionConfig(d_model=8, num_heads=2, mechanism="nope"),

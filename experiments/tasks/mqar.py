@@ -280,6 +280,7 @@ class MQAR(Task):
             max_len=int(c.seq_len),
             mechanism=c.mechanism,
             tie_embeddings=bool(c.get("tie_embeddings", False)),
+            embed_init_std=float(c.get("embed_init_std", 1.0)),
             implementation=c.get("implementation") or None,
         )
 
