@@ -40,6 +40,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if t in SIZES:
             config.seq_len, config.num_kv_pairs = SIZES[t]
     config.power_a = 0.01
+    # Zoology trains on a mixture of sizes: "64:4,128:8,256:16" gives every third training
+    # example each size (shorter ones padded with random tokens); "" = (seq_len, num_kv_pairs)
+    # only. Evaluation is always at (seq_len, num_kv_pairs).
+    config.train_mix = ""
     # --- model -----------------------------------------------------------------------------------
     config.mechanism = "softmax"
     config.d_model = 128

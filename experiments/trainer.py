@@ -321,6 +321,9 @@ class Trainer:
             state = restored.state
             start = restored.step
             window = [dict(m) for m in restored.meta.get("window", [])]
+            # the curves so far, so a resumed run's summary and figures cover the whole run
+            for tag, points in restored.meta.get("history", {}).items():
+                history[tag] = [(int(s), float(v)) for s, v in points if int(s) <= start]
             last_train = dict(restored.meta.get("last_train", {}))
             if restored.meta.get("config") != config_dict:
                 report("the config differs from the checkpoint's; resuming anyway")
@@ -438,7 +441,8 @@ class Trainer:
             if due(step, config.checkpoint_every):
                 window.extend(self._host_metrics(pending))
                 pending = []
-                meta = {"window": window, "last_train": last_train, "config": config_dict}
+                meta = {"window": window, "last_train": last_train, "config": config_dict,
+                        "history": {k: [list(p) for p in v] for k, v in history.items()}}
                 ckpt.save(step, state, data_it, meta)
                 writer.flush()
             side_time += time.perf_counter() - t_side  # eval/checkpoint time: not a step's

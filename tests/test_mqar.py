@@ -16,6 +16,8 @@ from experiments.tasks.mqar import (  # noqa: E402
     cache_size,
     check_sizes,
     mqar_batch,
+    mqar_mixture_batch,
+    parse_mix,
     query_positions,
     state_size,
 )
@@ -74,6 +76,32 @@ def test_deterministic_in_seed_and_index():
     assert not np.array_equal(a["inputs"][0], c["inputs"][0])
     d = mqar_batch(np.array([5]), seed=1, stream=8, **kw)  # the held-out stream differs
     assert not np.array_equal(a["inputs"][0], d["inputs"][0])
+
+
+def test_mixture_rows_are_mqar_examples_of_their_size_then_noise():
+    sizes = parse_mix("16:2,32:4,64:8")
+    assert sizes == [(16, 2), (32, 4), (64, 8)]
+    idx = np.arange(30)
+    b = mqar_mixture_batch(idx, sizes=sizes, seq_len=64, seed=4, vocab_size=128)
+    assert b["inputs"].shape == b["labels"].shape == (30, 64)
+    for j, (t, p) in enumerate(sizes):
+        rows = idx[idx % 3 == j]
+        own = mqar_batch(rows, seed=4, vocab_size=128, seq_len=t, num_kv_pairs=p)
+        np.testing.assert_array_equal(b["inputs"][rows, :t], own["inputs"])
+        np.testing.assert_array_equal(b["labels"][rows, :t], own["labels"])
+        assert np.all(b["labels"][rows, t:] == IGNORE)
+        assert np.all((b["labels"][rows] != IGNORE).sum(1) == p)
+    with pytest.raises(ConfigError, match="train_mix"):
+        parse_mix("64-4")
+
+
+def test_bad_train_mix_is_a_config_error(tmp_path):
+    from experiments.trainer import train
+
+    with pytest.raises(ConfigError, match="train_mix item 32:4: T=32 > config.seq_len=16"):
+        train(_config(train_mix="16:2,32:4"), str(tmp_path))
+    summary = train(_config(train_mix="8:2,16:2"), str(tmp_path / "ok"))  # a valid mixture
+    assert 0.0 <= summary["accuracy"] <= 1.0 and np.isfinite(summary["final"]["train_loss"])
 
 
 def test_bad_sizes_name_the_key():
@@ -158,6 +186,15 @@ def test_tiny_run_writes_accuracy_and_state_size(tmp_path):
     assert 0.0 <= on_disk["accuracy"] <= 1.0
     assert on_disk["state_size"] == 16 * 16  # 1 head, Dh = d = 16
     assert on_disk["accuracy"] == summary["accuracy"] == summary["final"]["eval_accuracy"]
+
+
+def test_resumed_run_reports_the_whole_accuracy_curve(tmp_path):
+    from experiments.trainer import train
+
+    train(_config(), str(tmp_path))  # 4 steps, eval at 2 and 4, checkpoint at 4
+    summary = train(_config(train_steps=6), str(tmp_path))
+    assert summary["resumed_from"] == 4
+    assert [p["step"] for p in summary["accuracy_curve"]] == [2, 4, 6]
 
 
 def test_unknown_mechanism_is_a_config_error(tmp_path):

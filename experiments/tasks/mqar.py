@@ -134,6 +134,47 @@ def mqar_batch(
     return {"inputs": inputs.astype(np.int32), "labels": labels.astype(np.int32)}
 
 
+def parse_mix(spec: str) -> list[tuple[int, int]]:
+    """``"64:4,128:8,256:16"`` -> ``[(64, 4), (128, 8), (256, 16)]`` (``""`` -> ``[]``)."""
+    out = []
+    for item in (spec or "").split(","):
+        if item.strip():
+            t, _, p = item.partition(":")
+            try:
+                out.append((int(t), int(p)))
+            except ValueError:
+                raise ConfigError(
+                    f"config.train_mix={spec!r}: expected 'T:P,T:P,...' such as "
+                    f"'64:4,128:8,256:16', got item {item!r}") from None
+    return out
+
+
+def mqar_mixture_batch(
+    indices: np.ndarray, *, sizes: list[tuple[int, int]], seq_len: int, seed: int,
+    vocab_size: int, power_a: float = 0.01, stream: int = _TRAIN_STREAM,
+) -> dict[str, np.ndarray]:
+    """Zoology's training mixture: example ``i`` is an MQAR example of size
+    ``sizes[i % len(sizes)] = (T_i, P_i)`` (:func:`mqar_batch` with the same ``seed, stream``)
+    in positions ``0 .. T_i - 1``, followed by uniformly random tokens up to ``seq_len``
+    (unlabelled). A causal model's predictions at the first ``T_i`` positions are exactly its
+    predictions on the ``T_i``-token example, so one batch mixes sequence lengths and pair
+    counts, and every position of a learned table still gets trained by the longest size.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    pad = counter_uniform(seed, stream + 4, idx, (seq_len,))
+    inputs = np.minimum((pad * vocab_size).astype(np.int64), vocab_size - 1).astype(np.int32)
+    labels = np.full((idx.shape[0], seq_len), IGNORE, dtype=np.int32)
+    which = idx % len(sizes)
+    for j, (t, p) in enumerate(sizes):
+        rows = np.flatnonzero(which == j)
+        if rows.size:
+            part = mqar_batch(idx[rows], seed=seed, vocab_size=vocab_size, seq_len=t,
+                              num_kv_pairs=p, power_a=power_a, stream=stream)
+            inputs[rows, :t] = part["inputs"]
+            labels[rows, :t] = part["labels"]
+    return {"inputs": inputs, "labels": labels}
+
+
 def query_positions(labels: jax.Array, num_kv_pairs: int) -> jax.Array:
     """int32 ``[B, num_kv_pairs]``: the labelled positions of each row in increasing order
     (rows with fewer labels are padded with positions whose label is ``IGNORE``)."""
@@ -231,6 +272,14 @@ class MQAR(Task):
     def validate(self) -> None:
         c = self.config
         check_sizes(c.vocab_size, c.seq_len, c.num_kv_pairs)
+        for t, p in parse_mix(c.get("train_mix", "")):
+            try:
+                check_sizes(c.vocab_size, t, p)
+            except ConfigError as e:
+                raise ConfigError(f"config.train_mix item {t}:{p}: {e}") from None
+            if t > c.seq_len:
+                raise ConfigError(f"config.train_mix item {t}:{p}: T={t} > config.seq_len="
+                                  f"{c.seq_len} (shorter sizes are padded up to seq_len)")
         from models.mechanisms import mechanism_kind
 
         try:
@@ -257,7 +306,19 @@ class MQAR(Task):
         return BatchedSource(lambda indices: mqar_batch(indices, **kw), n)
 
     def train_source(self) -> BatchedSource:
-        return self._source(self.config.train_steps * self.config.batch_size, _TRAIN_STREAM)
+        c = self.config
+        n = c.train_steps * c.batch_size
+        sizes = parse_mix(c.get("train_mix", ""))
+        if not sizes:
+            return self._source(n, _TRAIN_STREAM)
+        kw = dict(sizes=sizes, seq_len=int(c.seq_len), seed=int(c.seed),
+                  vocab_size=int(c.vocab_size), power_a=float(c.get("power_a", 0.01)),
+                  stream=_TRAIN_STREAM)
+        return BatchedSource(lambda indices: mqar_mixture_batch(indices, **kw), n)
+
+    def _max_pairs(self) -> int:
+        c = self.config
+        return max([int(c.num_kv_pairs)] + [p for _, p in parse_mix(c.get("train_mix", ""))])
 
     def eval_source(self) -> BatchedSource:
         return self._source(1 << 20, _EVAL_STREAM)
@@ -292,9 +353,9 @@ class MQAR(Task):
 
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
-        # Every row has exactly num_kv_pairs labelled positions: run the vocabulary head on
-        # those only (the head over all T positions is ~T/P times the cost at vocab 8192).
-        pos = query_positions(batch["labels"], int(self.config.num_kv_pairs))
+        # A row has at most _max_pairs() labelled positions: run the vocabulary head on those
+        # only (the head over all T positions is ~T/P times the cost at vocab 8192).
+        pos = query_positions(batch["labels"], self._max_pairs())
         logits = model(batch["inputs"], gather=pos).astype(jnp.float32)
         labels = jnp.take_along_axis(batch["labels"], pos, axis=1)
         mask = labels != IGNORE
