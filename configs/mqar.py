@@ -2,6 +2,9 @@
 
     # CPU-sized preset (vocab 256, T=64, 4 pairs, d=64): softmax reaches ~100% in a few minutes
     python -m experiments.run --config configs/mqar.py:cpu --workdir /tmp/mqar_cpu
+    # (T=256, 16 pairs) on CPU, trained on Zoology's size mixture: softmax > 99% by step ~600
+    # (the measured run used --config.schedule=constant --config.train_steps=1000)
+    python -m experiments.run --config configs/mqar.py:256,cpu --workdir /tmp/mqar_256_cpu
     # the paper's sizes: vocab 8192, (T, pairs) in {(64, 4), (128, 8), (256, 16)}
     python -m experiments.run --config configs/mqar.py:256 --workdir /tmp/mqar_256 \\
         --config.mechanism=gla --config.d_model=128
@@ -12,11 +15,14 @@
 ARG tokens (combine with commas): ``64`` / ``128`` / ``256`` pick ``(seq_len, num_kv_pairs)``
 = (64, 4) / (128, 8) / (256, 16) (default 64); ``cpu`` shrinks everything for a 2-core CPU
 (vocab 256, d 64, batch 64, 1500 steps); ``tiny`` is for tests (a few steps, d 16).
+``128`` and ``256`` train on the mixture of all sizes up to theirs (``train_mix``, as Zoology
+does; evaluation is at the preset's size only); ``--config.train_mix=`` trains on one size.
 
 Keys: ``mechanism`` (any registered attention mechanism name, see
 ``models.mechanism_names()``), ``d_model``, ``num_heads``, ``seq_len``, ``num_kv_pairs``,
-``vocab_size``, ``power_a`` (query-gap power law), ``positions``, ``init``, plus the runner's
-shared keys (``train_steps``, ``learning_rate``, ...).
+``vocab_size``, ``power_a`` (query-gap power law), ``train_mix``, ``positions``, ``init``,
+``embed_init_std``, ``tie_embeddings``, plus the runner's shared keys (``train_steps``,
+``learning_rate``, ...).
 """
 
 import ml_collections
@@ -25,6 +31,10 @@ from experiments.config import base_config
 
 TOKENS = ("64", "128", "256", "cpu", "tiny")
 SIZES = {"64": (64, 4), "128": (128, 8), "256": (256, 16)}
+# Training mixture per preset (Zoology trains on several sizes at once). Measured at
+# `:256,cpu` (batch 64, lr 3e-3 constant): softmax leaves the plateau ~150 steps sooner with it
+# (held-out .96 at step 500, .99 at 600) than on (256, 16) alone (.06 at 600, .84 at 700).
+MIXES = {"64": "", "128": "64:4,128:8", "256": "64:4,128:8,256:16"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Zoology trains on a mixture of sizes: "64:4,128:8,256:16" gives every third training
     # example each size (shorter ones padded with random tokens); "" = (seq_len, num_kv_pairs)
     # only. Evaluation is always at (seq_len, num_kv_pairs).
-    config.train_mix = ""
+    config.train_mix = MIXES[f"{config.seq_len}"]
     # --- model -----------------------------------------------------------------------------------
     config.mechanism = "softmax"
     config.d_model = 128
@@ -89,6 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every = 1500
         config.histogram_every = 1500
     if "tiny" in tokens:
+        config.train_mix = ""
         config.vocab_size = 64
         config.seq_len, config.num_kv_pairs = 16, 2
         config.d_model = 16

@@ -172,6 +172,8 @@ def test_config_presets():
     for arg, (t, p) in {"64": (64, 4), "128": (128, 8), "256": (256, 16)}.items():
         c = get_config(arg)
         assert (c.seq_len, c.num_kv_pairs, c.vocab_size, c.num_layers) == (t, p, 8192, 2)
+        assert all(tt <= t for tt, _ in parse_mix(c.train_mix))  # a mixture up to its size
+    assert parse_mix(get_config("256").train_mix) == [(64, 4), (128, 8), (256, 16)]
     assert get_config("cpu").vocab_size <= 1024
     with pytest.raises(ValueError, match="unknown token"):
         get_config("huge")
@@ -210,6 +212,18 @@ def test_softmax_solves_cpu_preset(tmp_path):
 
     summary = train(_config("cpu"), str(tmp_path))
     assert summary["accuracy"] > 0.95
+
+
+@pytest.mark.slow
+def test_softmax_solves_256_16_with_the_size_mixture(tmp_path):
+    """The acceptance run: > 99% at (T=256, 16 pairs), vocab 256, ~10 min on 2 CPU cores."""
+    from experiments.trainer import train
+
+    config = _config("256,cpu", schedule="constant", train_steps=1000, eval_every=250,
+                     checkpoint_every=1000, eval_batches=1, eval_batch_size=256)
+    summary = train(config, str(tmp_path))
+    assert (summary["seq_len"], summary["num_kv_pairs"]) == (256, 16)
+    assert summary["accuracy"] > 0.99
 
 
 def test_sweep_table_and_plot_from_summaries(tmp_path):
