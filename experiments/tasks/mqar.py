@@ -18,12 +18,17 @@ is a pure function of ``(config.seed, i)`` (counter-based uniforms,
 ``experiments.data.counter_uniform``; keys, values and gaps by sorting uniforms / Gumbel top-k),
 vectorized over a batch. The fixed held-out set uses other counter streams.
 
+Training mixture (``config.train_mix = "64:4,128:8,256:16"``, as Zoology trains): example ``i``
+has the size ``sizes[i % len(sizes)]``, padded with random unlabelled tokens up to ``seq_len``
+(:func:`mqar_mixture_batch`); the held-out set is always ``(seq_len, num_kv_pairs)``.
+
 Model: ``models.Decoder``, ``num_layers`` (2) layers of ``config.mechanism`` (any registered
 attention mechanism name: ``softmax``, ``gla``, ``deltanet``, ``gated_deltanet``, ``retnet``,
 ``linear:elu1``, ``based``, ``sliding_window:16``, ...) with an MLP, learned absolute positions
 (recurrent cores ignore RoPE, so learned positions give every mechanism the same information).
 
-Loss: cross-entropy on the labelled positions only. ``accuracy`` = fraction of labelled
+Loss: cross-entropy on the labelled positions only (the vocabulary head runs at those positions
+only, ``Decoder(gather=)``). ``accuracy`` = fraction of labelled
 positions whose argmax is the right value, on the held-out set (``summary.json`` top level).
 
 State size (:func:`state_size`, per layer, in floats, for one sequence of length ``T``;
