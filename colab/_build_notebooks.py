@@ -339,7 +339,9 @@ Measured with `configs/mqar.py:cpu` on a shared 2-core CPU (see `experiments/REA
 softmax attention at d = 64 reaches 91.7% held-out accuracy at step 250 and 99.7% at step
 500; GLA at d = 32 and d = 64 is still near chance after 500 steps at this learning rate (the
 recurrent mixers need longer training and a learning-rate sweep, as in Zoology), so expect
-GLA's curve to stay low here.""",
+GLA's curve to stay low here. At the harder size (T = 256, 16 pairs), `configs/mqar.py:256,cpu`
+(Zoology's mixture of sizes, constant lr 3e-3) takes softmax attention to 99.85% in 1000 steps
+(~10 min on 2 cores); GLA and DeltaNet stay near 1/16 there at that budget.""",
     ),
     (
         "code",
