@@ -4,6 +4,8 @@ value drains and residual peaks on a toy bigram + copy task.
     # CPU-friendly (~2-4 minutes on 2 cores): the sink forms within a few hundred steps
     python -m experiments.run --config configs/bigram_backcopy.py:cpu --workdir /tmp/bb_cpu
     # the paper's setup (1 layer, d=256, batch 512, AdamW 3e-4, 10k steps): an accelerator job
+    # (~8.5 s/step on a 2-core CPU: the sink's 0.5 crossing at step ~390 is ~1 hour there;
+    # runs resume from their last checkpoint, so --config.train_steps can grow in stages)
     python -m experiments.run --config configs/bigram_backcopy.py --workdir /tmp/bb
     # ablations: 3 layers; SGD; ReLU attention (comma-separated ARG tokens)
     python -m experiments.run --config configs/bigram_backcopy.py:3layer,sgd --workdir /tmp/bb_sgd
