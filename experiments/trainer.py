@@ -68,6 +68,21 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
 
 
+def changed_config_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``"key: old -> new"`` for each (dotted) key whose value differs between two config dicts,
+    both compared as JSON stores them (a tuple and the list it was saved as are equal)."""
+    old, new = (json.loads(json.dumps(d, sort_keys=True, default=_json_default))
+                for d in (old, new))
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{c}" for c in changed_config_keys(a, b)]
+        elif a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
 def _json_default(x: Any) -> Any:
     if isinstance(x, np.generic | np.ndarray):
         return x.tolist()
@@ -325,8 +340,10 @@ class Trainer:
             for tag, points in restored.meta.get("history", {}).items():
                 history[tag] = [(int(s), float(v)) for s, v in points if int(s) <= start]
             last_train = dict(restored.meta.get("last_train", {}))
-            if restored.meta.get("config") != config_dict:
-                report("the config differs from the checkpoint's; resuming anyway")
+            changed = changed_config_keys(restored.meta.get("config", {}), config_dict)
+            if changed:
+                shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
+                report(f"the config differs from the checkpoint's ({shown}); resuming anyway")
             writer.restart(start + 1)
             if self.is_main:
                 print(f"[jattn] resumed from step {start} ({ckpt.directory})", file=sys.stderr)

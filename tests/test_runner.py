@@ -213,6 +213,23 @@ def test_without_progress_bar_prints_a_line_per_log_and_eval(tmp_path, capsys):
     assert "loss=" in lines[0] and "step_time_s=" in lines[0] and "eval: loss=" in lines[2]
 
 
+def test_growing_train_steps_continues_the_run_and_names_the_change(tmp_path, capsys):
+    """Long runs grow in stages (rerun with a larger train_steps): the stages end where one
+    uninterrupted run ends, and the warning says which key changed."""
+    cfg = dict(eval_every=0, checkpoint_every=10)
+    whole = train(T.tiny_config(train_steps=20, **cfg), str(tmp_path / "whole"))
+    train(T.tiny_config(train_steps=10, **cfg), str(tmp_path / "staged"))
+    capsys.readouterr()
+    staged = train(T.tiny_config(train_steps=20, **cfg), str(tmp_path / "staged"))
+    err = capsys.readouterr().err
+    assert staged["resumed_from"] == 10 and staged["step"] == 20
+    assert staged["final"] == whole["final"]
+    assert "config differs" in err and "train_steps: 10 -> 20" in err
+    capsys.readouterr()
+    train(T.tiny_config(train_steps=20, **cfg), str(tmp_path / "staged"))  # same config again
+    assert "config differs" not in capsys.readouterr().err
+
+
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, capsys):
     cfg = dict(train_steps=30, eval_every=0, checkpoint_every=10, keep_checkpoints=3)
     reference = train(T.tiny_config(**cfg), str(tmp_path))["final"]
