@@ -68,6 +68,19 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k}={float(v):.4g}" for k, v in metrics.items())
 
 
+# Points per curve that a checkpoint keeps of the scalar history (a run logging every step
+# for 1M steps would otherwise write tens of MB of JSON at every checkpoint).
+HISTORY_POINTS_KEPT = 2000
+
+
+def thin_curve(points: list, max_points: int) -> list:
+    """At most `max_points` of `points`, evenly spaced, the first and the last kept."""
+    if len(points) <= max_points:
+        return list(points)
+    keep = np.unique(np.linspace(0, len(points) - 1, max_points).round().astype(int))
+    return [points[i] for i in keep]
+
+
 def changed_config_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """``"key: old -> new"`` for each (dotted) key whose value differs between two config dicts,
     both compared as JSON stores them (a tuple and the list it was saved as are equal)."""
@@ -459,7 +472,8 @@ class Trainer:
                 window.extend(self._host_metrics(pending))
                 pending = []
                 meta = {"window": window, "last_train": last_train, "config": config_dict,
-                        "history": {k: [list(p) for p in v] for k, v in history.items()}}
+                        "history": {k: [list(p) for p in thin_curve(v, HISTORY_POINTS_KEPT)]
+                                    for k, v in history.items()}}
                 ckpt.save(step, state, data_it, meta)
                 writer.flush()
             side_time += time.perf_counter() - t_side  # eval/checkpoint time: not a step's

@@ -230,6 +230,24 @@ def test_growing_train_steps_continues_the_run_and_names_the_change(tmp_path, ca
     assert "config differs" not in capsys.readouterr().err
 
 
+def test_checkpoint_keeps_a_thinned_history_with_first_and_last_points(tmp_path, monkeypatch):
+    import experiments.trainer as trainer
+
+    monkeypatch.setattr(trainer, "HISTORY_POINTS_KEPT", 8)
+    train(T.tiny_config(train_steps=30, log_every=1, eval_every=0, checkpoint_every=30),
+          str(tmp_path))
+    meta = json.loads((tmp_path / "checkpoints" / "30" / "meta" / "metadata").read_text())
+    steps = [s for s, _ in meta["history"]["train/loss"]]
+    assert len(steps) == 8 and steps[0] == 1 and steps[-1] == 30 and steps == sorted(steps)
+    # a resumed run goes on from the thinned curve: restored, extended, thinned again
+    summary = train(T.tiny_config(train_steps=32, log_every=1, eval_every=0, checkpoint_every=32),
+                    str(tmp_path))
+    assert summary["resumed_from"] == 30
+    meta = json.loads((tmp_path / "checkpoints" / "32" / "meta" / "metadata").read_text())
+    assert [s for s, _ in meta["history"]["train/loss"]] == trainer.thin_curve(
+        steps + [31, 32], 8)
+
+
 def test_corrupted_latest_checkpoint_falls_back(tmp_path, capsys):
     cfg = dict(train_steps=30, eval_every=0, checkpoint_every=10, keep_checkpoints=3)
     reference = train(T.tiny_config(**cfg), str(tmp_path))["final"]

@@ -148,8 +148,9 @@ class Task:
         """Extra JSON-serializable fields for `summary.json` (beside `final`, `step`, ...).
 
         Args:
-          history: every logged scalar, `{tag: [(step, value), ...]}` (from this process's
-            run segment, i.e. since the last resume).
+          history: every logged scalar, `{tag: [(step, value), ...]}`; in a resumed run the
+            curves before the resume come from the checkpoint, thinned to at most
+            `experiments.trainer.HISTORY_POINTS_KEPT` points each.
         """
         del model, history
         return {}
