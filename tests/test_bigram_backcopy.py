@@ -3,6 +3,7 @@ through the runner, ReLU attention weights, and (slow) the sink forming on CPU."
 
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -173,8 +174,6 @@ def test_tiny_run_through_the_runner(tmp_path):
     assert 0.05 < traj[0]["attn_sink"] < 0.3
     assert (tmp_path / "bigram_backcopy.png").stat().st_size > 1000
     assert summary["figures"] == ["bigram_backcopy.png"]
-    import json
-
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["trajectory"] == traj and on_disk["final"]["attn_sink"] == final["attn_sink"]
 
@@ -184,6 +183,27 @@ def test_tiny_run_through_the_runner(tmp_path):
     acc.Reload()
     assert "images/attention/layer0" in acc.Tags()["images"]
     assert [e.step for e in acc.Scalars("eval/attn_sink")] == [0, 2, 4]
+
+
+def test_bb_compare_overlays_runs_labelled_by_what_differs(tmp_path, capsys):
+    from experiments import bb_compare
+    from experiments.trainer import train
+
+    train(_config("tiny"), str(tmp_path / "adam"))
+    train(_config("tiny,sgd", train_steps=2), str(tmp_path / "sgd"))
+    md = bb_compare.main([str(tmp_path / "adam"), str(tmp_path / "sgd"),
+                          "--out", str(tmp_path / "cmp.png")])
+    rows = md.splitlines()
+    assert rows[0] == "| run | metric | 0 | 2 |"  # the steps both runs logged
+    assert len(rows) == 2 + 2 * len(bb_compare.PANELS)
+    assert rows[2].startswith("| adamw, lr 0.0003 | attn_sink |")
+    assert rows[-1].startswith("| sgd, lr 0.03 | backcopy_risk |")
+    adam = json.loads((tmp_path / "adam" / "summary.json").read_text())["trajectory"]
+    assert rows[2].endswith(f"| {adam[0]['attn_sink']:.4g} | {adam[1]['attn_sink']:.4g} |")
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    assert "figure:" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no summary.json"):
+        bb_compare.load(str(tmp_path / "missing"))
 
 
 def test_relu_attention_weights_are_relu_scores_over_i():
