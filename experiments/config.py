@@ -227,3 +227,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """A JSON-serializable plain dict of the config (tuples become lists)."""
     return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train_steps=600", "schedule=constant"]`` -> ``{"train_steps": 600, ...}`` (ints,
+    floats and true/false parsed; anything else stays a string), for the sweep scripts'
+    ``--set``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key] = {"true": True, "false": False}.get(text.lower(), text)
+        for cast in (int, float):
+            try:
+                out[key] = cast(text)
+                break
+            except ValueError:
+                pass
+    return out

@@ -17,16 +17,8 @@ import argparse
 import json
 import os
 import time
-from typing import Any
 
-
-def _parse_value(text: str) -> Any:
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
+from experiments.config import parse_overrides
 
 
 def run_name(mechanism: str, d_model: int) -> str:
@@ -121,10 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     p.add_argument("--plot-only", action="store_true", help="only redraw from summaries")
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = _parse_value(value)
+    overrides = parse_overrides(args.set)
     os.makedirs(args.workdir, exist_ok=True)
     rows = []
     for mech in args.mechanisms:

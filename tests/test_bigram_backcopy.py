@@ -206,6 +206,31 @@ def test_bb_compare_overlays_runs_labelled_by_what_differs(tmp_path, capsys):
         bb_compare.load(str(tmp_path / "missing"))
 
 
+def test_bb_ablations_grow_the_runs_in_stages(tmp_path, capsys):
+    from experiments import bb_ablations
+
+    variants = ["3layer_adam", "3layer_sgd"]  # (3layer_relu differs only in its ARG tokens)
+    md = bb_ablations.main(["--workdir", str(tmp_path), "--preset", "tiny", "--steps", "4",
+                            "--stage", "2", "--variants", *variants, "--set", "mesh.data=1"])
+    out = capsys.readouterr().out
+    assert out.index("all runs at step 2") < out.index("3layer_adam -> step 4")
+    for variant in variants:
+        summary = json.loads((tmp_path / variant / "summary.json").read_text())
+        assert summary["step"] == 4 and summary["resumed_from"] == 2
+        assert [p["step"] for p in summary["trajectory"]] == [0, 2, 4]
+        assert summary["config"]["num_layers"] == 3
+        assert summary["config"]["checkpoint_every"] == 2  # = eval_every: stages resume close
+    assert (tmp_path / "bb_ablations.md").read_text() == md + "\n"
+    # rows labelled by what differs between the runs
+    assert {row.split(" | ")[0] for row in md.splitlines()[2:]} == {
+        "| adamw, lr 0.0003", "| sgd, lr 0.03"}
+    assert (tmp_path / "bb_ablations.png").stat().st_size > 1000
+    # rerunning is a no-op (every run is at --steps already)
+    bb_ablations.main(["--workdir", str(tmp_path), "--preset", "tiny", "--steps", "4",
+                       "--variants", *variants])
+    assert "-> step" not in capsys.readouterr().out
+
+
 def test_relu_attention_weights_are_relu_scores_over_i():
     from flax import nnx
 
