@@ -82,10 +82,8 @@ def thin_curve(points: list, max_points: int) -> list:
 
 
 def changed_config_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``"key: old -> new"`` for each (dotted) key whose value differs between two config dicts,
-    both compared as JSON stores them (a tuple and the list it was saved as are equal)."""
-    old, new = (json.loads(json.dumps(d, sort_keys=True, default=_json_default))
-                for d in (old, new))
+    """``"key: old -> new"`` for each (dotted) key whose value differs between two config dicts
+    (both as `config_to_dict` makes them: plain JSON values)."""
     out = []
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
