@@ -204,7 +204,9 @@ def _num_heads(*masks: Mask) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Combinators. Block claims compose exactly: AND is empty if either side is, full if both are.
+# Combinators. Block claims compose soundly (AND is empty if either side is, full if both are;
+# OR the reverse) but not always exactly: a block that only the union makes full, or only the
+# intersection makes empty, is claimed partial, which kernels handle correctly.
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _And(Mask):

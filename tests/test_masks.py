@@ -5,7 +5,7 @@ import itertools
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from jattn import masks as M
@@ -59,22 +59,31 @@ def block_truth(dense, bq, bk):
     return np.where(~anyv, 0, np.where(allv, 2, 1))
 
 
-MASKS = [
+# Masks whose block claims are exact (closed forms, their negations, evaluated per-head masks).
+EXACT_MASKS = [
     M.causal(), M.sliding_window(5), M.local(3, 2), M.chunked(4), M.prefix_lm(6),
-    M.strided(3, 2), M.full(), M.causal() & M.strided(2), ~M.sliding_window(4),
-    M.chunked(5) | M.local(1, 1), M.per_head([M.causal(), M.strided(4, 1)]),
+    M.strided(3, 2), M.full(), ~M.sliding_window(4), M.per_head([M.causal(), M.strided(4, 1)]),
 ]
+# & and | combine the sides' claims, which is sound but may say "partial" for a block that
+# only the combination makes full (|) or empty (&).
+COMPOSED_MASKS = [M.causal() & M.strided(2), M.chunked(5) | M.local(1, 1)]
+MASKS = EXACT_MASKS + COMPOSED_MASKS
 
 
 @settings(max_examples=15, deadline=None)
 @given(mask=st.sampled_from(MASKS), tq=st.integers(1, 40), tk=st.integers(1, 40),
        bq=st.integers(1, 16), bk=st.integers(1, 16))
+# Found by hypothesis: keys 4..7 of query 0 (at position 5) are full only as the union.
+@example(mask=M.chunked(5) | M.local(1, 1), tq=3, tk=8, bq=1, bk=4)
 def test_block_map_matches_dense(mask, tq, tk, bq, bk):
     # Jitted: one compile per shape rather than one per eager op.
     got = np.asarray(jax.jit(mask.block_map, static_argnums=(0, 1, 2, 3))(tq, tk, bq, bk))
     want = block_truth(np.asarray(jax.jit(mask.dense, static_argnums=(0, 1))(tq, tk)), bq, bk)
-    # Structured masks compose exactly, so every claim matches the dense truth here.
-    np.testing.assert_array_equal(got, want)
+    # Empty and full claims are always true; only composed masks may be conservative.
+    assert np.all((got == 0) <= (want == 0)) and np.all((got == 2) <= (want == 2))
+    assert np.all((got == want) | (got == 1))
+    if mask in EXACT_MASKS:
+        np.testing.assert_array_equal(got, want)
 
 
 @settings(max_examples=10, deadline=None)
