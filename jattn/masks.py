@@ -137,15 +137,20 @@ class Mask:
         q_len, kv_len = _check_len(q_len, "q_len"), _check_len(kv_len, "kv_len")
         block_q, block_kv = _check_len(block_q, "block_q"), _check_len(block_kv, "block_kv")
         nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
-        q0 = jnp.arange(nq, dtype=jnp.int32)[:, None] * block_q
-        k0 = jnp.arange(nk, dtype=jnp.int32)[None, :] * block_kv
-        q1 = jnp.minimum(q0 + block_q, q_len) - 1
-        k1 = jnp.minimum(k0 + block_kv, kv_len) - 1
-        empty, full = self._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, block_q, block_kv)
-        # Blocks that run past the sequence end contain invisible padding: never "full".
-        padded = (q0 + block_q > q_len) | (k0 + block_kv > kv_len)
-        full = full & ~padded
-        return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
+        # Every input here is a Python int, so evaluate op by op now, even inside `jit`, and
+        # embed the result as a constant. Traced, XLA:CPU (jaxlib 0.10.2) mis-folds the fused
+        # expression: causal().block_map(9, 3, 2, 2) came out [.., [1, 0]] instead of [1, 1],
+        # claiming a visible block empty.
+        with jax.ensure_compile_time_eval():
+            q0 = jnp.arange(nq, dtype=jnp.int32)[:, None] * block_q
+            k0 = jnp.arange(nk, dtype=jnp.int32)[None, :] * block_kv
+            q1 = jnp.minimum(q0 + block_q, q_len) - 1
+            k1 = jnp.minimum(k0 + block_kv, kv_len) - 1
+            empty, full = self._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, block_q, block_kv)
+            # Blocks that run past the sequence end contain invisible padding: never "full".
+            padded = (q0 + block_q > q_len) | (k0 + block_kv > kv_len)
+            full = full & ~padded
+            return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
 
     def _bounds_or_eval(self, q0, q1, k0, k1, q_len, kv_len, block_q, block_kv):
         bounds = self._block_bounds(q0, q1, k0, k1, q_len, kv_len)
