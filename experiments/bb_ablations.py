@@ -6,6 +6,9 @@ al. 2024: the residual peak of <s> grows under Adam, not under SGD or ReLU atten
     # CPU size (d 64, T 64) as measured in experiments/README.md
     python -m experiments.bb_ablations --workdir /tmp/bb_abl_cpu --preset cpu --steps 1000 \\
         --set batch_size=64 eval_batch_size=64 log_every=50 eval_every=50
+    # CPU-sized model, the paper's optimizers and batch (Adam 3e-4, SGD 0.03, batch 512)
+    python -m experiments.bb_ablations --workdir /tmp/bb_abl_b512 --preset cpu --paper-lrs \\
+        --steps 3000 --stage 500 --set batch_size=512
 
 Runs ``configs/bigram_backcopy.py:<preset>,<variant>`` for each variant into
 ``WORKDIR/<variant>/`` through the runner, in this process, in stages: every run reaches
@@ -43,8 +46,12 @@ def reached(run_dir: str) -> int:
         return int(json.load(f)["step"])
 
 
-def advance(workdir: str, variant: str, preset: str, steps: int, overrides: dict) -> None:
-    """Trains (resuming) `variant` up to `steps` unless it is there already."""
+def advance(workdir: str, variant: str, preset: str, steps: int, overrides: dict,
+            paper_lrs: bool = False) -> None:
+    """Trains (resuming) `variant` up to `steps` unless it is there already.
+
+    Under the ``cpu`` preset the variant's CPU learning rate replaces the paper's unless
+    `paper_lrs`."""
     run_dir = os.path.join(workdir, variant)
     if reached(run_dir) >= steps:
         return
@@ -54,7 +61,7 @@ def advance(workdir: str, variant: str, preset: str, steps: int, overrides: dict
     tokens, cpu_lr = VARIANTS[variant]
     config = get_config(",".join(t for t in (preset, tokens) if t))
     if "cpu" in preset.split(","):
-        config.learning_rate = cpu_lr
+        config.learning_rate = get_config(tokens).learning_rate if paper_lrs else cpu_lr
     config.progress_bar = False
     config.update_from_flattened_dict(overrides)
     if "checkpoint_every" not in overrides and int(config.eval_every) > 0:
@@ -72,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=1000, help="final step of every run")
     p.add_argument("--stage", type=int, default=0, help="steps per stage (0: one stage)")
+    p.add_argument("--paper-lrs", action="store_true",
+                   help="keep the paper's learning rates (Adam 3e-4, SGD 0.03) under --preset cpu")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="config overrides for every run, e.g. log_every=25")
     args = p.parse_args(argv)
@@ -85,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     md = ""
     for target in [*range(stage, args.steps, stage), args.steps]:
         for variant in args.variants:
-            advance(args.workdir, variant, args.preset, target, overrides)
+            advance(args.workdir, variant, args.preset, target, overrides, args.paper_lrs)
         runs = [bb_compare.load(os.path.join(args.workdir, v)) for v in args.variants]
         md = bb_compare.table(runs)
         with open(os.path.join(args.workdir, "bb_ablations.md"), "w") as f:

@@ -267,3 +267,15 @@ def test_cpu_reproduction_sink_forms(tmp_path):
     assert values[peak] > values[0] and values[-1] < values[peak], values
     assert traj[-1]["backcopy_risk"] < 0.1 * traj[0]["backcopy_risk"]
     jax.clear_caches()
+
+
+def test_bb_ablations_cpu_preset_learning_rates(tmp_path):
+    """Under --preset cpu the variant's CPU learning rate applies unless --paper-lrs."""
+    from experiments import bb_ablations
+
+    for flag, lr in (([], 1e-3), (["--paper-lrs"], 3e-4)):
+        workdir = tmp_path / (flag[0][2:] if flag else "cpu-lrs")
+        bb_ablations.main(["--workdir", str(workdir), "--preset", "cpu,tiny", "--steps", "1",
+                           "--variants", "3layer_adam", *flag, "--set", "mesh.data=1"])
+        summary = json.loads((workdir / "3layer_adam" / "summary.json").read_text())
+        assert summary["config"]["learning_rate"] == pytest.approx(lr)
