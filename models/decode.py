@@ -13,6 +13,12 @@ it with ``jattn.linear`` (``initial_state`` / ``output_final_state``). Everythin
 With the full policy the prompt is processed in one call (its queries attend causally over
 the cache); the streaming policy feeds the prompt one token at a time, so each token sees
 exactly what it would see while generating.
+
+Bad input raises a ValueError where the values are concrete (token ids outside
+``[0, vocab_size)``, an index past the full KV cache or the learned position table, an empty
+prompt, a negative temperature). Under ``jit`` they are traced and cannot raise: an
+out-of-range id or position embeds as NaN and a step past the KV cache returns NaN logits
+without touching the cache, so the error shows in the outputs instead of a plausible number.
 """
 
 from __future__ import annotations
@@ -77,14 +83,15 @@ def _check_new_tokens(model, tokens, cache, index, policy: CachePolicy, what: st
     """The concrete checks of a decode call (ids, learned positions, KV cache size): the
     jitted function only sees traced values, where a bad one gives NaN logits instead."""
     tq = tokens.shape[1]
-    if model.embed is not None:
+    if getattr(model, "embed", None) is not None:
         check_ids(tokens, model.cfg.vocab_size, "token ids", "vocab_size")
     if not is_concrete(index):
         return
     i = int(index)
     if i < 0:
         raise ValueError(f"decode index={i} must be >= 0")
-    model.check_positions(i + tq, what)
+    if hasattr(model, "check_positions"):  # a Decoder (decode_fns takes any such module)
+        model.check_positions(i + tq, what)
     slots = _cache_slots(cache)
     if policy.kind == "full" and slots is not None:
         check_cache_index(i, tq, slots, what)
@@ -165,11 +172,12 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *,
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     temperature = _check_temperature(temperature)
-    if model.embed is None:
-        raise ValueError("generate needs a token model (DecoderConfig.input_dim is set)")
+    if getattr(model, "embed", None) is None:
+        raise ValueError("generate needs a token model (a Decoder without input_dim)")
     check_ids(prompt, model.cfg.vocab_size, "prompt token ids", "vocab_size")
-    model.check_positions(p + max_new_tokens,
-                          f"prompt length {p} + max_new_tokens {max_new_tokens}")
+    if hasattr(model, "check_positions"):
+        model.check_positions(p + max_new_tokens,
+                              f"prompt length {p} + max_new_tokens {max_new_tokens}")
     max_len = p + max_new_tokens if max_len is None else max_len
     if policy.kind == "full" and max_len < p + max_new_tokens:
         raise ValueError(f"max_len={max_len} < prompt length {p} + max_new_tokens "

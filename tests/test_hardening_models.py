@@ -59,9 +59,11 @@ def test_traced_decode_step_past_the_cache_gives_nan_logits():
     step = jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i))
     cache = model.init_cache(1, 2)
     inside, cache = step(state, _tokens(1, 1), cache, jnp.int32(1))
-    past, _ = step(state, _tokens(1, 1), cache, jnp.int32(2))
+    past, after = step(state, _tokens(1, 1, value=7), cache, jnp.int32(2))
     assert np.all(np.isfinite(inside))
     assert np.all(np.isnan(past))
+    for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)  # the last slot was not overwritten
 
 
 def test_streaming_and_recurrent_caches_have_no_length_limit():
