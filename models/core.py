@@ -29,6 +29,7 @@ from flax import nnx
 
 import jattn
 from jattn import masks
+from models.validation import is_concrete
 
 __all__ = [
     "AttentionConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "pattern_names",
     "build_mask",
     "CachePolicy",
+    "check_cache_index",
 ]
 
 POSITIONS = ("none", "rope", "alibi")
@@ -291,22 +293,36 @@ class SoftmaxCore(Core):
                 "pos": jnp.full((size,), -1, jnp.int32)}
 
     def decode(self, inp: CoreInputs, cache: dict, index: jax.Array, policy: CachePolicy):
+        """Full policy: write the ``Tq`` new keys/values at slots ``index .. index + Tq - 1``
+        and attend over the cache.
+
+        ``dynamic_update_slice`` clamps its start, so a step past the cache would silently
+        overwrite the last slots. A concrete ``index`` outside ``[0, L - Tq]`` raises a
+        ValueError (:func:`check_cache_index`); a traced one leaves the cache unchanged and
+        returns NaN outputs (so NaN logits), which costs a ``Tq``-slot read and a select.
+        """
         if policy.kind == "streaming":
             return self._decode_streaming(inp, cache, index, policy)
         tq = inp.q.shape[1]
         size = cache["k"].shape[1]
+        if tq > size:  # static: raise even under jit
+            raise ValueError(f"{tq} new tokens do not fit the KV cache of {size} slots")
+        check_cache_index(index, tq, size)
+        index = jnp.asarray(index, jnp.int32)
+        overflow = (index < 0) | (index + tq > size)
         q_pos = index + jnp.arange(tq, dtype=jnp.int32)
         q, k = self.rope(inp.q, q_pos), self.rope(inp.k, q_pos)
         zero = jnp.zeros((), jnp.int32)
-        start = (zero, index.astype(jnp.int32), zero, zero)
-        k_cache = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(cache["v"], inp.v.astype(cache["v"].dtype), start)
-        pos = jax.lax.dynamic_update_slice(cache["pos"], q_pos, (index.astype(jnp.int32),))
+        start = (zero, index, zero, zero)
+        k_cache = _write_unless(overflow, cache["k"], k, start)
+        v_cache = _write_unless(overflow, cache["v"], inp.v, start)
+        pos = _write_unless(overflow, cache["pos"], q_pos, (index,))
         k_pos = jnp.arange(size, dtype=jnp.int32)
         vis = (k_pos[None, :] <= q_pos[:, None]) & (pos[None, :] >= 0)
         vis = vis[None, None] & self._pattern(q_pos, k_pos)
         o = self.attend(q, k_cache, v_cache, mask=vis, bias=self.alibi(q_pos, k_pos))
         o = self.finish(inp, o, None)
+        o = jnp.where(overflow, jnp.asarray(jnp.nan, o.dtype), o)
         return o, {**cache, "k": k_cache, "v": v_cache, "pos": pos}
 
     def _pattern(self, q_pos, k_pos):
@@ -331,8 +347,10 @@ class SoftmaxCore(Core):
         """
         if inp.q.shape[1] != 1:
             raise ValueError("streaming cache decodes one token per call (prefill token by token)")
+        if is_concrete(index) and int(index) < 0:
+            raise ValueError(f"decode index={int(index)} must be >= 0")
         n_sink, window = policy.sink_tokens, policy.window
-        p = index.astype(jnp.int32)
+        p = jnp.asarray(index, jnp.int32)
         slot = jnp.where(p < n_sink, p, n_sink + (p - n_sink) % window)
         zero = jnp.zeros((), jnp.int32)
         k_cache = jax.lax.dynamic_update_slice(
@@ -348,7 +366,32 @@ class SoftmaxCore(Core):
         vis = (pos >= 0)[None, None, None, :]
         o = self.attend(q, k, v_cache, mask=vis, bias=self.alibi(q_pos, k_pos))
         o = self.finish(inp, o, None)
+        o = jnp.where(p < 0, jnp.asarray(jnp.nan, o.dtype), o)  # a traced negative index
         return o, {**cache, "k": k_cache, "v": v_cache, "pos": pos}
+
+
+def check_cache_index(index: Any, tq: int, size: int, what: str | None = None) -> None:
+    """For a concrete ``index``: raise unless the full KV cache of ``size`` slots holds the
+    ``tq`` new tokens at ``index .. index + tq - 1``. ``what`` overrides the description of
+    the new tokens in the message. Traced indices are not checked."""
+    if not is_concrete(index):
+        return
+    i = int(index)
+    if i < 0:
+        raise ValueError(f"decode index={i} must be >= 0")
+    if i + tq > size:
+        what = what or f"decode index={i} with {tq} new token(s)"
+        raise ValueError(f"{what} needs slots up to {i + tq - 1}, past the KV cache of {size} "
+                         f"slots; size it for the whole sequence with "
+                         f"init_cache(batch, max_len >= {i + tq})")
+
+
+def _write_unless(skip: jax.Array, buf: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
+    """``dynamic_update_slice(buf, new, start)``, or ``buf`` unchanged when ``skip`` (a traced
+    out-of-range start, which the update would clamp). Only the ``new``-sized slice is read."""
+    new = new.astype(buf.dtype)
+    old = jax.lax.dynamic_slice(buf, start, new.shape)
+    return jax.lax.dynamic_update_slice(buf, jnp.where(skip, old, new), start)
 
 
 class RecurrentCore(Core):

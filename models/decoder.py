@@ -37,9 +37,10 @@ from flax import nnx
 
 from models.block import TransformerBlock
 from models.core import AttentionConfig, CachePolicy
-from models.layers import Dense, Embed, make_norm
-from models.mechanisms import AuxLoss, mechanism_kind
+from models.layers import MLPS, NORMS, Dense, Embed, make_norm
+from models.mechanisms import AuxLoss, check_mechanism, mechanism_kind
 from models.sharding import constrain, param
+from models.validation import check_ids, is_concrete, require_int, take_or_nan
 
 __all__ = ["DecoderConfig", "Decoder"]
 
@@ -104,25 +105,55 @@ class DecoderConfig:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if not self.layer_pattern:
-            raise ValueError("layer_pattern must be a non-empty string like 'A' or 'LLLA'")
-        if self.num_layers % len(self.layer_pattern):
-            raise ValueError(f"layer_pattern {self.layer_pattern!r} (length "
-                             f"{len(self.layer_pattern)}) must tile num_layers={self.num_layers}")
+        # Validation only: every bad value raises a ValueError naming the field and the value
+        # (the runner prints it as one line for a bad --config.model.* flag).
+        owner = "DecoderConfig"
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "max_len"):
+            require_int(owner, name, getattr(self, name))
+        for name in ("num_kv_heads", "head_dim", "mlp_dim", "input_dim", "output_dim"):
+            require_int(owner, name, getattr(self, name), optional=True)
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{owner}.num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(f"{owner}.d_model={self.d_model} is not divisible by num_heads="
+                             f"{self.num_heads}; set head_dim explicitly")
+        for name, allowed in (("positions", POSITIONS), ("mlp", MLPS), ("norm", NORMS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{owner}.{name}={getattr(self, name)!r} is not one of "
+                                 f"{allowed}")
+        if not isinstance(self.layer_pattern, str) or not self.layer_pattern:
+            raise ValueError(f"{owner}.layer_pattern must be a non-empty string like 'A' or "
+                             f"'LLLA', got {self.layer_pattern!r}")
         letters = self.letters()
-        for ch in self.layer_pattern:
+        for ch in self.layer_pattern:  # an unknown letter first: it is the likelier typo
             if ch not in letters:
-                raise ValueError(f"layer_pattern letter {ch!r} has no mechanism; known letters: "
+                raise ValueError(f"{owner}.layer_pattern={self.layer_pattern!r}: layer_pattern "
+                                 f"letter {ch!r} has no mechanism; known letters: "
                                  f"{sorted(letters)} (add one with layer_mechanisms)")
-        for mech in set(letters.values()):
-            mechanism_kind(mech)  # raises on an unknown name
+        if self.num_layers % len(self.layer_pattern):
+            raise ValueError(f"{owner}.layer_pattern={self.layer_pattern!r} (length "
+                             f"{len(self.layer_pattern)}) must tile num_layers={self.num_layers}")
+        fields = {f.name for f in dataclasses.fields(AttentionConfig)}
+        for name, _ in self.attention_options:
+            if name not in fields:
+                raise ValueError(f"{owner}.attention_options: {name!r} is not an "
+                                 f"AttentionConfig field")
         if self.tie_embeddings and (self.input_dim is not None or self.output_dim is not None):
             object.__setattr__(self, "tie_embeddings", False)
-        for name, _ in self.attention_options:
-            if name not in {f.name for f in dataclasses.fields(AttentionConfig)}:
-                raise ValueError(f"attention_options: {name!r} is not an AttentionConfig field")
+        for letter, mech in letters.items():
+            field = {"A": "mechanism", "L": "linear_mechanism"}.get(letter)
+            where = f"{owner}.{field}" if field else f"{owner}.layer_mechanisms[{letter!r}]"
+            try:
+                mechanism_kind(mech)  # an unknown name, even on a letter the pattern skips
+            except ValueError as e:
+                raise ValueError(f"{where}={mech!r}: {e}") from None
+            if letter in self.layer_pattern:  # masks (pattern arguments) are built now too
+                attn = self.attention_config(self.layer_pattern.index(letter))
+                try:
+                    check_mechanism(attn)
+                except ValueError as e:
+                    raise ValueError(f"{where}={mech!r}: {e}") from None
 
     def letters(self) -> dict[str, str]:
         return {"A": self.mechanism, "L": self.linear_mechanism, **dict(self.layer_mechanisms)}
@@ -185,8 +216,20 @@ class Decoder(nnx.Module):
                                  f"{self.cfg.input_dim}], got {inputs.shape}")
             h = self.in_proj(inputs.astype(self.cfg.dtype))
         if self.pos_embed is not None:
-            h = h + jnp.take(self.pos_embed[...], positions, axis=0)
+            # concrete positions were checked by the callers; traced ones past the table (or
+            # negative) give NaN rows rather than a wrapped-around or clamped position
+            h = h + take_or_nan(self.pos_embed[...], positions)
         return constrain(h.astype(self.cfg.dtype), ("batch", None, "embed"))
+
+    def check_positions(self, length: int, what: str) -> None:
+        """With learned positions, raise unless positions ``0 .. length - 1`` fit the table.
+
+        ``what`` describes where ``length`` comes from (for the message).
+        """
+        if self.pos_embed is not None and length > self.cfg.max_len:
+            raise ValueError(f"{what} needs positions up to {length - 1}, past the learned "
+                             f"position table (DecoderConfig.max_len={self.cfg.max_len}); "
+                             f"raise max_len or shorten the input")
 
     def _logits(self, h: jax.Array) -> jax.Array:
         if self.final_norm is not None:
@@ -213,7 +256,12 @@ class Decoder(nnx.Module):
         """
         t = inputs.shape[1]
         if positions is None:
+            # T is static, so this check also runs at trace time under jit
+            self.check_positions(t, f"an input of {t} tokens")
             positions = jnp.arange(t, dtype=jnp.int32)
+        elif self.pos_embed is not None:
+            check_ids(positions, self.cfg.max_len, "positions",
+                      "the learned position table's DecoderConfig.max_len")
         h = self._embed(inputs, positions)
         inter = {"embedding_norms": jnp.linalg.norm(h.astype(jnp.float32), axis=-1),
                  "layers": []} if return_intermediates else None
@@ -248,7 +296,19 @@ class Decoder(nnx.Module):
                policy: CachePolicy = CachePolicy()) -> tuple[jax.Array, list]:  # noqa: B008
         """Logits ``[B, Tq, V]`` of ``Tq`` new tokens at positions ``index + arange(Tq)``,
         given the cache of everything before; returns the updated cache. Prefill is one call
-        with the prompt, then one call per token."""
+        with the prompt, then one call per token.
+
+        A concrete ``index`` is checked (``>= 0``; learned positions and, under the full
+        policy, the KV cache must hold ``index + Tq`` tokens): ValueError. A traced one is not;
+        a step past the cache or the position table returns NaN logits (and leaves the cache
+        unchanged), see :meth:`models.core.SoftmaxCore.decode`.
+        """
+        if is_concrete(index):
+            tq = inputs.shape[1]
+            if int(index) < 0:
+                raise ValueError(f"decode index={int(index)} must be >= 0")
+            self.check_positions(int(index) + tq,
+                                 f"decoding {tq} token(s) at index={int(index)}")
         index = jnp.asarray(index, jnp.int32)
         positions = index + jnp.arange(inputs.shape[1], dtype=jnp.int32)
         h = self._embed(inputs, positions)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.sharding import param
+from models.validation import check_ids, take_or_nan
 
 __all__ = ["Dense", "RMSNorm", "LayerNorm", "make_norm", "MLP", "Embed", "pytorch_default_init"]
 
@@ -163,9 +164,16 @@ class Embed(nnx.Module):
                                ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        """``tokens [...]`` int -> ``[..., D]``.
+
+        Ids outside ``[0, vocab_size)`` raise a ValueError when ``tokens`` is concrete; traced
+        (under ``jit``) they embed as NaN, so their logits are NaN rather than a wrapped-around
+        or clamped row's.
+        """
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise TypeError(f"tokens must be an int array, got dtype {tokens.dtype}")
-        return jnp.take(self.embedding[...], tokens, axis=0)
+        check_ids(tokens, self.vocab_size, "token ids", "vocab_size")
+        return take_or_nan(self.embedding[...], tokens)
 
     def attend(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(x.dtype))

@@ -25,9 +25,10 @@ from flax import nnx
 
 from models.block import TransformerBlock
 from models.core import AttentionConfig
-from models.layers import Dense, make_norm
-from models.mechanisms import AuxLoss
+from models.layers import MLPS, Dense, make_norm
+from models.mechanisms import AuxLoss, check_mechanism, mechanism_kind
 from models.sharding import constrain, param
+from models.validation import require_int
 
 __all__ = ["ViTConfig", "ViT", "VIT_SIZES", "vit_config"]
 
@@ -86,9 +87,24 @@ class ViTConfig:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
+        # Every bad value raises a ValueError naming the field and the value.
+        owner = "ViTConfig"
+        for name in ("patch_size", "width", "depth", "mlp_dim", "num_heads", "channels"):
+            require_int(owner, name, getattr(self, name))
+        require_int(owner, "num_classes", self.num_classes, minimum=0)
         size = self.image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2:
+            raise ValueError(f"{owner}.image_size must be an int or (H, W), got "
+                             f"{self.image_size!r}")
+        for s in size:
+            require_int(owner, "image_size", s)
         object.__setattr__(self, "image_size", size)
+        if self.width % self.num_heads:
+            raise ValueError(f"{owner}.width={self.width} is not divisible by num_heads="
+                             f"{self.num_heads}")
+        if self.mlp not in MLPS:
+            raise ValueError(f"{owner}.mlp={self.mlp!r} is not one of {MLPS}")
         if any(s % self.patch_size for s in size):
             raise ValueError(f"image_size {size} must be divisible by patch_size "
                              f"{self.patch_size}")
@@ -103,6 +119,18 @@ class ViTConfig:
                     raise ValueError(f"{name} tuple of length {len(v)} must tile depth="
                                      f"{self.depth}")
                 object.__setattr__(self, name, tuple(v))
+        mechs = self.mechanism if isinstance(self.mechanism, tuple) else (self.mechanism,)
+        masks_ = self.mask if isinstance(self.mask, tuple) else (self.mask,)
+        for i in range(self.depth):  # a few dataclasses per layer: cheap
+            mech = mechs[i % len(mechs)]
+            try:
+                if not isinstance(mech, str):
+                    raise ValueError("a mechanism is a registry name (str)")
+                mechanism_kind(mech)
+                check_mechanism(self.attention_config(i))  # mask patterns on the grid
+            except ValueError as e:
+                raise ValueError(f"{owner}.mechanism={mech!r} (mask={masks_[i % len(masks_)]!r})"
+                                 f": {e}") from None
 
     @property
     def grid(self) -> tuple[int, int]:
