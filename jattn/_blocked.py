@@ -8,9 +8,13 @@ never evaluates the mask; partial blocks evaluate the mask from indices. The ``[
 matrix never exists: peak temporary memory is one ``[B, H, block_q, block_kv]`` tile plus O(T)
 accumulators.
 
-The backward is a custom VJP that recomputes each tile from the saved row statistic (the
-log-sum-exp for softmax, the visible-key count for ``relu``) with ``di = rowsum(o * do)``, and
-accumulates dk/dv in place, so it is as memory-frugal as the forward.
+The backward is a custom VJP that recomputes each tile from saved row statistics with
+``di = rowsum(o * do)``, and accumulates dk/dv in place, so it is as memory-frugal as the forward.
+For softmax it saves the running max ``m`` and ``log l`` separately and recomputes
+``p = exp((s - m) - log l)``, never ``exp(s - lse)``: when the logits are huge (``|m| >> log l``,
+e.g. a bias of -1e9 masking a row, or logits of 1e7) the fp32 sum ``lse = m + log l`` rounds
+``log l`` away, and ``exp(s - lse)`` of ``l`` tied keys would be ``1`` instead of ``1 / l``. For
+``relu`` the saved statistic is the visible-key count.
 
 Block maps from the mask object, an explicit bool mask and segment ids are ANDed (elementwise
 min of the 0/1/2 codes) and reduced over batch and heads: a block is skipped when it is empty for
@@ -33,12 +37,18 @@ F32 = jnp.float32
 
 
 def default_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
-    """Tiles of 512 on CPU-sized problems (large enough that each is a few BLAS calls)."""
-    return min(512, q_len), min(512, kv_len)
+    """Tiles of 512 on CPU-sized problems (large enough that each is a few BLAS calls).
+
+    An empty sequence still gets a 1-wide tile: zero blocks of it, so the loops run zero times.
+    """
+    return max(1, min(512, q_len)), max(1, min(512, kv_len))
 
 
 def block_table(spec: Spec, dense_mask, seg_q, seg_k, block_q: int, block_kv: int):
     """Combined int8 block map ``[nq, nk]`` (empty/partial/full over all batches and heads)."""
+    if spec.q_len == 0 or spec.kv_len == 0:  # nothing is visible: one empty block, never visited
+        return jnp.zeros((_num_blocks(spec.q_len, block_q), _num_blocks(spec.kv_len, block_kv)),
+                         jnp.int8)
     base = spec.mask if spec.mask is not None else masks_lib.full()
     mask_map = base.block_map(spec.q_len, spec.kv_len, block_q, block_kv)
     maps = [mask_map.reshape((1,) * (4 - mask_map.ndim) + mask_map.shape)]  # [1, H|1, nq, nk]
@@ -50,6 +60,12 @@ def block_table(spec: Spec, dense_mask, seg_q, seg_k, block_q: int, block_kv: in
     hi, lo = combined.max(axis=(0, 1)), combined.min(axis=(0, 1))
     return jnp.where(hi == masks_lib.EMPTY, masks_lib.EMPTY,
                      jnp.where(lo == masks_lib.FULL, masks_lib.FULL, masks_lib.PARTIAL))
+
+
+def _num_blocks(length: int, block: int) -> int:
+    """Blocks covering ``length``; at least one, so the loops trace for an empty sequence (its
+    one block is padding: invisible, never visited, sliced off)."""
+    return max(1, -(-length // block))
 
 
 def _pad_to(x, axis: int, size: int, value=0):
@@ -69,7 +85,7 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     """
     dq, dk = default_block_sizes(spec.q_len, spec.kv_len)
     bq, bk = block_q or dq, block_kv or dk
-    nq, nk = -(-spec.q_len // bq), -(-spec.kv_len // bk)
+    nq, nk = _num_blocks(spec.q_len, bq), _num_blocks(spec.kv_len, bk)
     table = block_table(spec, dense_mask, seg_q, seg_k, bq, bk)
     # For each query block: non-empty key blocks first, ascending; and how many there are.
     kv_ids = jnp.argsort(table == masks_lib.EMPTY, axis=1, stable=True).astype(jnp.int32)
@@ -112,13 +128,16 @@ def _tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk, seg_k, batch):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts):
-    out, stat = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                         table, kv_ids, counts)
+    out, stat, _ = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
+                            table, kv_ids, counts)
     return out, stat
 
 
 def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids,
              counts):
+    """``out [B, Tq, Hq, Dv]``, the public row stat ``[B, Hq, Tq]`` and, for softmax, the
+    backward's ``(m, log_l)`` (each ``[B, Hkv, G, Tq]``; ``m = +inf``, ``log_l = 0`` on rows that
+    see nothing, so every recomputed weight is exactly 0 there)."""
     b, tq, hq, d = q.shape
     dv = v.shape[-1]
     hkv, g = spec.num_kv_heads, spec.group
@@ -176,31 +195,35 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
 
         m, l, acc = lax.fori_loop(0, counts[i], visit, (m0, l0, acc0))
         if norm.softmax:
-            out = acc / jnp.where(l > 0, l, 1.0)[..., None]
-            stat = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-        elif norm.divide_by_count:
-            out, stat = acc / jnp.maximum(l, 1.0)[..., None], l
-        else:
-            out, stat = acc, jnp.zeros_like(l)
-        return out, stat
+            seen = l > 0
+            log_l = jnp.log(jnp.where(seen, l, 1.0))
+            out = acc / jnp.where(seen, l, 1.0)[..., None]
+            stat = jnp.where(seen, m + log_l, -jnp.inf)
+            return out, stat, (jnp.where(seen, m, jnp.inf), log_l)
+        if norm.divide_by_count:
+            return acc / jnp.maximum(l, 1.0)[..., None], l, None
+        return acc, jnp.zeros_like(l), None
 
-    out, stat = lax.map(one_query_block, jnp.arange(nq, dtype=jnp.int32))
+    out, stat, max_and_log_sum = lax.map(one_query_block, jnp.arange(nq, dtype=jnp.int32))
     # [nq, B, Hkv, G, bq, Dv] -> [B, nq * bq, Hq, Dv];  [nq, B, Hkv, G, bq] -> [B, Hq, nq * bq]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tq, hq, dv)
     stat = stat.transpose(1, 2, 3, 0, 4).reshape(b, hq, tq)
-    return out, stat
+    rows = lambda x: x.transpose(1, 2, 3, 0, 4).reshape(b, hkv, g, tq)  # noqa: E731
+    return out, stat, jax.tree.map(rows, max_and_log_sum)
 
 
 def _core_fwd(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids,
               counts):
-    out, stat = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                         table, kv_ids, counts)
-    res = (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat)
+    out, stat, max_and_log_sum = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q,
+                                          seg_k, table, kv_ids, counts)
+    res = (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat,
+           max_and_log_sum)
     return (out, stat), res
 
 
 def _core_bwd(spec, bq, bk, res, cotangents):
-    q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat = res
+    (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat,
+     max_and_log_sum) = res
     d_out, d_stat = cotangents
     b, tq, hq, d = q.shape
     dv_dim = v.shape[-1]
@@ -213,8 +236,8 @@ def _core_bwd(spec, bq, bk, res, cotangents):
     di = to_rows(jnp.einsum("bqhd,bqhd->bhq", d_out, out))
     stat_r = to_rows(stat)
     d_stat_r = to_rows(d_stat.astype(F32)) if norm.softmax else None
-    # Rows with no visible key have lse = -inf; +inf makes every recomputed weight exactly 0.
-    lse_bwd = jnp.where(stat_r == -jnp.inf, jnp.inf, stat_r) if norm.softmax else None
+    # p = exp((s - m) - log l): see the module docstring for why not exp(s - lse).
+    m_r, log_l_r = max_and_log_sum if norm.softmax else (None, None)
 
     def one_query_block(carry, i):
         dk_acc, dv_acc, dbias_acc = carry
@@ -224,7 +247,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
         seg_q_blk = _slice(seg_q, i0, bq, 1)
         rows = lambda x: None if x is None else lax.dynamic_slice_in_dim(x, i0, bq, axis=3)
         di_blk, stat_blk, dstat_blk = rows(di), rows(stat_r), rows(d_stat_r)
-        lse_blk = rows(lse_bwd)
+        m_blk, log_l_blk = rows(m_r), rows(log_l_r)
 
         def visit(n, c):
             dq_blk, dk_acc, dv_acc, dbias_acc = c
@@ -237,7 +260,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
 
             def weights_and_ds(vis):
                 if norm.softmax:
-                    p = jnp.exp(s - lse_blk[..., None])
+                    p = jnp.exp((s - m_blk[..., None]) - log_l_blk[..., None])
                     if vis is not None:
                         p = jnp.where(vis, p, 0.0)
                     ds = p * (dp - di_blk[..., None] + dstat_blk[..., None])
@@ -280,7 +303,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
             0, counts[i], visit, (dq0, dk_acc, dv_acc, dbias_acc))
         dsink_blk = None
         if sinks is not None:  # d out / d sink = -p_sink * out, d lse / d sink = p_sink
-            p_sink = jnp.exp(_sink_logits(spec, sinks) - lse_blk)
+            p_sink = jnp.exp((_sink_logits(spec, sinks) - m_blk) - log_l_blk)
             dsink_blk = jnp.sum(p_sink * (dstat_blk - di_blk), axis=(0, 3)).reshape(hq)
         return (dk_acc, dv_acc, dbias_acc), (dq_blk, dsink_blk)
 

@@ -86,9 +86,10 @@ def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sink
     if mask is not None:
         if mask.num_heads is not None and mask.num_heads not in (1, hq):
             raise ValueError(f"per-head mask has {mask.num_heads} heads; expected Hq={hq}")
-        with jax.ensure_compile_time_eval():  # static block map: the grid skips empty blocks
-            block_map = mask.block_map(tq, tk, bq, bk)
-        mask_fn = mask.index_fn(tq, tk)
+        if tq > 0 and tk > 0:  # an empty sequence has no blocks (the kernel launches nothing)
+            with jax.ensure_compile_time_eval():  # static block map: the grid skips empty blocks
+                block_map = mask.block_map(tq, tk, bq, bk)
+            mask_fn = mask.index_fn(tq, tk)
     return flash_lib.flash_attention(
         q, k, v, block_map=block_map, mask_fn=mask_fn, scale=scale, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, block_q=bq, block_kv=bk,

@@ -11,14 +11,15 @@ from jattn._common import Spec, merge_heads, scores, split_heads, visible
 def weights(spec: Spec, q, k, bias, sinks, dense_mask, seg_q, seg_k):
     """Weights ``p [B, Hkv, G, Tq, Tk]`` and the row statistic (lse / count / zeros)."""
     norm = spec.normalizer
-    q32 = q.astype(jnp.float32).reshape(q.shape[:2] + (spec.num_kv_heads, spec.group, -1))
+    q32 = q.astype(jnp.float32).reshape(q.shape[:2] + (spec.num_kv_heads, spec.group,
+                                                       q.shape[-1]))
     _, s = scores(spec, q32, k.astype(jnp.float32), bias)
     q_idx = jnp.arange(spec.q_len, dtype=jnp.int32)
     k_idx = jnp.arange(spec.kv_len, dtype=jnp.int32)
     vis = jnp.broadcast_to(visible(spec, q_idx, k_idx, dense_mask, seg_q, seg_k), s.shape)
     if norm.softmax:
         masked = jnp.where(vis, s, -jnp.inf)
-        m = jnp.max(masked, axis=-1)
+        m = jnp.max(masked, axis=-1, initial=-jnp.inf)  # Tk = 0: no key, m = -inf
         if sinks is not None:
             sink = split_heads(sinks.astype(jnp.float32)[None, :, None], spec.num_kv_heads,
                                spec.group)[..., 0][..., None]  # [1, Hkv, G, 1]
@@ -44,5 +45,5 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k):
     """Output ``[B, Tq, Hq, Dv]`` (fp32) and row statistic ``[B, Hq, Tq]``."""
     p, stat = weights(spec, q, k, bias, sinks, dense_mask, seg_q, seg_k)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32))
-    out = out.reshape(out.shape[:2] + (-1, out.shape[-1]))
+    out = out.reshape(out.shape[:2] + (spec.num_kv_heads * spec.group, out.shape[-1]))
     return out, merge_heads(stat)

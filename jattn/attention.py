@@ -25,8 +25,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jattn import _blocked, _reference
+from jattn import masks as masks_lib
 from jattn import normalizers as normalizers_lib
 from jattn._common import Spec, merge_heads
 from jattn.masks import Mask
@@ -49,6 +51,10 @@ def _check_qkv(q, k, v):
             raise ValueError(f"{name} must have shape {desc} (rank 4), got {_shape(x)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+        # B, Tq, Tk = 0 give empty outputs; zero heads or head dims have no meaning (Hq % Hkv).
+        if 0 in x.shape[2:]:
+            raise ValueError(f"{name} must have shape {desc} with heads and head dims >= 1 "
+                             f"(only B and T may be 0), got {_shape(x)}")
     b, tq, hq, dk = q.shape
     if k.shape[0] != b or v.shape[0] != b:
         raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
@@ -82,6 +88,42 @@ def _to_4d(x, name: str, b: int, h: int, tq: int, tk: int, dtype_kind: str):
     return jnp.broadcast_to(x, x.shape[:2] + (tq, tk))
 
 
+def _check_mask(mask, b: int, hq: int, tq: int, tk: int):
+    """``(Mask or None, dense [B|1, Hq|1, Tq, Tk] or None)``; anything else is a TypeError."""
+    if mask is None:
+        return None, None
+    if isinstance(mask, Mask):
+        if mask.num_heads is not None and mask.num_heads != hq:
+            raise ValueError(f"per-head mask has {mask.num_heads} heads; expected Hq={hq}")
+        return mask, None
+    accepts = (f"mask must be a jattn.masks.Mask or a bool array broadcastable to "
+               f"[B={b}, Hq={hq}, Tq={tq}, Tk={tk}]")
+    if isinstance(mask, str):
+        constructor = mask in masks_lib.__all__ and mask.islower()  # causal, sliding_window...
+        hint = f" (did you mean jattn.masks.{mask}()?)" if constructor else ""
+        raise TypeError(f"{accepts}, got the string {mask!r}{hint}")
+    if not (hasattr(mask, "shape") and hasattr(mask, "dtype")):  # lists, scalars, callables...
+        raise TypeError(f"{accepts}, got {type(mask).__name__}")
+    return None, _to_4d(mask, "mask", b, hq, tq, tk, "bool")
+
+
+def _static_float(value, name: str) -> float:
+    """A concrete, finite Python/NumPy real scalar as a float (``scale``, ``logits_soft_cap``).
+
+    These are baked into the compiled computation, so a traced value cannot be used (or
+    checked): it is a TypeError, as is a bool. NaN or +-inf would silently make every output NaN.
+    """
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+        raise TypeError(f"{name} must be a static Python or NumPy real scalar (not traced), got "
+                        f"{type(value).__name__}")
+    if isinstance(value, np.complexfloating):
+        raise TypeError(f"{name} must be a real scalar, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _check_segments(segment_ids, b: int, tq: int, tk: int):
     if segment_ids is None:
         return None, None
@@ -112,13 +154,7 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
     if implementation not in (None,) + IMPLEMENTATIONS:
         raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, "
                          f"got {implementation!r}")
-    mask_obj, dense = None, None
-    if isinstance(mask, Mask):
-        mask_obj = mask
-        if mask.num_heads is not None and mask.num_heads != hq:
-            raise ValueError(f"per-head mask has {mask.num_heads} heads; expected Hq={hq}")
-    elif mask is not None:
-        dense = _to_4d(mask, "mask", b, hq, tq, tk, "bool")
+    mask_obj, dense = _check_mask(mask, b, hq, tq, tk)
     bias4 = None if bias is None else _to_4d(bias, "bias", b, hq, tq, tk, "float")
     if sinks is not None:
         if not norm.softmax:
@@ -131,13 +167,10 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
     if return_lse and not norm.softmax:
         raise ValueError(f"return_lse needs normalizer='softmax', got {norm.name!r}")
     if logits_soft_cap is not None:
-        if not isinstance(logits_soft_cap, int | float) or logits_soft_cap <= 0:
+        logits_soft_cap = _static_float(logits_soft_cap, "logits_soft_cap")
+        if logits_soft_cap <= 0:
             raise ValueError(f"logits_soft_cap must be a positive float, got {logits_soft_cap!r}")
-        logits_soft_cap = float(logits_soft_cap)
-    if scale is None:
-        scale = 1.0 / math.sqrt(dk)
-    elif not isinstance(scale, int | float):
-        raise TypeError(f"scale must be a Python float (static), got {type(scale).__name__}")
+    scale = 1.0 / math.sqrt(dk) if scale is None else _static_float(scale, "scale")
     seg_q, seg_k = _check_segments(segment_ids, b, tq, tk)
     spec = Spec(mask=mask_obj, normalizer=norm, scale=float(scale), soft_cap=logits_soft_cap,
                 q_len=tq, kv_len=tk, num_kv_heads=hkv, group=hq // hkv,
@@ -172,12 +205,14 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
     Args:
       q: ``[B, Tq, Hq, Dk]``. k: ``[B, Tk, Hkv, Dk]``. v: ``[B, Tk, Hkv, Dv]``; ``Hq % Hkv == 0``.
       mask: a :class:`jattn.masks.Mask`, or a bool array broadcastable to ``[B, Hq, Tq, Tk]``
-        (True = visible).
+        (True = visible); anything else (e.g. the string ``"causal"``) is a TypeError.
       bias: float, broadcastable to ``[B, Hq, Tq, Tk]``; added to the scaled scores.
-      scale: static float, default ``1 / sqrt(Dk)``.
+      scale: static finite float (a Python or NumPy scalar), default ``1 / sqrt(Dk)``. NaN/inf
+        are a ValueError; a traced value cannot be checked and is a TypeError.
       normalizer: ``"softmax"``, ``"sigmoid"``, ``"relu"`` or any registered name.
       sinks: float ``[Hq]`` per-head sink logits (softmax only), differentiable.
-      logits_soft_cap: ``c`` for ``s <- c tanh(s / c)``.
+      logits_soft_cap: ``c`` for ``s <- c tanh(s / c)``: static, finite and positive (checked
+        like ``scale``).
       segment_ids: int ``[B, T]`` or a pair ``([B, Tq], [B, Tk])``: keys are visible only within
         the query's segment (packed documents).
       return_lse: also return the log-sum-exp ``[B, Hq, Tq]`` (softmax only; -inf for empty rows,
@@ -185,7 +220,10 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       implementation: ``None``, ``"reference"``, ``"xla"`` or ``"pallas"``.
 
     Returns:
-      ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested.
+      ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested. Empty
+      sizes are allowed in every implementation: ``B``, ``Tq`` or ``Tk`` = 0 give correctly
+      shaped (empty or zero) outputs with zero gradients; ``Tk = 0`` means no query sees a key
+      (output 0, ``lse`` = the sink or -inf). Heads and head dims must be >= 1.
     """
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,

@@ -15,8 +15,11 @@ The math of one (query block, key block) tile lives in backend-neutral functions
   (fp32 when Hq > Hkv) and the wrapper sums the heads of a group.
 
 Partial blocks evaluate ``mask_fn`` (plus key bounds and segment ids) from iota; full blocks
-skip it. Rows with no visible key get ``l = 0``: output 0 and an internal lse of +inf, so
-``exp(s - lse) = 0`` in the backward pass and every gradient stays finite.
+skip it. The forward pass saves each row's max ``m`` and ``log l`` separately, and the backward
+recomputes ``p = exp((s - m) - log l)``: with huge logits (``|m| >> log l``) the fp32 sum
+``lse = m + log l`` rounds ``log l`` away, and ``exp(s - lse)`` would give each of ``l`` tied keys
+weight 1 instead of ``1 / l``. Rows with no visible key get ``l = 0``: output 0 and ``m = +inf``,
+``log l = 0``, so every recomputed weight is exactly 0 and every gradient stays finite.
 """
 
 from __future__ import annotations
@@ -117,18 +120,18 @@ def _fwd_update(q, k, v, m_prev, l_prev, acc_prev, vis, cfg: Config):
 
 
 def _finalize(m, l, acc):
-    """Output ``acc / l`` (0 where l = 0) and the internal lse (+inf where l = 0)."""
+    """Output ``acc / l`` (0 where l = 0) and the backward's row stats ``m`` (+inf where
+    l = 0) and ``log l`` (0 where l = 0)."""
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o = acc / l_safe[:, None]
-    lse = jnp.where(empty, jnp.inf, m + jnp.log(l_safe))
-    return o, lse
+    return o, jnp.where(empty, jnp.inf, m), jnp.log(l_safe)
 
 
-def _bwd_tile(q, k, v, do, lse, di, vis, cfg: Config):
-    """``p`` and ``ds = dL/ds`` (before ``scale``) of a tile; lse, di are ``[bq]``."""
+def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config):
+    """``p`` and ``ds = dL/ds`` (before ``scale``) of a tile; m, log_l, di are ``[bq]``."""
     s, t = _logits(q, k, cfg)
-    p = jnp.exp(s - lse[:, None])
+    p = jnp.exp((s - m[:, None]) - log_l[:, None])  # s - m first: exact for tied maxima
     if vis is not None:
         p = jnp.where(vis, p, 0.0)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
@@ -191,7 +194,8 @@ def _tpu_segs(qseg_ref, kseg_ref):
 
 
 def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
-    """q ``[B, Hq, Tq_pad, D]``, k/v ``[B, Hkv, Tk_pad, D]`` -> o, lse ``[B, Hq, Tq_pad, 128]``."""
+    """q ``[B, Hq, Tq_pad, D]``, k/v ``[B, Hkv, Tk_pad, D]`` -> o and the row stats m, log_l
+    (lane-broadcast ``[B, Hq, Tq_pad, 128]``)."""
     pltpu = _tpu()
     b_, hq, bq, bk = cfg.batch, cfg.num_q_heads, cfg.block_q, cfg.block_kv
     d, dv, g, w = q.shape[-1], v.shape[-1], cfg.group, cfg.width
@@ -200,7 +204,7 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
         return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])[0]
 
     def kernel(ent_ref, q_ref, k_ref, v_ref, sink_ref, qseg_ref, kseg_ref,
-               o_ref, lse_ref, m_sc, l_sc, acc_sc):
+               o_ref, m_ref, log_l_ref, m_sc, l_sc, acc_sc):
         b, h, i, j = (pl.program_id(a) for a in range(4))
 
         @pl.when(j == 0)
@@ -231,9 +235,10 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
 
         @pl.when(j == w - 1)
         def _final():
-            o, lse = _finalize(_row_stat(m_sc), _row_stat(l_sc), acc_sc[...])
+            o, m, log_l = _finalize(_row_stat(m_sc), _row_stat(l_sc), acc_sc[...])
             o_ref[...] = o.astype(o_ref.dtype)
-            lse_ref[...] = _lanes(lse, lse_ref.shape)
+            m_ref[...] = _lanes(m, m_ref.shape)
+            log_l_ref[...] = _lanes(log_l, log_l_ref.shape)
 
     sq, sk = _tpu_seg_inputs(cfg, seg_q, seg_k)
     has_seg = sq is not None
@@ -251,32 +256,31 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
     ]
     sinks_in = (jnp.broadcast_to(sinks.astype(f32)[None], (SUBLANES, hq))
                 if cfg.has_sinks else None)
+    stat_spec = pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda b, h, i, j, e: (b, h, i, 0))
     out_specs = [
         pl.BlockSpec((_SQ, _SQ, bq, dv), lambda b, h, i, j, e: (b, h, i, 0)),
-        pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda b, h, i, j, e: (b, h, i, 0)),
+        stat_spec, stat_spec,
     ]
-    out_shape = [
-        jax.ShapeDtypeStruct((b_, hq, cfg.q_pad, dv), q.dtype),
-        jax.ShapeDtypeStruct((b_, hq, cfg.q_pad, LANES), f32),
-    ]
+    stat_shape = jax.ShapeDtypeStruct((b_, hq, cfg.q_pad, LANES), f32)
+    out_shape = [jax.ShapeDtypeStruct((b_, hq, cfg.q_pad, dv), q.dtype), stat_shape, stat_shape]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b_, hq, cfg.nq, w), in_specs=in_specs,
         out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((bq, LANES), f32), pltpu.VMEM((bq, LANES), f32),
                         pltpu.VMEM((bq, dv), f32)],
     )
-    o, lse = pl.pallas_call(
+    o, m, log_l = pl.pallas_call(
         kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=cfg.interpret,
         compiler_params=_tpu_params(pltpu, ("parallel", "parallel", "parallel", "arbitrary")),
         name="flash_fwd",
     )(ents, q, k, v, sinks_in, sq, sk)
-    return o, lse
+    return o, m, log_l
 
 
-def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
+def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, seg_k):
     """dq ``[B, Hq, Tq_pad, D]``, dk ``[B, Hkv, Tk_pad, D]``, dv ``[B, Hkv, Tk_pad, Dv]``.
 
-    ``lse``/``di`` come lane-broadcast ``[B, Hq, Tq_pad, 128]``.
+    ``m``/``log_l``/``di`` come lane-broadcast ``[B, Hq, Tq_pad, 128]``.
     """
     pltpu = _tpu()
     b_, hq, hkv, bq, bk = cfg.batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.block_q, cfg.block_kv
@@ -288,8 +292,8 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
     def kv_block(b, h, i, j, ent):
         return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])[0]
 
-    def dq_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
-                  dq_ref, dq_sc):
+    def dq_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref, qseg_ref,
+                  kseg_ref, dq_ref, dq_sc):
         b, h, i, j = (pl.program_id(a) for a in range(4))
 
         @pl.when(j == 0)
@@ -304,8 +308,8 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
                 q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
                 vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
             k_blk = k_ref[...]
-            _, ds = _bwd_tile(q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(lse_ref),
-                              _row_stat(di_ref), vis, cfg)
+            _, ds = _bwd_tile(q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(m_ref),
+                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg)
             dq_sc[...] += _mm(ds.astype(k_blk.dtype), k_blk)
 
         pl.when(kind == 1)(lambda: step(True))
@@ -324,6 +328,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
         pl.BlockSpec((_SQ, _SQ, bq, dv), row),
         pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
         pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
         pl.BlockSpec((_SQ, bq, LANES), lambda b, h, i, j, e: (b, i, 0)) if has_seg else None,
         pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, h, i, j, e: (b, 0, kv_block(b, h, i, j, e)))
         if has_seg else None,
@@ -339,7 +344,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
         interpret=cfg.interpret,
         compiler_params=_tpu_params(pltpu, ("parallel", "parallel", "parallel", "arbitrary")),
         name="flash_bwd_dq",
-    )(ents, q, k, v, do, lse, di, sq, sk)
+    )(ents, q, k, v, do, m, log_l, di, sq, sk)
 
     # ---- dk/dv: grid (B, Hkv, nk, group, Wq); query heads of a group accumulate in scratch.
     wt = cfg.width_t
@@ -348,8 +353,8 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
         h = hk * g + gi
         return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), c, j])[0]
 
-    def dkv_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
-                   dk_ref, dv_ref, dk_sc, dv_sc):
+    def dkv_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref, qseg_ref,
+                   kseg_ref, dk_ref, dv_ref, dk_sc, dv_sc):
         b, hk, c, gi, j = (pl.program_id(a) for a in range(5))
         h = hk * g + gi
 
@@ -366,8 +371,8 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
                 q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
                 vis = _visible(cfg, qb * bq, c * bk, h, q_seg, k_seg)
             q_blk, do_blk = q_ref[...], do_ref[...]
-            p, ds = _bwd_tile(q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(lse_ref),
-                              _row_stat(di_ref), vis, cfg)
+            p, ds = _bwd_tile(q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref),
+                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg)
             dv_sc[...] += _mm(p.T.astype(do_blk.dtype), do_blk)
             dk_sc[...] += _mm(ds.T.astype(q_blk.dtype), q_blk)
 
@@ -386,6 +391,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
         pl.BlockSpec((_SQ, _SQ, bk, d), kvrow),
         pl.BlockSpec((_SQ, _SQ, bk, dv), kvrow),
         pl.BlockSpec((_SQ, _SQ, bq, dv), qrow),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
         pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
         pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
         pl.BlockSpec((_SQ, bq, LANES),
@@ -407,7 +413,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, lse, di, seg_q, seg_k):
         compiler_params=_tpu_params(
             pltpu, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         name="flash_bwd_dkv",
-    )(ents_t, q, k, v, do, lse, di, sq, sk)
+    )(ents_t, q, k, v, do, m, log_l, di, sq, sk)
     return dq, dk, dv_
 
 
@@ -436,14 +442,14 @@ def _gpu_row(cfg, b, h, i, n_rows):
 
 
 def gpu_forward(cfg: Config, ents, cnts, q, k, v, sinks, seg_q, seg_k):
-    """q ``[B, Tq_pad, Hq, D]``, k/v ``[B, Tk_pad, Hkv, D]`` -> o, lse ``[B, Hq, Tq_pad]``."""
+    """q ``[B, Tq_pad, Hq, D]``, k/v ``[B, Tk_pad, Hkv, D]`` -> o, m, log_l ``[B, Hq, Tq_pad]``."""
     b_, hq, bq, bk = cfg.batch, cfg.num_q_heads, cfg.block_q, cfg.block_kv
     d, dv, g, w = q.shape[-1], v.shape[-1], cfg.group, cfg.width
     ents_f, cnts_f = _pow2_pad(ents.reshape(-1)), _pow2_pad(cnts.reshape(-1))
     has_seg = seg_q is not None
 
     def kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, sink_ref, qseg_ref, kseg_ref,
-               o_ref, lse_ref):
+               o_ref, m_ref, log_l_ref):
         i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         row = _gpu_row(cfg, b, h, i, cfg.nq)
         q_blk = q_ref[...]
@@ -472,9 +478,10 @@ def gpu_forward(cfg: Config, ents, cnts, q, k, v, sinks, seg_q, seg_k):
             return lax.cond(kind == 1, masked, full, carry)
 
         m, l, acc = lax.fori_loop(0, cnt_ref[row], body, (m0, l0, acc0))
-        o, lse = _finalize(m, l, acc)
+        o, m, log_l = _finalize(m, l, acc)
         o_ref[...] = o.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        m_ref[...] = m
+        log_l_ref[...] = log_l
 
     in_specs = [
         _full(cnts_f), _full(ents_f),
@@ -491,19 +498,22 @@ def gpu_forward(cfg: Config, ents, cnts, q, k, v, sinks, seg_q, seg_k):
         seg_q_in, seg_k_in = seg_q, seg_k
         in_specs[6] = pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i))
         in_specs[7] = pl.BlockSpec((_SQ, cfg.kv_pad), lambda i, b, h: (b, 0))
-    o, lse = pl.pallas_call(
+    stat_shape = jax.ShapeDtypeStruct((b_, hq, cfg.q_pad), f32)
+    stat_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))
+    o, m, log_l = pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((b_, cfg.q_pad, hq, dv), q.dtype),
-                   jax.ShapeDtypeStruct((b_, hq, cfg.q_pad), f32)],
+        out_shape=[jax.ShapeDtypeStruct((b_, cfg.q_pad, hq, dv), q.dtype), stat_shape,
+                   stat_shape],
         grid=(cfg.nq, b_, hq), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((_SQ, bq, _SQ, dv), lambda i, b, h: (b, i, h, 0)),
-                   pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))],
+        out_specs=[pl.BlockSpec((_SQ, bq, _SQ, dv), lambda i, b, h: (b, i, h, 0)), stat_spec,
+                   stat_spec],
         interpret=cfg.interpret, compiler_params=_triton_params(d), name="flash_fwd",
     )(cnts_f, ents_f, q, k, v, sinks_in, seg_q_in, seg_k_in)
-    return o, lse
+    return o, m, log_l
 
 
-def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, lse, di, seg_q, seg_k):
+def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, m, log_l, di, seg_q,
+                 seg_k):
     """dq ``[B, Tq_pad, Hq, D]``; dk/dv ``[B, Tk_pad, Hkv, .]`` (summed over each group)."""
     b_, hq, bq, bk = cfg.batch, cfg.num_q_heads, cfg.block_q, cfg.block_kv
     d, dv, g = q.shape[-1], v.shape[-1], cfg.group
@@ -514,11 +524,12 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, lse, di, 
     ents_f, cnts_f = _pow2_pad(ents.reshape(-1)), _pow2_pad(cnts.reshape(-1))
     w = cfg.width
 
-    def dq_kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+    def dq_kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref,
                   qseg_ref, kseg_ref, dq_ref):
         i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         row = _gpu_row(cfg, b, h, i, cfg.nq)
-        q_blk, do_blk, lse_r, di_r = q_ref[...], do_ref[...], lse_ref[...], di_ref[...]
+        q_blk, do_blk, di_r = q_ref[...], do_ref[...], di_ref[...]
+        m_r, log_l_r = m_ref[...], log_l_ref[...]
         q_seg = qseg_ref[...][:, None] if has_seg else None
 
         def body(j, acc):
@@ -527,7 +538,7 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, lse, di, 
             k_blk, v_blk = k_ref[sl, :], v_ref[sl, :]
 
             def tile(vis):
-                _, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, lse_r, di_r, vis, cfg)
+                _, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg)
                 return acc + _mm(ds.astype(k_blk.dtype), k_blk)
 
             def masked():
@@ -544,20 +555,20 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, lse, di, 
         (_SQ, cfg.kv_pad, _SQ, dd), lambda i, b, h: (b, 0, lax.div(h, g), 0))
     stat = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))
     in_specs = [_full(cnts_f), _full(ents_f), qspec(d), kvfull(d), kvfull(dv), qspec(dv),
-                stat, stat,
+                stat, stat, stat,
                 pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)) if has_seg else None,
                 pl.BlockSpec((_SQ, cfg.kv_pad), lambda i, b, h: (b, 0)) if has_seg else None]
     dq = pl.pallas_call(
         dq_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(cfg.nq, b_, hq), in_specs=in_specs, out_specs=qspec(d),
         interpret=cfg.interpret, compiler_params=params, name="flash_bwd_dq",
-    )(cnts_f, ents_f, q, k, v, do, lse, di, seg_q, seg_k)
+    )(cnts_f, ents_f, q, k, v, do, m, log_l, di, seg_q, seg_k)
 
     # ---- dk/dv: one program per (key block, batch, query head).
     ents_tf, cnts_tf = _pow2_pad(ents_t.reshape(-1)), _pow2_pad(cnts_t.reshape(-1))
     wt = cfg.width_t
 
-    def dkv_kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+    def dkv_kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref,
                    qseg_ref, kseg_ref, dk_ref, dv_ref):
         c, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         row = _gpu_row(cfg, b, h, c, cfg.nk)
@@ -569,10 +580,10 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, lse, di, 
             qb, kind = _entry(ent_ref[row * wt + j])
             sl = pl.ds(qb * bq, bq)
             q_blk, do_blk = q_ref[sl, :], do_ref[sl, :]
-            lse_r, di_r = lse_ref[sl], di_ref[sl]
+            m_r, log_l_r, di_r = m_ref[sl], log_l_ref[sl], di_ref[sl]
 
             def tile(vis):
-                p, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, lse_r, di_r, vis, cfg)
+                p, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg)
                 return (dk_acc + _mm(ds.T.astype(q_blk.dtype), q_blk),
                         dv_acc + _mm(p.T.astype(do_blk.dtype), do_blk))
 
@@ -592,7 +603,7 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, lse, di, 
     statf = pl.BlockSpec((_SQ, _SQ, cfg.q_pad), lambda c, b, h: (b, h, 0))
     outspec = lambda dd: pl.BlockSpec((_SQ, bk, _SQ, dd), lambda c, b, h: (b, c, h, 0))  # noqa: E731
     in_specs = [_full(cnts_tf), _full(ents_tf), qfull(d), kvspec(d), kvspec(dv), qfull(dv),
-                statf, statf,
+                statf, statf, statf,
                 pl.BlockSpec((_SQ, cfg.q_pad), lambda c, b, h: (b, 0)) if has_seg else None,
                 pl.BlockSpec((_SQ, bk), lambda c, b, h: (b, c)) if has_seg else None]
     acc_dtype = (lambda x: x.dtype) if g == 1 else (lambda x: f32)
@@ -602,7 +613,7 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, lse, di, 
                    jax.ShapeDtypeStruct((b_, cfg.kv_pad, hq, dv), acc_dtype(v))],
         grid=(cfg.nk, b_, hq), in_specs=in_specs, out_specs=[outspec(d), outspec(dv)],
         interpret=cfg.interpret, compiler_params=params, name="flash_bwd_dkv",
-    )(cnts_tf, ents_tf, q, k, v, do, lse, di, seg_q, seg_k)
+    )(cnts_tf, ents_tf, q, k, v, do, m, log_l, di, seg_q, seg_k)
     if g > 1:
         dk = dk.reshape(b_, cfg.kv_pad, cfg.num_kv_heads, g, d).sum(3).astype(k.dtype)
         dv_ = dv_.reshape(b_, cfg.kv_pad, cfg.num_kv_heads, g, dv).sum(3).astype(v.dtype)

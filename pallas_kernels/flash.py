@@ -13,12 +13,17 @@ the non-empty key blocks. Block sparsity follows splash attention (JAX's
 per query block into a list of non-empty key blocks; empty blocks are neither loaded nor
 computed, full blocks skip the mask, partial blocks evaluate ``mask_fn`` on iota indices.
 Sinks (per-head logits in the denominator, "attention sinks", Xiao et al. 2023; gpt-oss)
-initialise ``m = sink, l = 1``. The backward pass (custom VJP) recomputes ``p`` from the
-saved log-sum-exp, with ``di = rowsum(o * do)`` precomputed::
+initialise ``m = sink, l = 1``. The backward pass (custom VJP) recomputes
+``p = exp((s - m) - log l)`` from the saved row max ``m`` and ``log l``, with
+``di = rowsum(o * do)`` precomputed::
 
     ds_ij = p_ij (do_i . v_j - di_i)      (times 1 - tanh^2 with a soft cap)
     dq = scale * ds k,  dk = scale * ds^T q,  dv = p^T do,
     dsink_h = -sum_i exp(sink_h - lse_i) di_i
+
+``m`` and ``log l`` are kept apart because with huge logits (``|m| >> log l``: logits of 1e7,
+or a -1e9 bias) the fp32 ``lse = m + log l`` loses ``log l`` to rounding, and ``exp(s - lse)``
+would weigh each of ``l`` tied keys 1 instead of ``1 / l``.
 
 using the forward lists for dq and the transposed lists (per key block, the non-empty query
 blocks) for dk/dv. A query row with no visible key (and no sink) outputs 0, gets zero
@@ -128,6 +133,8 @@ def flash_attention(
       mask_fn: ``f(q_idx, kv_idx, head) -> bool`` of jnp integer ops (True = visible),
         evaluated in partial blocks only; key padding is always masked.
       scale: logit scale, default ``1/sqrt(D)``. logits_soft_cap: ``c`` in ``c*tanh(s/c)``.
+        Both static (concrete Python/NumPy scalars: traced values cannot be checked or baked
+        in) and finite (NaN/inf are a ValueError); ``c > 0``.
       sinks: float ``[Hq]`` per-head sink logits (denominator only).
       segment_ids: int ``[B, T]`` (needs ``Tq == Tk``) or a pair ``([B, Tq], [B, Tk])``.
       block_q, block_kv: tile sizes (clamped for short sequences, see :func:`block_sizes`).
@@ -135,7 +142,9 @@ def flash_attention(
       interpret: None = interpret mode on CPU only. backend: None / "tpu" / "cuda" / "gpu".
 
     Returns:
-      ``o [B, Tq, Hq, Dv]`` in ``q.dtype`` (and ``lse`` when ``return_lse``).
+      ``o [B, Tq, Hq, Dv]`` in ``q.dtype`` (and ``lse`` when ``return_lse``). ``B``, ``Tq`` or
+      ``Tk`` = 0 launch nothing and return the closed form: ``o = 0``, ``lse`` = the sink or
+      ``-inf`` (zero gradients; ``d lse / d sink = 1``).
     """
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -148,6 +157,9 @@ def flash_attention(
         raise ValueError(
             f"k must be [B={b}, Tk, Hkv, D={d}] and v [B, Tk, Hkv, Dv] with the same B/Tk/Hkv; "
             f"got k{tuple(k.shape)} v{tuple(v.shape)}")
+    if 0 in (hq, hkv, d, v.shape[-1]):
+        raise ValueError(f"q, k, v need heads and head dims >= 1 (only B and T may be 0); got "
+                         f"q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}")
     if hq % hkv:
         raise ValueError(f"Hq={hq} must be a multiple of Hkv={hkv}")
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -162,10 +174,13 @@ def flash_attention(
         interpret = jax.default_backend() == "cpu"
     bq, bk = block_sizes(tq, tk, block_q, block_kv, backend)
     nq, nk = -(-tq // bq), -(-tk // bk)
+    # Static scalars are baked into the kernel: NaN/inf would make every output NaN.
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
     cap = None if logits_soft_cap is None else float(logits_soft_cap)
-    if cap is not None and cap <= 0:
-        raise ValueError(f"logits_soft_cap must be positive, got {cap}")
+    if cap is not None and not (math.isfinite(cap) and cap > 0):
+        raise ValueError(f"logits_soft_cap must be finite and positive, got {cap}")
 
     # --- sinks and segment ids
     has_sinks = sinks is not None
@@ -195,6 +210,9 @@ def flash_attention(
                 raise TypeError(f"segment_ids must be integer, got {s.dtype}")
         seg_q, seg_k = seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)
 
+    if 0 in (b, tq, tk):  # an empty grid launches nothing; the result is known in closed form
+        return _without_keys(q, v, sinks if has_sinks else None, return_lse)
+
     # --- block map -> compacted lists
     if block_map is None:
         bm = bsp.default_block_map(tq, tk, bq, bk, masked=mask_fn is not None)
@@ -220,31 +238,45 @@ def flash_attention(
     return (o, lse) if return_lse else o
 
 
+def _without_keys(q, v, sinks, return_lse):
+    """Attention when ``B``, ``Tq`` or ``Tk`` is 0: no query sees a key, so ``o = 0`` and
+    ``lse = log(exp(sink))`` = the sink (``-inf`` without sinks); differentiable in ``sinks``
+    (``d lse / d sink = 1``), zero gradients for q, k, v."""
+    b, tq, hq, _ = q.shape
+    o = jnp.zeros((b, tq, hq, v.shape[-1]), q.dtype)
+    if not return_lse:
+        return o
+    if sinks is None:
+        return o, jnp.full((b, hq, tq), -jnp.inf, jnp.float32)
+    return o, jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (b, hq, tq))
+
+
 # ------------------------------------------------------------------------------------------
 # custom VJP
 # ------------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t):
-    o, lse = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts)
-    return o, _public_lse(lse)
+    o, m, log_l = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts)
+    return o, _public_lse(m, log_l)
 
 
 def _flash_fwd(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t):
-    o, lse = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts)
-    res = (q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, o, lse)
-    return (o, _public_lse(lse)), res
+    o, m, log_l = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts)
+    res = (q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, o, m, log_l)
+    return (o, _public_lse(m, log_l)), res
 
 
 def _flash_bwd(cfg, res, cts):
-    q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, o, lse = res
+    q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, o, m, log_l = res
     do, dlse = cts
     do = do.astype(q.dtype)
     di = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     di = di - dlse.astype(jnp.float32)
-    dq, dk, dv = _backward(cfg, q, k, v, do, lse, di, seg_q, seg_k, ents, cnts, ents_t, cnts_t)
+    dq, dk, dv = _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts, ents_t,
+                           cnts_t)
     dsinks = None
     if cfg.has_sinks:
-        p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
+        p_sink = jnp.exp((sinks.astype(jnp.float32)[None, :, None] - m) - log_l)
         dsinks = (-jnp.sum(p_sink * di, axis=(0, 2))).astype(sinks.dtype)
     return dq, dk, dv, dsinks, None, None, None, None, None, None
 
@@ -252,8 +284,9 @@ def _flash_bwd(cfg, res, cts):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _public_lse(lse):
-    return jnp.where(lse == jnp.inf, -jnp.inf, lse)
+def _public_lse(m, log_l):
+    """``lse = m + log l``, ``-inf`` on rows that see nothing (internal ``m = +inf``)."""
+    return jnp.where(m == jnp.inf, -jnp.inf, m + log_l)
 
 
 def _pad_axis(x, axis, size, value=0):
@@ -270,7 +303,8 @@ def _gpu_dim(n):
 
 
 def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts):
-    """o ``[B, Tq, Hq, Dv]`` and internal lse ``[B, Hq, Tq]`` (+inf where nothing is seen)."""
+    """o ``[B, Tq, Hq, Dv]`` and the row stats ``m``, ``log_l`` ``[B, Hq, Tq]`` (``m = +inf``,
+    ``log_l = 0`` where nothing is seen)."""
     tq, dv = cfg.q_len, v.shape[-1]
     if seg_q is not None:
         seg_q = _pad_axis(seg_q, 1, cfg.q_pad)
@@ -279,34 +313,35 @@ def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts):
         qt = _pad_axis(q, 1, cfg.q_pad).transpose(0, 2, 1, 3)
         kt = _pad_axis(k, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
         vt = _pad_axis(v, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
-        o, lse = fk.tpu_forward(cfg, ents, qt, kt, vt, sinks, seg_q, seg_k)
-        return o.transpose(0, 2, 1, 3)[:, :tq], lse[:, :, :tq, 0]
+        o, m, log_l = fk.tpu_forward(cfg, ents, qt, kt, vt, sinks, seg_q, seg_k)
+        return o.transpose(0, 2, 1, 3)[:, :tq], m[:, :, :tq, 0], log_l[:, :, :tq, 0]
     dp, dvp = _gpu_dim(q.shape[-1]), _gpu_dim(dv)
     qp = _pad_axis(_pad_axis(q, 1, cfg.q_pad), 3, dp)
     kp = _pad_axis(_pad_axis(k, 1, cfg.kv_pad), 3, dp)
     vp = _pad_axis(_pad_axis(v, 1, cfg.kv_pad), 3, dvp)
-    o, lse = fk.gpu_forward(cfg, ents, cnts, qp, kp, vp, sinks, seg_q, seg_k)
-    return o[:, :tq, :, :dv], lse[:, :, :tq]
+    o, m, log_l = fk.gpu_forward(cfg, ents, cnts, qp, kp, vp, sinks, seg_q, seg_k)
+    return o[:, :tq, :, :dv], m[:, :, :tq], log_l[:, :, :tq]
 
 
-def _backward(cfg, q, k, v, do, lse, di, seg_q, seg_k, ents, cnts, ents_t, cnts_t):
+def _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts, ents_t, cnts_t):
     tq, tk, d, dv = cfg.q_len, cfg.kv_len, q.shape[-1], v.shape[-1]
     if seg_q is not None:
         seg_q = _pad_axis(seg_q, 1, cfg.q_pad)
         seg_k = _pad_axis(seg_k, 1, cfg.kv_pad)
-    lse = _pad_axis(lse, 2, cfg.q_pad, jnp.inf)  # padded rows: p = 0
+    m = _pad_axis(m, 2, cfg.q_pad, jnp.inf)  # padded rows: p = 0
+    log_l = _pad_axis(log_l, 2, cfg.q_pad)
     di = _pad_axis(di, 2, cfg.q_pad)
     if cfg.backend == "tpu":
         tr = lambda x, n: _pad_axis(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731
         lanes = lambda x: jax.lax.broadcast_in_dim(x, x.shape + (fk.LANES,), (0, 1, 2))  # noqa: E731
         dq, dk, dv_ = fk.tpu_backward(
             cfg, ents, ents_t, tr(q, cfg.q_pad), tr(k, cfg.kv_pad), tr(v, cfg.kv_pad),
-            tr(do, cfg.q_pad), lanes(lse), lanes(di), seg_q, seg_k)
+            tr(do, cfg.q_pad), lanes(m), lanes(log_l), lanes(di), seg_q, seg_k)
         back = lambda x, n: x.transpose(0, 2, 1, 3)[:, :n]  # noqa: E731
         return back(dq, tq), back(dk, tk), back(dv_, tk)
     dp, dvp = _gpu_dim(d), _gpu_dim(dv)
     pad = lambda x, n, dd: _pad_axis(_pad_axis(x, 1, n), 3, dd)  # noqa: E731
     dq, dk, dv_ = fk.gpu_backward(
         cfg, ents, cnts, ents_t, cnts_t, pad(q, cfg.q_pad, dp), pad(k, cfg.kv_pad, dp),
-        pad(v, cfg.kv_pad, dvp), pad(do, cfg.q_pad, dvp), lse, di, seg_q, seg_k)
+        pad(v, cfg.kv_pad, dvp), pad(do, cfg.q_pad, dvp), m, log_l, di, seg_q, seg_k)
     return dq[:, :tq, :, :d], dk[:, :tk, :, :d], dv_[:, :tk, :, :dv]
