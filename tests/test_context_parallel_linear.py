@@ -108,9 +108,8 @@ def test_gla_matches_unsplit(n, gate, strength, with_state):
     "n, gate, strength",
     [
         (2, None, 0.0),  # DeltaNet
-        (4, "scalar", 5.0),  # Gated DeltaNet, strong gate
-        (8, "channel", 0.05),  # KDA, weak gate
-        (4, "channel", 5.0),  # KDA, strong gate
+        (4, "scalar", 0.05),  # Gated DeltaNet, weak gate
+        (8, "channel", 5.0),  # KDA, strong gate
     ],
 )
 def test_delta_rule_matches_unsplit(n, gate, strength):
@@ -140,14 +139,14 @@ def test_linear_attention_matches_unsplit(n, causal, normalize):
 def test_other_mesh_axes_stay_automatic():
     """A 2-D mesh (data=2, context=4), batch sharded over data: same result, o keeps both."""
     mesh = mesh_of({"data": 2, "context": 4})
-    xs = inputs(30, 32, "channel", 1.0, delta=True)
+    xs = inputs(30, 32, "scalar", 1.0)
     with jax.set_mesh(mesh):
         sharded = {
             name: jax.device_put(x, NamedSharding(mesh, P("data", "context") if x.ndim == 4 and
                                  name != "S0" else P("data")))
             for name, x in xs.items()
         }  # fmt: skip
-    o = split_vs_unsplit(run_delta, sharded, mesh)
+    o = split_vs_unsplit(run_gla, sharded, mesh)
     assert o.sharding.spec == P("data", "context")
 
 
@@ -160,13 +159,16 @@ def collectives(fn, xs, mesh):
     return sorted(re.findall(r"= (\S+) " + ops + r"(?:-start)?\(", hlo))
 
 
-@pytest.mark.parametrize("fn", [run_gla, run_delta], ids=["gla", "delta_rule"])
-def test_communication_is_independent_of_T(fn):
-    """The same collectives, of the same sizes, at T = 32 and T = 128: O(n K V), not O(T)."""
+def test_communication_is_independent_of_T():
+    """The same collectives, of the same sizes, at T = 32 and T = 128: O(n K V), not O(T).
+
+    The delta rule (its summaries include the K x K transition); GLA and linear attention use
+    the same combine with smaller summaries.
+    """
     mesh = mesh_of({"context": 4})
-    small = collectives(fn, inputs(0, 32, "channel", 1.0, delta=True), mesh)
-    large = collectives(fn, inputs(0, 128, "channel", 1.0, delta=True), mesh)
-    assert small, "expected an all-gather of the per-device summaries"
+    small = collectives(run_delta, inputs(0, 32, "scalar", 1.0, delta=True), mesh)
+    large = collectives(run_delta, inputs(0, 128, "scalar", 1.0, delta=True), mesh)
+    assert any("all-gather" in op for _, op in small), small
     assert small == large
 
 
