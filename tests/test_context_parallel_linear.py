@@ -73,17 +73,18 @@ def split_vs_unsplit(fn, xs, mesh, axis="context"):
     return o_cp
 
 
-def run_gla(xs, context_axis):
+def run_gla(xs, context_axis, implementation=None, chunk_size=CHUNK):
     return L.gla(
         xs["q"], xs["k"], xs["v"], xs["g"], initial_state=xs.get("S0"), output_final_state=True,
-        chunk_size=CHUNK, context_axis=context_axis,
+        chunk_size=chunk_size, implementation=implementation, context_axis=context_axis,
     )  # fmt: skip
 
 
-def run_delta(xs, context_axis):
+def run_delta(xs, context_axis, implementation=None, chunk_size=CHUNK):
     return L.delta_rule(
         xs["q"], xs["k"], xs["v"], xs["beta"], g=xs.get("g"), initial_state=xs.get("S0"),
-        output_final_state=True, use_qk_l2norm=True, chunk_size=CHUNK, context_axis=context_axis,
+        output_final_state=True, use_qk_l2norm=True, chunk_size=chunk_size,
+        implementation=implementation, context_axis=context_axis,
     )  # fmt: skip
 
 
@@ -102,6 +103,26 @@ def test_gla_matches_unsplit(n, gate, strength, with_state):
         del xs["S0"]
     o = split_vs_unsplit(run_gla, xs, mesh_of({"context": n}))
     assert o.sharding.spec == P(None, "context")
+
+
+def test_context_axis_may_be_a_tuple_of_axes():
+    """T split over two mesh axes at once (2 x 4 = 8 shards, "x" major)."""
+    xs = inputs(40, 32, "channel", 1.0)
+    split_vs_unsplit(run_gla, xs, mesh_of({"x": 2, "context": 4}), axis=("x", "context"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fn", ["gla", "delta_rule"])
+def test_pallas_local_kernels_under_the_split(fn):
+    """The Pallas kernels (interpret mode on CPU) as the local implementation inside the
+    shard_map: forward and gradients equal the unsplit chunk form."""
+    xs = inputs(50, 32, "channel", 1.0, delta=fn == "delta_rule")
+    run = run_gla if fn == "gla" else run_delta
+
+    def mixed(xs, context_axis):  # unsplit: the chunk form; split: the Pallas kernel per device
+        return run(xs, context_axis, "chunk" if context_axis is None else "pallas", 16)
+
+    split_vs_unsplit(mixed, xs, mesh_of({"context": 2}))
 
 
 @pytest.mark.parametrize(
