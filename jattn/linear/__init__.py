@@ -14,6 +14,8 @@ GPU/TPU when available, else chunk.
   Taylor map, DPFP, or any callable), causal or not, normalized or not.
 * :func:`efficient_attention`: Shen et al.'s softmax-over-features form (non-causal).
 * Decoding: :func:`gla_step`, :func:`delta_rule_step`, :func:`linear_attention_step`.
+* Context parallelism: ``context_axis=`` on :func:`gla`, :func:`delta_rule` and
+  :func:`linear_attention` splits T over a mesh axis (:mod:`jattn.linear.context_parallel`).
 """
 
 from jattn.linear.chunk import chunk_recurrence

@@ -38,6 +38,7 @@ def delta_rule(
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
     implementation: str | None = None,
+    context_axis: str | tuple[str, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Linear attention with the (gated) delta-rule state update.
 
@@ -64,6 +65,8 @@ def delta_rule(
       output_final_state, chunk_size, implementation: as in :func:`jattn.linear.gla`
         (``"recurrent"`` scans :func:`delta_rule_step`; ``"pallas"`` calls
         ``pallas_kernels.chunk_delta_rule`` on already L2-normalized q, k).
+      context_axis: None, or a mesh axis name (under ``jax.set_mesh``) that splits ``T``:
+        context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -79,6 +82,14 @@ def delta_rule(
     scale = float(_checks.default_scale(scale, K))
     dtype = _checks.out_dtype(q, k, v)
     use_qk_l2norm = bool(use_qk_l2norm)
+    if context_axis is not None:
+        from jattn.linear.context_parallel import delta_rule_context_parallel
+
+        o, S = delta_rule_context_parallel(q, k, v, beta, g=g, scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, implementation=implementation,
+            context_axis=context_axis)
+        return o.astype(dtype), S
 
     impl = _checks.pick(implementation)
     if impl in ("pallas", "pallas?"):

@@ -36,6 +36,7 @@ def gla(
     output_final_state: bool = False,
     chunk_size: int = 64,
     implementation: str | None = None,
+    context_axis: str | tuple[str, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gated linear attention with a data-dependent (or constant) decay in log space.
 
@@ -61,6 +62,8 @@ def gla(
       implementation: ``"reference"`` (scan over time), ``"recurrent"`` (scan of
         :func:`gla_step`), ``"chunk"`` (chunkwise-parallel, alias ``"xla"``), ``"pallas"``
         (``pallas_kernels.chunk_gla``), or None: Pallas on GPU/TPU when available, else chunk.
+      context_axis: None, or a mesh axis name (under ``jax.set_mesh``) that splits ``T``:
+        context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -73,6 +76,13 @@ def gla(
     _checks.check_implementation(implementation)
     scale = float(_checks.default_scale(scale, K))
     dtype = _checks.out_dtype(q, k, v)
+    if context_axis is not None:
+        from jattn.linear.context_parallel import gla_context_parallel
+
+        o, S = gla_context_parallel(q, k, v, g, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+            implementation=implementation, context_axis=context_axis)
+        return o.astype(dtype), S
 
     impl = _checks.pick(implementation)
     if impl in ("pallas", "pallas?"):

@@ -95,6 +95,7 @@ def linear_attention(
     initial_state: LinearAttentionState | tuple | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    context_axis: str | tuple[str, ...] | None = None,
 ) -> tuple[jax.Array, LinearAttentionState | None]:
     """Kernelized linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
 
@@ -120,6 +121,8 @@ def linear_attention(
       initial_state: :class:`LinearAttentionState` ``(kv [B, H, F, V], z [B, H, F])`` or None.
       output_final_state: return the state after the sequence (non-causal: after all tokens).
       chunk_size: chunk length of the chunk path.
+      context_axis: None, or a mesh axis name (under ``jax.set_mesh``) that splits ``T``:
+        context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``.
@@ -136,6 +139,13 @@ def linear_attention(
         )
     F = fq.shape[-1]
     state = check_linear_state("initial_state", initial_state, B, H, F, V)
+    if context_axis is not None:
+        from jattn.linear.context_parallel import linear_attention_context_parallel
+
+        o, (kv, z) = linear_attention_context_parallel(fq, fk, v, state.kv, state.z,
+            causal=bool(causal), normalize=bool(normalize), scale=scale, chunk_size=chunk_size,
+            implementation=implementation, context_axis=context_axis)
+        return o.astype(dtype), (LinearAttentionState(kv, z) if output_final_state else None)
 
     impl = _checks.pick(implementation)
     if impl in ("pallas", "pallas?"):
