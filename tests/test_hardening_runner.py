@@ -201,6 +201,21 @@ def test_edited_data_iterator_state_is_detected(tmp_path, capsys):
     assert summary["resumed_from"] is None and summary["final"] == reference
 
 
+def test_exhausted_data_iterator_is_a_clear_error(tmp_path):
+    """A checkpoint from before the data fingerprint existed, with an out-of-range data
+    position: a clear error naming the step, not a bare StopIteration."""
+    cfg = {**CFG, "train_steps": 30}
+    train(T.tiny_config(**{**cfg, "train_steps": 20}), str(tmp_path))
+    step_dir = tmp_path / "checkpoints" / "20"
+    meta_file = step_dir / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta.pop("data_fingerprint", None)
+    meta_file.write_text(json.dumps(meta))
+    _set_next_index(step_dir, 30)
+    with pytest.raises(RuntimeError, match="data iterator ended before step 21 of 30"):
+        train(T.tiny_config(**cfg), str(tmp_path))
+
+
 # ---------------------------------------------------------------- 18: full disk
 def test_full_disk_is_one_line_leaves_nothing_half_written_and_resumes(tmp_path):
     cfg = {**CFG, "train_steps": 30}
