@@ -185,9 +185,9 @@ def main(argv: list[str]) -> None:
         if cause is None:
             raise
         _fail(
-            f"no space left on device ({str(cause).splitlines()[0]}); the unfinished "
-            "checkpoint was removed: free space and rerun the same command to resume from "
-            "the last complete checkpoint",
+            f"no space left on device ({str(cause).splitlines()[0]}); nothing half-written "
+            "was kept: free space and rerun the same command to resume from the last "
+            "complete checkpoint",
             code=1,
         )
     import jax

@@ -365,6 +365,11 @@ class Trainer:
             ok = multihost_utils.process_allgather(np.int32(error is None))
             if error is None and not np.all(ok):
                 error = WorkdirUnusable(f"process 0 could not open the workdir {self.workdir}")
+            if error is None and not self.is_main:  # a no-op on a shared file system
+                try:
+                    os.makedirs(self.workdir, exist_ok=True)
+                except OSError as e:
+                    error = WorkdirUnusable(f"cannot create the workdir {self.workdir}: {e}")
         if error is not None:
             raise error
         return lock
