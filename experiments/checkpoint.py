@@ -366,8 +366,9 @@ class Checkpointer:
                 raise CheckpointIncompatible(
                     f"the checkpoints in {self.directory} are of a different model than this "
                     f"config (checkpoint step {step} -> this run: {shown}). Nothing was changed. "
-                    f"Use a new --workdir for this config, or rerun with --restart to move the "
-                    f"old run into {workdir}/{BACKUP_PREFIX}<time>/ and start over; to resume "
+                    f"Use a new --workdir for this config, or rerun with --restart (in Python: "
+                    f"train(..., restart=True)) to move the old run into "
+                    f"{workdir}/{BACKUP_PREFIX}<time>/ and start over; to resume "
                     f"the old run, use its config ({workdir}/config.json)"
                 )
 
