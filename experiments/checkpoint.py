@@ -10,19 +10,32 @@ every item is committed, so an interrupted (killed) save never becomes a step; l
 temporary directories are removed when the manager starts.
 
 Verification: `meta` holds a fingerprint (per-leaf wrapping sums of the raw bits) of the
-saved state. On restore the fingerprint is recomputed; a checkpoint that fails to load
-or whose fingerprint differs is reported, moved to `DIR/checkpoints_corrupt/`, and the
-previous one is tried.
+saved state and a hash of the data-iterator state. On restore both are recomputed; a
+checkpoint that fails to load or whose fingerprints differ is reported, moved to
+`DIR/checkpoints_corrupt/`, and the previous one is tried. Each attempt restores into a
+fresh data iterator, so a failed attempt leaves nothing half-restored.
+
+Compatibility is not corruption: before anything is read or moved, every checkpoint's
+stored array shapes and config are compared with the run's; a checkpoint of a different
+model (other shapes, or another `task` / `model.*` config) raises
+:class:`CheckpointIncompatible` and no file is touched.
+
+The workdir itself: :class:`WorkdirLock` (one live run per workdir) and
+:func:`move_run_aside` (`--restart`: the old run goes to a timestamped backup folder).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +96,156 @@ def replicated_to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
 
 
+def data_fingerprint(data_state: Any) -> str:
+    """sha256 of a data-iterator state (`iterator.get_state()`, a JSON-able dict)."""
+    return hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).hexdigest()
+
+
+class RunError(Exception):
+    """The run cannot start in this workdir; the message says why and how to proceed."""
+
+
+class CheckpointIncompatible(RunError):
+    """The workdir's checkpoints belong to a different model (shapes or model config)."""
+
+
+class WorkdirBusy(RunError):
+    """Another live run holds the workdir's lock."""
+
+
+class WorkdirUnusable(RunError):
+    """The workdir cannot be created or written."""
+
+
+def disk_full_cause(e: BaseException | None) -> BaseException | None:
+    """The "no space left on device" error that `e` is, was raised from or wraps; or None."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if "No space left on device" in str(e):  # wrapped by tensorstore / orbax
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                if (cause := disk_full_cause(x)) is not None:
+                    return cause
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class WorkdirLock:
+    """An exclusive `fcntl.flock` on `DIR/.lock`, held for a run's lifetime (process 0).
+
+    The kernel drops a flock when its process dies (even by kill -9), so a stale `.lock`
+    file never blocks a later run; a second *live* run gets :class:`WorkdirBusy`. The file
+    holds the owner's pid and host (for the message) and is never deleted: deleting it
+    would let two runs lock two different files of the same name.
+    """
+
+    def __init__(self, workdir: str) -> None:
+        self.path = os.path.join(workdir, ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirBusy(
+                f"workdir {os.path.dirname(self.path)} is in use by another run ({owner}); "
+                "wait for it to finish or stop it, or use another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+BACKUP_PREFIX = "restart-backup-"
+
+
+def move_run_aside(workdir: str) -> str | None:
+    """Moves a previous run's files (all but the lock and earlier backups) into
+    `workdir/restart-backup-<UTC time>/`; returns that folder, or None if there was nothing.
+    """
+    names = [
+        n for n in sorted(os.listdir(workdir)) if n != ".lock" and not n.startswith(BACKUP_PREFIX)
+    ]
+    if not names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    backup = os.path.join(workdir, BACKUP_PREFIX + stamp)
+    suffix = 1
+    while os.path.exists(backup):
+        backup = os.path.join(workdir, f"{BACKUP_PREFIX}{stamp}-{suffix}")
+        suffix += 1
+    os.makedirs(backup)
+    for n in names:
+        os.replace(os.path.join(workdir, n), os.path.join(backup, n))
+    return backup
+
+
+def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{"params.up.kernel": (shape, dtype)}` of a state tree or of orbax's metadata of one
+    (namedtuples as their fields, sequences by index; empty nodes have no entries)."""
+    if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+        return {prefix: (tuple(int(d) for d in tree.shape), str(np.dtype(tree.dtype)))}
+    if hasattr(tree, "_asdict"):  # optax states are namedtuples; orbax stores them as dicts
+        tree = tree._asdict()
+    if isinstance(tree, Mapping):
+        items = [(str(k), v) for k, v in tree.items()]
+    elif isinstance(tree, list | tuple):
+        items = [(str(i), v) for i, v in enumerate(tree)]
+    else:  # None, EmptyState, ...
+        return {}
+    out = {}
+    for k, v in items:
+        out.update(_flat_shapes(v, f"{prefix}.{k}" if prefix else k))
+    return out
+
+
+# Config keys that define the model: a checkpoint saved under other values is another model.
+MODEL_CONFIG_KEYS = ("task", "model")
+
+
+def _changed(old: Any, new: Any, key: str) -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _changed(old.get(k, "<unset>"), new.get(k, "<unset>"), f"{key}.{k}")
+        return out
+    return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
+
+
+def incompatibilities(
+    stored_shapes: Mapping[str, tuple], run_shapes: Mapping[str, tuple],
+    stored_config: Mapping[str, Any] | None, run_config: Mapping[str, Any] | None,
+) -> list[str]:
+    """Why a checkpoint cannot be this run's: the differing model config keys, then the
+    differing arrays (parameters first; the optimizer state mirrors them)."""
+    out = []
+    if stored_config is not None and run_config is not None:
+        for key in MODEL_CONFIG_KEYS:
+            out += _changed(stored_config.get(key, "<unset>"), run_config.get(key, "<unset>"), key)
+    paths = sorted(
+        set(stored_shapes) | set(run_shapes), key=lambda p: (not p.startswith("params."), p)
+    )
+    for path in paths:
+        a, b = stored_shapes.get(path), run_shapes.get(path)
+        if a != b:
+            show = lambda x: "absent" if x is None else f"{x[1]}{list(x[0])}"  # noqa: E731
+            out.append(f"array {path}: {show(a)} -> {show(b)}")
+    return out
+
+
 @dataclass
 class _FrozenIteratorState:
     """What grain's checkpoint handler saves: a snapshot of `iterator.get_state()`."""
@@ -95,11 +258,13 @@ class _FrozenIteratorState:
 
 @dataclass
 class Restored:
-    """A verified checkpoint: the train state, its step and its meta dict."""
+    """A verified checkpoint: the train state, its step, its meta dict and a fresh data
+    iterator positioned where the checkpoint was saved."""
 
     step: int
     state: Any
     meta: dict
+    data_iterator: Any
 
 
 class Checkpointer:
@@ -140,14 +305,19 @@ class Checkpointer:
         `meta` gets the state's fingerprint added. Returns once the state is copied to
         host memory (with async saving); the files are committed in the background.
         """
-        meta = dict(meta, step=int(step), fingerprint=fingerprint(state), saved_at=time.time())
+        data_state = data_iterator.get_state()
+        meta = dict(
+            meta,
+            step=int(step),
+            fingerprint=fingerprint(state),
+            data_fingerprint=data_fingerprint(data_state),
+            saved_at=time.time(),
+        )
         self.manager.save(
             int(step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(
-                    _FrozenIteratorState(data_iterator.get_state())
-                ),
+                data=grain.checkpoint.CheckpointSave(_FrozenIteratorState(data_state)),
                 meta=ocp.args.JsonSave(meta),
             ),
             force=True,
@@ -166,50 +336,116 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"jattn_quarantine_{step}")
         self.manager.reload()
 
+    def _stored_model(self, step: int) -> tuple[dict, dict | None] | None:
+        """(array shapes, config) that checkpoint `step` records, or None if unreadable."""
+        try:
+            metadata = self.manager.item_metadata(step)
+            shapes = _flat_shapes(metadata["state"].tree)
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            config = meta["meta"].get("config")
+        except Exception:  # noqa: BLE001 - unreadable: corruption, judged when restoring
+            return None
+        return shapes, config if isinstance(config, Mapping) else None
+
+    def check_compatible(self, abstract_state: Any, run_config: Mapping[str, Any]) -> None:
+        """Raises CheckpointIncompatible if a readable checkpoint is of another model.
+
+        Reads only metadata; touches no file. Every checkpoint is checked before any is
+        restored or quarantined, so a changed model never makes healthy checkpoints look
+        corrupted.
+        """
+        run_shapes = _flat_shapes(abstract_state)
+        for step in reversed(self.all_steps()):
+            stored = self._stored_model(step)
+            if stored is None:
+                continue
+            why = incompatibilities(stored[0], run_shapes, stored[1], run_config)
+            if why:
+                shown = "; ".join(why[:6]) + (f"; ... ({len(why)} in all)" if len(why) > 6 else "")
+                workdir = os.path.dirname(self.directory)
+                raise CheckpointIncompatible(
+                    f"the checkpoints in {self.directory} are of a different model than this "
+                    f"config (checkpoint step {step} -> this run: {shown}). Nothing was changed. "
+                    f"Use a new --workdir for this config, or rerun with --restart (in Python: "
+                    f"train(..., restart=True)) to move the old run into "
+                    f"{workdir}/{BACKUP_PREFIX}<time>/ and start over; to resume "
+                    f"the old run, use its config ({workdir}/config.json)"
+                )
+
+    def _restore_verified(
+        self, step: int, abstract_state: Any, new_data_iterator: Callable[[int], Any]
+    ) -> Restored:
+        """Restores checkpoint `step` into a fresh data iterator and verifies it (raises)."""
+        data_iterator = new_data_iterator(step)
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        meta, state = out["meta"], out["state"]
+        if int(meta["step"]) != step:
+            raise ValueError(f"meta says step {meta['step']}")
+        got = fingerprint(state)
+        want = list(meta["fingerprint"])
+        if got != want:
+            bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+            raise ValueError(f"state fingerprint mismatch in {len(bad)} of {len(got)} arrays")
+        if "data_fingerprint" in meta:  # checkpoints before it existed: not checked
+            data_state = data_iterator.get_state()
+            if data_fingerprint(data_state) != meta["data_fingerprint"]:
+                raise ValueError(f"data-iterator state {data_state} does not match its fingerprint")
+        return Restored(step=step, state=state, meta=meta, data_iterator=data_iterator)
+
     def restore_latest(
         self,
         abstract_state: Any,
-        data_iterator: Any,
+        new_data_iterator: Callable[[int], Any],
         report: Callable[[str], None] = print,
     ) -> Restored | None:
         """Restores the newest checkpoint that loads and verifies; None if there is none.
 
         Args:
           abstract_state: `jax.ShapeDtypeStruct` tree (with shardings) of the state.
-          data_iterator: the grain iterator; its state is set from the checkpoint.
+          new_data_iterator: `step -> a fresh grain iterator` able to hold position `step`;
+            each attempt restores into a new one, so a failed attempt leaves no trace.
           report: called with a message for each corrupted checkpoint that is skipped.
         """
         for step in reversed(self.all_steps()):
+            ok, error = True, None
             try:
-                out = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-                meta, state = out["meta"], out["state"]
-                if int(meta["step"]) != step:
-                    raise ValueError(f"meta says step {meta['step']}")
-                got = fingerprint(state)
-                if got != list(meta["fingerprint"]):
-                    want = list(meta["fingerprint"])
-                    bad = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
-                    raise ValueError(
-                        f"state fingerprint mismatch in {len(bad)} of {len(got)} arrays"
-                    )
+                restored = self._restore_verified(step, abstract_state, new_data_iterator)
             except Exception as e:  # noqa: BLE001 - any failure means: fall back
-                msg = (
-                    f"checkpoint step {step} in {self.directory} is corrupted or unreadable "
-                    f"({type(e).__name__}: {str(e)[:300]}); falling back to the previous one"
-                )
-                log.warning(msg)
-                report(msg)
-                self._quarantine(step)
-                continue
-            return Restored(step=step, state=state, meta=meta)
+                ok, error = False, e
+            if jax.process_count() > 1:  # every process falls back together, or none does
+                ok = bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+            if ok:
+                return restored
+            detail = "it failed on another process"
+            if error is not None:
+                detail = f"{type(error).__name__}: {str(error)[:300]}"
+            msg = (
+                f"checkpoint step {step} in {self.directory} is corrupted or unreadable "
+                f"({detail}); falling back to the previous one"
+            )
+            log.warning(msg)
+            report(msg)
+            self._quarantine(step)
         return None
+
+    def discard_partial(self) -> None:
+        """After a failed save: waits for pending writes (ignoring their errors) and removes
+        orbax's temporary directories, so nothing half-written is left (process 0)."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the failure is being reported by the caller
+            pass
+        if jax.process_index() == 0 and os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):
+                if ".orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""

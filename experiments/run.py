@@ -5,7 +5,13 @@ r"""Experiment entry point.
 
 Writes `DIR/config.json` (the resolved config), TensorBoard events in `DIR`,
 checkpoints in `DIR/checkpoints`, and `DIR/summary.json` at the end. Re-running the
-same command resumes from the latest complete checkpoint.
+same command resumes from the latest complete checkpoint. One live run per workdir (a
+lock in `DIR/.lock`). A workdir whose checkpoints are of another model is refused;
+`--restart` moves the old run into `DIR/restart-backup-<time>/` and starts over.
+
+Exit codes: 0 done; 2 a usage problem reported in one `error:` line (bad config value,
+missing config file, unusable or busy workdir, incompatible checkpoints); 1 a full disk
+(one line; rerun after freeing space to resume) or an unexpected error (a traceback).
 
 Multi-process (one process per host): pass `--distributed` on TPU pods / SLURM /
 Kubernetes (JAX detects the cluster), or give the coordinator explicitly:
@@ -15,6 +21,7 @@ Kubernetes (JAX detects the cluster), or give the coordinator explicitly:
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import re
 import sys
@@ -26,6 +33,12 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file: configs/NAME.py[:ARG].", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
+_RESTART = flags.DEFINE_bool(
+    "restart",
+    False,
+    "Start over in a workdir that holds a previous run: its files are moved (not deleted) "
+    "into DIR/restart-backup-<time>/.",
+)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection."
 )
@@ -80,16 +93,46 @@ def _explain_override_error(argv: list[str], err: Exception) -> str:
     return f"bad config override: {err}"
 
 
+def _fail(message: str, code: int = 2) -> None:
+    """One `error:` line on stderr (a multi-line message joined), then exit (no traceback)."""
+    one_line = "; ".join(ln.strip() for ln in str(message).splitlines() if ln.strip())
+    print(f"error: {one_line}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _config_load_error(path: str | None) -> str | None:
+    """Why the config file `path` (`FILE[:ARG]`) cannot be loaded, or None if it can be."""
+    if path is None:
+        return None
+    file = path.split(":", 1)[0]
+    if not os.path.isfile(file):
+        return f"config file {file!r} not found (--config={path})"
+    return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with readable errors for bad `--config.*` overrides."""
+    missing = _config_load_error(_config_path(argv))
+    if missing:
+        _fail(missing)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        print(f"error: {_explain_override_error(argv, e)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(_explain_override_error(argv, e))
+    except OSError as e:  # the config file failed to load (ml_collections wraps the cause)
+        _fail(f"cannot load the config file: {e.__cause__ or e}")
+
+
+class _DropDiskFullTracebacks(py_logging.Filter):
+    """orbax logs a failed background save with its traceback; a full disk is reported by
+    `main` in one line instead."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        from experiments.checkpoint import disk_full_cause
+
+        return not (record.exc_info and disk_full_cause(record.exc_info[1]) is not None)
 
 
 def maybe_initialize_distributed() -> None:
@@ -117,16 +160,36 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir=DIR is required")
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_DropDiskFullTracebacks())
+    try:
+        config = _CONFIG.value
+        config.keys()  # a config file that failed to load raises here
+    except OSError as e:
+        _fail(f"cannot load the config file: {e.__cause__ or e}")
     maybe_initialize_distributed()
 
+    from experiments.checkpoint import RunError, disk_full_cause
     from experiments.config import ConfigError
-    from experiments.trainer import format_metrics, train
+    from experiments.trainer import Trainer, format_metrics
 
+    try:  # building the task and model validates the config (named ValueErrors)
+        trainer = Trainer(config, _WORKDIR.value, restart=_RESTART.value)
+    except (TypeError, ValueError) as e:
+        _fail(str(e) or type(e).__name__)
     try:
-        summary = train(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        summary = trainer.run()
+    except (RunError, ConfigError) as e:
+        _fail(str(e))
+    except Exception as e:
+        cause = disk_full_cause(e)
+        if cause is None:
+            raise
+        _fail(
+            f"no space left on device ({str(cause).splitlines()[0]}); nothing half-written "
+            "was kept: free space and rerun the same command to resume from the last "
+            "complete checkpoint",
+            code=1,
+        )
     import jax
 
     if jax.process_index() == 0:

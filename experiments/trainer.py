@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -32,7 +32,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments import data as data_lib
-from experiments.checkpoint import Checkpointer, replicated_to_host
+from experiments.checkpoint import (
+    Checkpointer,
+    WorkdirLock,
+    WorkdirUnusable,
+    move_run_aside,
+    replicated_to_host,
+)
 from experiments.config import ConfigError, config_to_dict, validate_config
 from experiments.optim import make_optimizer, path_str
 from experiments.sharding import (
@@ -56,11 +62,16 @@ HISTOGRAM_BINS = 30
 def write_json_atomic(path: str, obj: Any) -> None:
     """Writes JSON to `path` via a temporary file and `os.replace` (never half-written)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: no half-written temporary file stays behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
@@ -127,13 +138,18 @@ class Trainer:
     Args:
       config: the resolved config (validated here).
       workdir: run directory: TensorBoard events, `config.json`, `summary.json`,
-        `checkpoints/`.
+        `checkpoints/`. Locked for the run's lifetime (one live run per workdir).
+      restart: move a previous run's files in `workdir` into a timestamped backup folder
+        and start from step 0 (instead of resuming).
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str) -> None:
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False
+    ) -> None:
         validate_config(config)
         self.config = config
         self.workdir = os.path.abspath(workdir)
+        self.restart = restart
         self.task: Task = get_task(config.task)(config)
         self.task.validate()
         self.is_main = jax.process_index() == 0
@@ -301,51 +317,136 @@ class Trainer:
         return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
     # ------------------------------------------------------------------ main loop
+    def _existing_summary(self, step: int) -> dict[str, Any] | None:
+        """`summary.json` if it is the summary of the run ended at `step` (else None)."""
+        path = os.path.join(self.workdir, "summary.json")
+        try:
+            with open(path) as f:
+                summary = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) and summary.get("step") == step else None
+
     def run(self) -> dict[str, Any]:
         """Trains to `config.train_steps` (resuming if possible); returns the summary."""
-        with jax.set_mesh(self.mesh), rules_context(self.rules):
-            return self._run()
+        lock = self._open_workdir()
+        try:
+            with jax.set_mesh(self.mesh), rules_context(self.rules):
+                return self._run()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _open_workdir(self) -> WorkdirLock | None:
+        """Creates and locks the workdir (process 0), and moves an old run aside on restart.
+
+        Raises WorkdirBusy (another live run holds it) or WorkdirUnusable, on every process.
+        """
+        lock, error = None, None
+        if self.is_main:
+            try:
+                os.makedirs(self.workdir, exist_ok=True)
+                lock = WorkdirLock(self.workdir)
+                lock.acquire()
+                if self.restart:
+                    backup = move_run_aside(self.workdir)
+                    if backup:
+                        print(f"[jattn] --restart: moved the previous run's files to {backup}",
+                              file=sys.stderr, flush=True)
+            except OSError as e:
+                error = WorkdirUnusable(f"cannot create or write the workdir {self.workdir}: {e}")
+            except Exception as e:  # noqa: BLE001 - WorkdirBusy: raised below, on all processes
+                error = e
+            if error is not None and lock is not None:
+                lock.release()
+        if jax.process_count() > 1:  # the others wait for process 0's verdict
+            from jax.experimental import multihost_utils
+
+            ok = multihost_utils.process_allgather(np.int32(error is None))
+            if error is None and not np.all(ok):
+                error = WorkdirUnusable(f"process 0 could not open the workdir {self.workdir}")
+            if error is None and not self.is_main:  # a no-op on a shared file system
+                try:
+                    os.makedirs(self.workdir, exist_ok=True)
+                except OSError as e:
+                    error = WorkdirUnusable(f"cannot create the workdir {self.workdir}: {e}")
+        if error is not None:
+            raise error
+        return lock
 
     def _run(self) -> dict[str, Any]:
         config, task = self.config, self.task
         t_start = time.time()
         total = int(config.train_steps)
-        os.makedirs(self.workdir, exist_ok=True)
         config_dict = config_to_dict(config)
+        history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        rows = data_lib.rows_for_process(self.mesh, config.batch_size)
+
+        def new_data_iterator(steps: int) -> Any:
+            """A fresh iterator over max(train_steps, `steps`) batches (a checkpoint past
+            train_steps must still fit); batch `s` is the same whatever the length."""
+            return data_lib.train_iterator(
+                task.train_source(),
+                global_batch=config.batch_size,
+                num_steps=max(total, steps),
+                rows=rows,
+                threads=int(config.get("data_threads", 2)),
+            )
+
+        ckpt = Checkpointer(
+            os.path.join(self.workdir, "checkpoints"),
+            keep=config.keep_checkpoints,
+            async_save=bool(config.get("async_checkpointing", True)),
+        )
+        try:
+            return self._train(ckpt, config_dict, history, new_data_iterator, t_start)
+        except BaseException:  # e.g. a full disk: leave no half-written checkpoint behind
+            ckpt.discard_partial()
+            raise
+
+    def _train(
+        self,
+        ckpt: Checkpointer,
+        config_dict: dict[str, Any],
+        history: dict[str, list[tuple[int, float]]],
+        new_data_iterator: Callable[[int], Any],
+        t_start: float,
+    ) -> dict[str, Any]:
+        config, task = self.config, self.task
+        total = int(config.train_steps)
+
+        def report(msg: str) -> None:
+            if self.is_main:
+                print(f"[jattn] WARNING: {msg}", file=sys.stderr, flush=True)
+
+        # a different model is an incompatibility, not corruption: stop before touching files
+        ckpt.check_compatible(self.abstract_state, config_dict)
+        restored = ckpt.restore_latest(self.abstract_state, new_data_iterator, report=report)
+        if restored is not None and restored.step >= total:
+            if self.is_main:
+                print(f"[jattn] the workdir's latest checkpoint is step {restored.step} >= "
+                      f"config.train_steps={total}: the run is done, nothing to train (raise "
+                      "train_steps to continue it)", file=sys.stderr, flush=True)
+            done = self._existing_summary(restored.step)
+            if done is not None:
+                ckpt.close()
+                self.final_state = restored.state
+                return done
         if self.is_main:
             write_json_atomic(os.path.join(self.workdir, "config.json"), config_dict)
         writer = SummaryWriter(self.workdir, enabled=self.is_main)
-        history: dict[str, list[tuple[int, float]]] = defaultdict(list)
 
         def log_scalars(values: Mapping[str, float], step: int, prefix: str) -> None:
             writer.scalars(values, step, prefix=prefix)
             for k, v in values.items():
                 history[prefix + k].append((step, float(v)))
 
-        rows = data_lib.rows_for_process(self.mesh, config.batch_size)
-        data_it = data_lib.train_iterator(
-            task.train_source(),
-            global_batch=config.batch_size,
-            num_steps=total,
-            rows=rows,
-            threads=int(config.get("data_threads", 2)),
-        )
-        ckpt = Checkpointer(
-            os.path.join(self.workdir, "checkpoints"),
-            keep=config.keep_checkpoints,
-            async_save=bool(config.get("async_checkpointing", True)),
-        )
-
-        def report(msg: str) -> None:
-            if self.is_main:
-                print(f"[jattn] WARNING: {msg}", file=sys.stderr, flush=True)
-
-        restored = ckpt.restore_latest(self.abstract_state, data_it, report=report)
         window: list[dict[str, float]] = []  # host metrics of steps since the last log
         last_train: dict[str, float] = {}
         if restored is not None:
             state = restored.state
             start = restored.step
+            data_it = restored.data_iterator
             window = [dict(m) for m in restored.meta.get("window", [])]
             # the curves so far, so a resumed run's summary and figures cover the whole run
             for tag, points in restored.meta.get("history", {}).items():
@@ -358,9 +459,10 @@ class Trainer:
             writer.restart(start + 1)
             if self.is_main:
                 print(f"[jattn] resumed from step {start} ({ckpt.directory})", file=sys.stderr)
-        else:
+        else:  # nothing (usable) to resume: fresh state and fresh data from example 0
             state = self._init()
             start = 0
+            data_it = new_data_iterator(total)
         if self.is_main and start == 0:
             print(
                 f"[jattn] task={config.task} params={self.param_count:,} "
@@ -423,7 +525,14 @@ class Trainer:
         side_time = 0.0
         t_loop = time.perf_counter()
         for step in range(start + 1, total + 1):
-            local = next(data_it)
+            try:
+                local = next(data_it)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the data iterator ended before step {step} of {total} (its state: "
+                    f"{data_it.get_state()}); the checkpoint's data position does not fit "
+                    "this run"
+                ) from None
             batch = make_global_batch(local, self.mesh, config.batch_size)
             state, metrics = self.train_step(state, batch)
             pending.append(metrics)
@@ -482,7 +591,7 @@ class Trainer:
 
         if last_eval is None:  # resumed at the very end: evaluate the final state again
             last_eval = self.evaluate(state, eval_batches)
-            last_eval.update(task.periodic_metrics(self.model(state), total))
+            last_eval.update(task.periodic_metrics(self.model(state), max(total, start)))
         ckpt.close()
         loop_time = time.perf_counter() - t_loop
 
@@ -492,7 +601,7 @@ class Trainer:
         model = self.model(state)
         summary: dict[str, Any] = {
             "final": final,
-            "step": total,
+            "step": max(total, start),
             "wall_time_s": time.time() - t_start,
             "loop_time_s": loop_time,  # the training loop incl. eval and checkpoint writes
             "resumed_from": start if restored is not None else None,
@@ -513,6 +622,11 @@ class Trainer:
         return summary
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) the experiment `config` in `workdir`; returns the summary dict."""
-    return Trainer(config, workdir).run()
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False
+) -> dict[str, Any]:
+    """Trains (or resumes) the experiment `config` in `workdir`; returns the summary dict.
+
+    `restart=True` moves a previous run in `workdir` aside (see `Trainer`) and starts over.
+    """
+    return Trainer(config, workdir, restart=restart).run()
