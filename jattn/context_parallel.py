@@ -302,10 +302,13 @@ def _hop_backward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k, out, stat, d_ou
     """``(dq, dk, dv)`` (fp32) of one hop given the GLOBAL ``out`` and row statistic."""
 
     def compute(_):
-        res = (q, k, v, None, None, None, seg_q, seg_k, hop.table, hop.kv_ids, hop.counts,
+        # fp32 operands so the kernel returns fp32 gradients: hops add up without rounding
+        # to q's dtype in between (a transient fp32 copy of the local shards).
+        q32, k32, v32 = (x.astype(F32) for x in (q, k, v))
+        res = (q32, k32, v32, None, None, None, seg_q, seg_k, hop.table, hop.kv_ids, hop.counts,
                out, stat)
-        grads = _blocked._core_bwd(hop.spec, plan.block_q, plan.block_kv, res, (d_out, d_stat))
-        return tuple(x.astype(F32) for x in grads[:3])
+        return _blocked._core_bwd(hop.spec, plan.block_q, plan.block_kv, res,
+                                  (d_out, d_stat))[:3]
 
     def skip(_):
         return (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
@@ -379,14 +382,15 @@ def _ring_fwd(plan: _Plan, gmap, q, k, v, seg_q, seg_k):
                    q.shape[1], k.shape[1])
         return _merge(norm, acc, *_hop_forward(plan, hop, q, k_s, v_s, seg_q, seg_k_s))
 
-    acc = step(0, (k, v, seg_k), _empty_acc(norm, q, v))
-
     def body(carry, s):
         kv, acc = carry
-        kv = _rotate(plan, kv)  # the next shard arrives (async collective; overlaps on TPU/GPU)
-        return (kv, step(s, kv, acc)), None
+        # Send this shard on while computing with it: the collective does not depend on the
+        # hop's compute, so the two overlap (async collectives on TPU/GPU).
+        return (_rotate(plan, kv), step(s, kv, acc)), None
 
-    (_, acc), _ = lax.scan(body, ((k, v, seg_k), acc), jnp.arange(1, plan.n))
+    kv, acc = (k, v, seg_k), _empty_acc(norm, q, v)
+    (kv, acc), _ = lax.scan(body, (kv, acc), jnp.arange(plan.n - 1))
+    acc = step(plan.n - 1, kv, acc)  # the last hop sends nothing
     out, stat = _finish(norm, acc)
     return (out, stat), (gmap, q, k, v, seg_q, seg_k, out, stat)
 
@@ -398,25 +402,23 @@ def _ring_bwd(plan: _Plan, res, cotangents):
     me = lax.axis_index(plan.axis)
     q_chunks = _chunks_of(plan, me)
 
-    def step(s, kv, grads):
-        k_s, v_s, seg_k_s, dk_s, dv_s = kv
-        dq = grads
+    def step(s, kv, dkv, dq):
+        k_s, v_s, seg_k_s = kv
         hop = _hop(plan, gmap, q_chunks, _chunks_of(plan, (me - s) % plan.n), seg_q, seg_k_s,
                    q.shape[1], k.shape[1])
         ddq, ddk, ddv = _hop_backward(plan, hop, q, k_s, v_s, seg_q, seg_k_s, out, stat,
                                       d_out, d_stat)
-        return (k_s, v_s, seg_k_s, dk_s + ddk, dv_s + ddv), dq + ddq
-
-    kv0 = (k, v, seg_k, jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
-    kv, dq = step(0, kv0, jnp.zeros(q.shape, F32))
+        # The gradient accumulators travel with their K/V shard, one hop behind it.
+        return _rotate(plan, (dkv[0] + ddk, dkv[1] + ddv)), dq + ddq
 
     def body(carry, s):
-        kv, dq = carry
-        kv = _rotate(plan, kv)  # K/V move on, each with its gradient accumulator
-        return step(s, kv, dq), None
+        kv, dkv, dq = carry
+        dkv, dq = step(s, kv, dkv, dq)  # the K/V send below overlaps this compute
+        return (_rotate(plan, kv), dkv, dq), None
 
-    (kv, dq), _ = lax.scan(body, (kv, dq), jnp.arange(1, plan.n))
-    dk, dv = _rotate(plan, kv[3:])  # after n - 1 hops each accumulator is one hop from home
+    kv, dkv = (k, v, seg_k), (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
+    (kv, dkv, dq), _ = lax.scan(body, (kv, dkv, jnp.zeros(q.shape, F32)), jnp.arange(plan.n - 1))
+    (dk, dv), dq = step(plan.n - 1, kv, dkv, dq)  # n sends bring every accumulator home
     return None, dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
