@@ -165,17 +165,21 @@ def test_causal_load_balance_from_block_maps():
 
 def test_zigzag_helpers_and_permuted_inputs():
     """zigzag_permute/unpermute are inverse; a caller that permutes once gets the permuted
-    output of the unsplit call (inputs_permuted=True skips the internal permutation)."""
+    output (and lse, sinks included) of the unsplit call (inputs_permuted=True skips the
+    internal permutation)."""
     x = jnp.arange(2 * 32).reshape(2, 32)
     assert (cp.zigzag_unpermute(cp.zigzag_permute(x, 4), 4) == x).all()
     assert list(cp.zigzag_indices(8, 2)) == [0, 1, 6, 7, 2, 3, 4, 5]
-    q, k, v, _ = _inputs(2, 32, 32, 2, 2, 8)
-    want = jattn.attention(q, k, v, mask=masks.causal(), implementation="reference")
+    q, k, v, sinks = _inputs(2, 32, 32, 2, 2, 8)
+    kw = dict(mask=masks.causal(), sinks=sinks, return_lse=True)
+    want, want_lse = jattn.attention(q, k, v, implementation="reference", **kw)
     zz = functools.partial(cp.zigzag_permute, num_shards=4)
     with jax.set_mesh(_mesh(4)):
-        got = jit(lambda q, k, v: cp.attention(q, k, v, axis="context", mask=masks.causal(),
-                                               inputs_permuted=True))(zz(q), zz(k), zz(v))
+        got, got_lse = jit(lambda q, k, v: cp.attention(q, k, v, axis="context",
+                                                        inputs_permuted=True, **kw))(
+            zz(q), zz(k), zz(v))
     assert_close(cp.zigzag_unpermute(got, 4), want, name="out")
+    assert_close(cp.zigzag_unpermute(got_lse, 4, axis=2), want_lse, name="lse")
 
 
 def test_bad_input_names_the_argument():
