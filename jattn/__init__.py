@@ -1,16 +1,18 @@
 """jattn: attention mechanisms for research in JAX.
 
 Pure functions, no state: ``attention`` (softmax family), ``masks``, ``position``,
-``normalizers``, ``linear`` (linear / recurrent attention), ``analysis``.
+``normalizers``, ``linear`` (linear / recurrent attention), ``analysis``,
+``context_parallel`` (the sequence split over a mesh axis).
 """
 
-from jattn import analysis, linear, masks, normalizers, position
+from jattn import analysis, context_parallel, linear, masks, normalizers, position
 from jattn.attention import attention, attention_weights
 
 __all__ = [
     "analysis",
     "attention",
     "attention_weights",
+    "context_parallel",
     "linear",
     "masks",
     "normalizers",

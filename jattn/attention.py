@@ -199,7 +199,8 @@ def _pallas(q, k, v, spec, *, mask, bias, sinks, segment_ids, dense, return_lse)
 
 
 def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax", sinks=None,
-              logits_soft_cap=None, segment_ids=None, return_lse=False, implementation=None):
+              logits_soft_cap=None, segment_ids=None, return_lse=False, implementation=None,
+              context_axis=None, context_strategy="ring"):
     """Scaled dot-product attention with masks, sinks, soft-capping and other normalizers.
 
     Args:
@@ -218,6 +219,9 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       return_lse: also return the log-sum-exp ``[B, Hq, Tq]`` (softmax only; -inf for empty rows,
         including the sink term when sinks are given).
       implementation: ``None``, ``"reference"``, ``"xla"`` or ``"pallas"``.
+      context_axis: a mesh axis of the current mesh (``jax.set_mesh``) splitting ``T``: context
+        parallelism, see :func:`jattn.context_parallel.attention` (zigzag load balance inside).
+      context_strategy: ``"ring"`` (K/V rotate, O(T / n) memory) or ``"allgather"``.
 
     Returns:
       ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested. Empty
@@ -225,6 +229,13 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       shaped (empty or zero) outputs with zero gradients; ``Tk = 0`` means no query sees a key
       (output 0, ``lse`` = the sink or -inf). Heads and head dims must be >= 1.
     """
+    if context_axis is not None:
+        from jattn import context_parallel
+
+        return context_parallel.attention(
+            q, k, v, axis=context_axis, strategy=context_strategy, mask=mask, bias=bias,
+            scale=scale, normalizer=normalizer, sinks=sinks, logits_soft_cap=logits_soft_cap,
+            segment_ids=segment_ids, return_lse=return_lse, implementation=implementation)
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=return_lse,
