@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from jattn import _blocked
 from jattn import masks as masks_lib
-from jattn._common import Spec
+from jattn._common import Spec, split_heads
 from jattn.masks import Mask
 
 __all__ = [
@@ -289,13 +289,24 @@ def _hop_forward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k):
 
     def compute(_):
         return _blocked._forward(hop.spec, plan.block_q, plan.block_kv, q, k, v, None, None,
-                                 None, seg_q, seg_k, hop.table, hop.kv_ids, hop.counts)
+                                 None, seg_q, seg_k, hop.table, hop.kv_ids, hop.counts)[:2]
 
     def skip(_):
         empty_stat = -jnp.inf if norm.softmax else 0.0
         return (jnp.zeros((b, tq, hq, v.shape[-1]), F32), jnp.full((b, hq, tq), empty_stat, F32))
 
     return lax.cond(jnp.any(hop.counts > 0), compute, skip, None)
+
+
+def _max_and_log_sum(plan: _Plan, stat):
+    """The blocked backward's ``(m, log_l)`` rows from the merged global lse: ``m = lse``,
+    ``log_l = 0`` (``m = +inf`` where a row sees nothing, so its weights recompute to 0). Only the
+    merged lse crosses the ring, so the recompute is ``exp(s - lse)``: exact except for rows whose
+    logits are so large that ``lse`` rounds ``log l`` away (the single-device path keeps them)."""
+    if not plan.spec.normalizer.softmax:
+        return None
+    rows = split_heads(stat.astype(F32), plan.spec.num_kv_heads, plan.spec.group)
+    return jnp.where(rows == -jnp.inf, jnp.inf, rows), jnp.zeros_like(rows)
 
 
 def _hop_backward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k, out, stat, d_out, d_stat):
@@ -306,7 +317,7 @@ def _hop_backward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k, out, stat, d_ou
         # to q's dtype in between (a transient fp32 copy of the local shards).
         q32, k32, v32 = (x.astype(F32) for x in (q, k, v))
         res = (q32, k32, v32, None, None, None, seg_q, seg_k, hop.table, hop.kv_ids, hop.counts,
-               out, stat)
+               out, stat, _max_and_log_sum(plan, stat))
         return _blocked._core_bwd(hop.spec, plan.block_q, plan.block_kv, res,
                                   (d_out, d_stat))[:3]
 
