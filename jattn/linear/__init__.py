@@ -16,6 +16,7 @@ GPU/TPU when available, else chunk.
 * Decoding: :func:`gla_step`, :func:`delta_rule_step`, :func:`linear_attention_step`.
 """
 
+from jattn.linear._checks import UnstableDeltaRuleWarning
 from jattn.linear.chunk import chunk_recurrence
 from jattn.linear.delta import delta_rule
 from jattn.linear.feature_maps import (
@@ -42,6 +43,7 @@ from jattn.linear.recurrent import (
 __all__ = [
     "FEATURE_MAPS",
     "LinearAttentionState",
+    "UnstableDeltaRuleWarning",
     "chunk_recurrence",
     "delta_rule",
     "delta_rule_step",

@@ -122,7 +122,8 @@ def linear_attention(
       chunk_size: chunk length of the chunk path.
 
     Returns:
-      ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``.
+      ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``. A zero
+      ``B``, ``T``, ``H`` or ``V``: empty ``o``, the initial state as the final one.
     """
     B, T, H, D, V = _checks.check_qkv(q, k, v)
     _checks.check_implementation(implementation)
