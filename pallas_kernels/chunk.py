@@ -113,6 +113,10 @@ def _check_chunk_for(target, chunk_size):
         )
 
 
+def _addressable(x):
+    return getattr(x, "is_fully_addressable", True)
+
+
 def _check(q, k, v, g, initial_state, chunk_size):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -131,7 +135,8 @@ def _check(q, k, v, g, initial_state, chunk_size):
         raise ValueError(
             f"initial_state must be [B, H, K, V] = {(b, h, kd, vd)}; got {initial_state.shape}"
         )
-    if g is not None and not isinstance(g, jax.core.Tracer):  # traced: values unknown (UB)
+    # Traced (or spread over hosts): values unknown, not checked (documented as UB).
+    if g is not None and not isinstance(g, jax.core.Tracer) and _addressable(g):
         with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
             num_bad = int(jnp.sum(~(jnp.asarray(g) <= 0)))  # NaN fails `<= 0` too
             if num_bad:

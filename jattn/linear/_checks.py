@@ -57,8 +57,9 @@ def check_gate(name: str, g: Any, B: int, T: int, H: int, K: int) -> bool:
 
 
 def is_traced(x: Any) -> bool:
-    """True when ``x`` is a JAX tracer (under jit / grad / vmap): its values are unknown."""
-    return isinstance(x, jax.core.Tracer)
+    """True when the values of ``x`` cannot be read here: a JAX tracer (under jit / grad /
+    vmap), or an array spread over several hosts (not fully addressable)."""
+    return isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True)
 
 
 def check_log_decay_values(name: str, g: Any) -> None:
