@@ -31,6 +31,15 @@ scalar->channel broadcast. Only layout glue (padding, ``[B,T,H,D] <-> [B*H,T,D]`
 transposes) and the cumsum are ``jnp``. Gradients flow through outputs and the final state,
 to q, k, v, g, beta and ``initial_state``.
 
+Gates: ``g = -inf`` (a full reset, decay 0) is valid: the wrapper clamps log-gates at
+``LOG_DECAY_FLOOR`` (-110) before the within-chunk cumsum, so ``G`` stays finite (else every
+``G_i - G_j`` behind a reset is ``-inf - (-inf) = NaN``); ``exp(-110)`` is 0 in fp32, so
+no value changes, and the clamp's gradient to ``g`` there is 0, as the exact one is. A
+concrete ``g`` with an entry > 0 or NaN raises ``ValueError`` (the kernels clamp exponents to
+``<= 0``, so positive gates would be silently wrong); traced positive gates are undefined
+behaviour. ``B``, ``T``, ``H`` or ``V`` = 0: empty outputs and the initial state, no kernel
+launch; ``K = 0``: ``ValueError``.
+
 Numerics: exponents are never positive. Inter-chunk factors are ``exp(G_i)`` and
 ``exp(G_last - G_i)`` relative to the chunk start; intra-chunk pairs ``exp(G_i - G_j)``
 (``i >= j``) are formed per sub-block of 16 rows through a reference row between the two
@@ -71,6 +80,8 @@ from pallas_kernels import _chunk_kernels as ck
 
 F32 = jnp.float32
 _SUB = 16
+# Log-gates are clamped at this floor (see the module docstring): exp(-110) == 0 in fp32.
+LOG_DECAY_FLOOR = -110.0
 
 __all__ = ["chunk_gla", "chunk_delta_rule"]
 
@@ -102,11 +113,17 @@ def _check_chunk_for(target, chunk_size):
         )
 
 
+def _addressable(x):
+    return getattr(x, "is_fully_addressable", True)
+
+
 def _check(q, k, v, g, initial_state, chunk_size):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"{name} must be [B, T, H, D]; got shape {x.shape}")
     b, t, h, kd = q.shape
+    if kd == 0:
+        raise ValueError(f"q and k must have a head dim K >= 1; got shape {q.shape}")
     if k.shape != (b, t, h, kd):
         raise ValueError(f"k must have shape {(b, t, h, kd)} like q; got {k.shape}")
     if v.shape[:3] != (b, t, h):
@@ -118,6 +135,16 @@ def _check(q, k, v, g, initial_state, chunk_size):
         raise ValueError(
             f"initial_state must be [B, H, K, V] = {(b, h, kd, vd)}; got {initial_state.shape}"
         )
+    # Traced (or spread over hosts): values unknown, not checked (documented as UB).
+    if g is not None and not isinstance(g, jax.core.Tracer) and _addressable(g):
+        with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
+            num_bad = int(jnp.sum(~(jnp.asarray(g) <= 0)))  # NaN fails `<= 0` too
+            if num_bad:
+                raise ValueError(
+                    f"g is a log-decay and must be <= 0 everywhere (-inf: full reset), got "
+                    f"{num_bad} {'entry' if num_bad == 1 else 'entries'} > 0 or NaN "
+                    f"(max {float(jnp.max(g))}); the kernels do not support decays exp(g) > 1"
+                )
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if chunk_size % _SUB:
@@ -145,7 +172,7 @@ def _gates(g, shape_bthk, t_pad, chunk):
     b, t, h, kd = shape_bthk
     if g is None:
         g = jnp.zeros((b, t, h, kd), F32)
-    g = g.astype(F32)
+    g = jnp.maximum(g.astype(F32), LOG_DECAY_FLOOR)  # -inf (reset): finite cumsums, same values
     if g.ndim == 3:
         g = jnp.broadcast_to(g[..., None], (b, t, h, kd))
     g = _to_bh(g, t_pad)
@@ -161,6 +188,18 @@ def _state_in(initial_state, b, h, kd, vd):
 
 def _state_out(h_t, b, h, kd, vd):
     return jnp.swapaxes(h_t[:, :vd, :kd].reshape(b, h, vd, kd), -1, -2)
+
+
+def _empty_result(initial_state, shape_bthk, vd, dtype, output_final_state):
+    """``B``, ``T``, ``H`` or ``V`` = 0 (nothing to launch): empty ``o`` and the initial state
+    (differentiable: its cotangent passes straight through) as the final state."""
+    b, t, h, kd = shape_bthk
+    o = jnp.zeros((b, t, h, vd), dtype)
+    if not output_final_state:
+        return o, None
+    if initial_state is None:
+        return o, jnp.zeros((b, h, kd, vd), F32)
+    return o, initial_state.astype(F32)
 
 
 def _feature_pad(target, *dims):
@@ -209,7 +248,8 @@ def chunk_gla(
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-      g: log-decay ``<= 0``, ``[B, T, H]`` (scalar per head) or ``[B, T, H, K]``.
+      g: log-decay ``<= 0`` (``-inf``: full reset), ``[B, T, H]`` (scalar per head) or
+        ``[B, T, H, K]``; a concrete entry > 0 or NaN raises ``ValueError``.
       scale: query scale, default ``1/sqrt(K)``.
       initial_state: ``[B, H, K, V]`` or None (zeros).
       output_final_state: also return ``S_T`` ``[B, H, K, V]`` (fp32).
@@ -228,6 +268,8 @@ def chunk_gla(
     target = cfg.target
     t_pad = -(-t // chunk_size) * chunk_size
     dt = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if 0 in (b, t, h, vd):
+        return _empty_result(initial_state, q.shape, vd, dt, output_final_state)
     kp, vp = _feature_pad(target, kd, vd)
     qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
     h0 = _pad_last(_pad_last(_state_in(initial_state, b, h, kd, vd), kp), vp, axis=1)
@@ -280,7 +322,7 @@ def chunk_delta_rule(
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` in (0, 1).
       g: None (DeltaNet), ``[B, T, H]`` (Gated DeltaNet) or ``[B, T, H, K]`` (KDA),
-        log-decay ``<= 0``.
+        log-decay ``<= 0`` (``-inf``: full reset; a concrete entry > 0 or NaN raises).
       scale: default ``1/sqrt(K)``. initial_state: ``[B, H, K, V]`` or None.
       use_qk_l2norm: L2-normalize q and k over the head dim first.
       chunk_size: a multiple of 16; any ``T`` (padded steps have beta = 0, g = 0).
@@ -296,6 +338,8 @@ def chunk_delta_rule(
     cfg = _config(t, kd, g, scale, chunk_size, interpret, backend)
     target = cfg.target
     dt = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if 0 in (b, t, h, vd):
+        return _empty_result(initial_state, q.shape, vd, dt, output_final_state)
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
     t_pad = -(-t // chunk_size) * chunk_size

@@ -18,6 +18,7 @@ GPU/TPU when available, else chunk.
   :func:`linear_attention` splits T over a mesh axis (:mod:`jattn.linear.context_parallel`).
 """
 
+from jattn.linear._checks import UnstableDeltaRuleWarning
 from jattn.linear.chunk import chunk_recurrence
 from jattn.linear.delta import delta_rule
 from jattn.linear.feature_maps import (
@@ -44,6 +45,7 @@ from jattn.linear.recurrent import (
 __all__ = [
     "FEATURE_MAPS",
     "LinearAttentionState",
+    "UnstableDeltaRuleWarning",
     "chunk_recurrence",
     "delta_rule",
     "delta_rule_step",

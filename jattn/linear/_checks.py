@@ -7,6 +7,7 @@ should have; nothing is silently broadcast.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,8 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
         if x.ndim != 4:
             raise ValueError(f"{name} must have shape [B, T, H, D], got shape {x.shape}")
     B, T, H, K = q.shape
+    if K == 0:  # B, T, H or V = 0 give empty outputs; a 0-dim key space has no scale 1/sqrt(K)
+        raise ValueError(f"q and k must have a head dim K >= 1, got shape {q.shape}")
     if k.shape != q.shape:
         raise ValueError(f"k must have the shape of q [B, T, H, K] = {q.shape}, got {k.shape}")
     if v.shape[:3] != (B, T, H):
@@ -44,20 +47,74 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
 def check_gate(name: str, g: Any, B: int, T: int, H: int, K: int) -> bool:
     """Validate a log-decay gate ``[B, T, H]`` or ``[B, T, H, K]``; return True if per-channel."""
     check_float(name, g)
-    if g.shape == (B, T, H, K):
-        return True
-    if g.shape == (B, T, H):
-        return False
-    raise ValueError(
-        f"{name} must have shape [B, T, H] = {(B, T, H)} (scalar decay per head) "
-        f"or [B, T, H, K] = {(B, T, H, K)} (per key channel), got {g.shape}"
-    )
+    if g.shape not in ((B, T, H, K), (B, T, H)):
+        raise ValueError(
+            f"{name} must have shape [B, T, H] = {(B, T, H)} (scalar decay per head) "
+            f"or [B, T, H, K] = {(B, T, H, K)} (per key channel), got {g.shape}"
+        )
+    check_log_decay_values(name, g)
+    return g.shape == (B, T, H, K)
+
+
+def is_traced(x: Any) -> bool:
+    """True when the values of ``x`` cannot be read here: a JAX tracer (under jit / grad /
+    vmap), or an array spread over several hosts (not fully addressable)."""
+    return isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True)
+
+
+def check_log_decay_values(name: str, g: Any) -> None:
+    """Reject a concrete log-decay gate with an entry > 0 or NaN (``-inf``, a full reset, is
+    valid). Traced gates cannot be inspected without a host sync inside the trace, so they are
+    not checked: positive values there are undefined behaviour (implementations disagree)."""
+    if is_traced(g):
+        return
+    with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
+        num_bad = int(jnp.sum(~(jnp.asarray(g) <= 0)))  # NaN fails `<= 0` too
+        if num_bad:
+            raise ValueError(
+                f"{name} is a log-decay and must be <= 0 everywhere (-inf: full reset), got "
+                f"{num_bad} {'entry' if num_bad == 1 else 'entries'} > 0 or NaN "
+                f"(max {float(jnp.max(g))}); a decay exp({name}) > 1 would grow the state"
+            )
 
 
 def check_beta(beta: Any, B: int, T: int, H: int) -> None:
     check_float("beta", beta)
     if beta.shape != (B, T, H):
         raise ValueError(f"beta must have shape [B, T, H] = {(B, T, H)}, got {beta.shape}")
+
+
+class UnstableDeltaRuleWarning(RuntimeWarning):
+    """The delta rule's ``beta_t |k_t|^2`` left ``[0, 2]``: the state can grow without bound."""
+
+
+def warn_if_unstable(k: Any, beta: Any, l2norm_eps: float | None, stacklevel: int = 3) -> None:
+    """Warn (:class:`UnstableDeltaRuleWarning`) when concrete ``k [..., K]``, ``beta [...]``
+    violate the delta rule's stability bound ``0 <= beta |k|^2 <= 2``.
+
+    The transition ``I - beta k^T k`` has eigenvalue ``1 - beta |k|^2`` along ``k`` (1
+    elsewhere); outside the bound its magnitude exceeds 1 and the state grows geometrically
+    (NaN after a few hundred steps in fp32). ``l2norm_eps``: the keys are L2-normalized first
+    (``|k|^2 / (|k|^2 + eps)``), or None. Traced inputs are not checked.
+    """
+    if is_traced(k) or is_traced(beta):
+        return
+    with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
+        sq = jnp.sum(jnp.square(jnp.asarray(k, jnp.float32)), axis=-1)
+        if l2norm_eps is not None:
+            sq = sq / (sq + l2norm_eps)
+        rate = jnp.asarray(beta, jnp.float32) * sq
+        # 1e-5: exactly unit keys in fp32 with beta = 2 sit on the bound, not past it
+        num_bad = int(jnp.sum(~((rate >= 0) & (rate <= 2.0 * (1 + 1e-5)))))
+        if num_bad:
+            warnings.warn(
+                f"delta rule: beta * |k|^2 is outside the stable range [0, 2] at {num_bad} of "
+                f"{rate.size} steps (range [{float(jnp.min(rate)):.4g}, "
+                f"{float(jnp.max(rate)):.4g}]): the state grows without bound (NaN on long "
+                "sequences). Normalize the keys (use_qk_l2norm=True) and keep beta in [0, 2].",
+                UnstableDeltaRuleWarning,
+                stacklevel=stacklevel,
+            )
 
 
 def check_state(name: str, state: Any, B: int, H: int, K: int, V: int) -> None:

@@ -35,6 +35,16 @@ pairs in different sub-chunks factor through the boundary ``R`` (cumulative gate
 the earlier sub-chunk), ``exp(G_i - R) * exp(R - G_j)``, both factors <= 1; pairs inside one
 sub-chunk use per-entry differences (a ``[c, c, K]`` tensor). ``c ~ sqrt(C)`` balances the two.
 All arithmetic is fp32 whatever the input dtype.
+
+Full resets: each log-decay is clamped at ``LOG_DECAY_FLOOR`` (-110) before the cumulative
+sum. ``g = -inf`` (decay 0) would otherwise make ``G`` infinite and every difference
+``G_i - G_j`` behind it ``-inf - (-inf) = NaN``. ``exp(-110)`` is exactly 0 in fp32 (below the
+smallest subnormal), and every decay factor spanning a clamped step is ``<= exp(-110)``, so
+the clamp changes no value; its gradient to ``g`` is 0 there, as the exact one (``exp(g)``
+times the cotangent) is. Precision: ``G`` falls by 110 per reset, and differences of
+cumulative gates of size ``|G|`` carry fp32 rounding ``~|G| * 6e-8`` (as strong finite gates
+do): one reset per chunk costs ~1e-6 relative error; 22 resets in one 32-step chunk measured
+3.5e-5 against the reference scan.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ import jax.numpy as jnp
 from jax import lax
 
 _NEG_INF = -jnp.inf
+# Log-decays are clamped here (see the module docstring): exp(-110) == 0 in fp32.
+LOG_DECAY_FLOOR = -110.0
 
 
 def sub_chunk_size(chunk_size: int) -> int:
@@ -176,7 +188,8 @@ def chunk_recurrence(
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
-      g: log-decay, None (no decay), ``[B, T, H]`` or ``[B, T, H, K]``.
+      g: log-decay, None (no decay), ``[B, T, H]`` or ``[B, T, H, K]``; ``-inf`` (a full
+        reset) is valid: clamped at ``LOG_DECAY_FLOOR`` without changing the result.
       beta: None (additive update ``S += k^T v``) or ``[B, T, H]`` (delta rule).
       scale: output scale; initial_state: ``[B, H, K, V]`` or None.
       chunk_size: steps per chunk (``T`` is zero-padded to a multiple; padded steps have
@@ -201,7 +214,8 @@ def chunk_recurrence(
         """One chunk: ``S [B, H, K, V]`` in, ``(S_out, o [B, H, C, V])`` out."""
         qc, kc, vc = x["q"], x["k"], x["v"]
         if "g" in x:
-            G = jnp.cumsum(x["g"], axis=2)  # [B, H, C] or [B, H, C, K]
+            # Clamped: a -inf gate (full reset) would give NaN differences of cumsums.
+            G = jnp.cumsum(jnp.maximum(x["g"], LOG_DECAY_FLOOR), axis=2)  # [B, H, C(, K)]
             Ge = G if G.ndim == 4 else G[..., None]
             G_last = Ge[:, :, -1:]
             q_dec = qc * jnp.exp(Ge)

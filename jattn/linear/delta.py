@@ -8,7 +8,7 @@ import jax
 
 from jattn.linear import _checks
 from jattn.linear.chunk import chunk_recurrence
-from jattn.linear.recurrent import delta_rule_recurrent, l2norm
+from jattn.linear.recurrent import L2NORM_EPS, delta_rule_recurrent, l2norm
 from jattn.linear.reference import delta_rule_reference
 
 
@@ -55,12 +55,25 @@ def delta_rule(
 
     The chunk path uses the WY / UT transform: within a chunk the pseudo-values
     ``u_t = beta_t (v_t - k_t S'_t)`` solve one unit-lower-triangular system (see
-    :mod:`jattn.linear.chunk`). The recurrence is stable when ``beta_t |k_t|^2 <= 2``; use
-    ``use_qk_l2norm=True`` (``q, k <- x / sqrt(|x|^2 + 1e-6)`` per head) as the papers do.
+    :mod:`jattn.linear.chunk`).
+
+    Stability: the transition ``I - beta_t k_t^T k_t`` has eigenvalue ``1 - beta_t |k_t|^2``
+    along ``k_t``, so the state stays bounded iff ``0 <= beta_t |k_t|^2 <= 2`` (a contraction
+    for ``< 2``). Outside it the state grows geometrically and turns NaN on long sequences;
+    concrete (non-traced) inputs that violate the bound raise a
+    :class:`UnstableDeltaRuleWarning` (a ``RuntimeWarning``). Use ``use_qk_l2norm=True``
+    (``q, k <- x / sqrt(|x|^2 + 1e-6)`` per head, so ``|k|^2 < 1``) with ``beta`` in
+    ``(0, 1)`` (a sigmoid; ``(0, 2)`` for negative eigenvalues), as the papers do.
+
+    Gates: ``g = -inf`` (a full reset, decay 0) is valid in every implementation; the chunk
+    and Pallas forms clamp log-decays at a finite floor (``-110``, whose ``exp`` is 0 in fp32,
+    so the result is unchanged) before forming cumulative sums and their differences. A
+    concrete ``g`` with an entry > 0 or NaN raises ``ValueError``; traced positive gates
+    are undefined behaviour (not checked).
 
     Args:
-      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]`` in (0, 1).
-      g: None, ``[B, T, H]`` or ``[B, T, H, K]`` log-decay (<= 0).
+      q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; beta: ``[B, T, H]``, see Stability.
+      g: None, ``[B, T, H]`` or ``[B, T, H, K]`` log-decay (<= 0; -inf resets).
       scale: default ``1 / sqrt(K)``. initial_state: ``[B, H, K, V]`` or None.
       output_final_state, chunk_size, implementation: as in :func:`jattn.linear.gla`
         (``"recurrent"`` scans :func:`delta_rule_step`; ``"pallas"`` calls
@@ -70,10 +83,12 @@ def delta_rule(
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
-      Differentiable in ``q, k, v, beta, g, initial_state``.
+      Differentiable in ``q, k, v, beta, g, initial_state``. A zero ``B``, ``T``, ``H`` or
+      ``V``: empty ``o`` and the initial state (zeros if None) as the final state.
     """
     B, T, H, K, V = _checks.check_qkv(q, k, v)
     _checks.check_beta(beta, B, T, H)
+    _checks.warn_if_unstable(k, beta, L2NORM_EPS if use_qk_l2norm else None)
     if g is not None:
         _checks.check_gate("g", g, B, T, H, K)
     _checks.check_state("initial_state", initial_state, B, H, K, V)

@@ -52,9 +52,15 @@ def gla(
       :func:`lightning_decay`, broadcast the same way.
     * Mamba2-style scalar data-dependent decay: ``g [B, T, H]``, e.g. ``-exp(A_log) * dt``.
 
+    Gates: ``g = -inf`` (a full reset, decay 0) is valid in every implementation; the chunk
+    and Pallas forms clamp log-decays at a finite floor (``-110``, whose ``exp`` is 0 in fp32,
+    so the result is unchanged) before forming cumulative sums and their differences, where
+    ``-inf - (-inf)`` would be NaN. A concrete ``g`` with an entry > 0 or NaN raises
+    ``ValueError``; traced (jitted) positive gates are undefined behaviour (not checked).
+
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; any float dtype, any length ``T``.
-      g: log-decay (<= 0), ``[B, T, H, K]`` or ``[B, T, H]``.
+      g: log-decay (<= 0; -inf resets), ``[B, T, H, K]`` or ``[B, T, H]``.
       scale: default ``1 / sqrt(K)``.
       initial_state: ``[B, H, K, V]`` or None (zeros).
       output_final_state: also return ``S_T`` (fp32) instead of None.
@@ -67,7 +73,8 @@ def gla(
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
-      Differentiable in ``q, k, v, g, initial_state``.
+      Differentiable in ``q, k, v, g, initial_state``. A zero ``B``, ``T``, ``H`` or ``V``:
+      empty ``o`` and the initial state (zeros if None) as the final state.
     """
     B, T, H, K, V = _checks.check_qkv(q, k, v)
     _checks.check_gate("g", g, B, T, H, K)

@@ -125,7 +125,8 @@ def linear_attention(
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
 
     Returns:
-      ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``.
+      ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``. A zero
+      ``B``, ``T``, ``H`` or ``V``: empty ``o``, the initial state as the final one.
     """
     B, T, H, D, V = _checks.check_qkv(q, k, v)
     _checks.check_implementation(implementation)

@@ -88,6 +88,7 @@ def _check_token_gate(name, g_t, B, H, K):
         raise ValueError(
             f"{name} must have shape [B, H] = {(B, H)} or [B, H, K] = {(B, H, K)}, got {g_t.shape}"
         )
+    _checks.check_log_decay_values(name, g_t)
 
 
 def _f32(*xs):
@@ -110,7 +111,8 @@ def gla_step(
     ``S = exp(g_t)[:, None] * S + k_t^T v_t``; ``o_t = scale * q_t S``.
 
     Args:
-      q_t, k_t: ``[B, H, K]``; v_t: ``[B, H, V]``; g_t: log-decay ``[B, H]`` or ``[B, H, K]``.
+      q_t, k_t: ``[B, H, K]``; v_t: ``[B, H, V]``; g_t: log-decay ``[B, H]`` or ``[B, H, K]``
+        (<= 0, -inf resets; a concrete entry > 0 or NaN raises ``ValueError``).
       state: ``[B, H, K, V]`` (fp32) or None (zeros). scale: default ``1/sqrt(K)``.
 
     Returns:
@@ -140,8 +142,10 @@ def delta_rule_step(
     ``S' = exp(g_t) S``; ``S = S' + beta_t k_t^T (v_t - k_t S')``; ``o_t = scale * q_t S``.
 
     Args:
-      q_t, k_t: ``[B, H, K]``; v_t: ``[B, H, V]``; beta_t: ``[B, H]``.
-      state: ``[B, H, K, V]`` or None. g_t: None, ``[B, H]`` or ``[B, H, K]``.
+      q_t, k_t: ``[B, H, K]``; v_t: ``[B, H, V]``; beta_t: ``[B, H]``; concrete inputs with
+        ``beta_t |k_t|^2`` outside ``[0, 2]`` (unstable) warn, as in ``delta_rule``.
+      state: ``[B, H, K, V]`` or None. g_t: None, ``[B, H]`` or ``[B, H, K]`` log-decay
+        (<= 0; a concrete entry > 0 or NaN raises ``ValueError``).
       use_qk_l2norm: L2-normalize ``q_t`` and ``k_t`` first.
 
     Returns:
@@ -153,6 +157,7 @@ def delta_rule_step(
         raise ValueError(f"beta_t must have shape [B, H] = {(B, H)}, got {beta_t.shape}")
     if g_t is not None:
         _check_token_gate("g_t", g_t, B, H, K)
+    _checks.warn_if_unstable(k_t, beta_t, L2NORM_EPS if use_qk_l2norm else None)
     dtype = _checks.out_dtype(q_t, k_t, v_t)
     q32, k32, v32, b32, g32 = _f32(q_t, k_t, v_t, beta_t, g_t)
     if use_qk_l2norm:
