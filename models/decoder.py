@@ -186,7 +186,7 @@ class Decoder(nnx.Module):
             h = self.in_proj(inputs.astype(self.cfg.dtype))
         if self.pos_embed is not None:
             h = h + jnp.take(self.pos_embed[...], positions, axis=0)
-        return constrain(h.astype(self.cfg.dtype), ("batch", None, "embed"))
+        return constrain(h.astype(self.cfg.dtype), ("batch", "length", "embed"))
 
     def _logits(self, h: jax.Array) -> jax.Array:
         if self.final_norm is not None:
