@@ -220,6 +220,24 @@ def test_fsdp_step_gathers_each_weight_per_layer_only(fsdp8_step):
         assert n <= counts.get(shape, 0) <= 2 * n, (shape, n, counts.get(shape))
 
 
+def test_residual_stream_constrained_at_every_block_boundary():
+    """The embedding output and every block's output carry a sharding constraint: rows over
+    data, sequence over context, width whole (pinned, not left to XLA's propagation)."""
+    from flax import nnx
+
+    from models import Decoder, DecoderConfig
+
+    mesh = make_mesh({"data": 2, "context": 2, "tensor": 2})
+    cfg = DecoderConfig(vocab_size=32, d_model=16, num_heads=2, mlp_dim=32, num_layers=3)
+    graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    with jax.set_mesh(mesh), axis_rules(DEFAULT_RULES):
+        text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(
+            state, np.zeros((4, 8), np.int32)).as_text()
+    residual = [line for line in text.splitlines() if "sharding_constraint" in line
+                and '[{"data"}, {"context"}, {}]' in line and "tensor<4x8x16xf32>" in line]
+    assert len(residual) == 1 + cfg.num_layers, residual
+
+
 # ------------------------------------------------------------------ the context axis
 def test_context_mesh_axis_and_batch_spec():
     assert MESH_AXES == ("data", "fsdp", "context", "tensor")
