@@ -69,14 +69,15 @@ def _bare(trainer, state, batch, steps: int) -> float:
 
 def measure(name: str, config, steps: int, repeats: int) -> dict:
     from experiments import data as data_lib
-    from experiments.sharding import make_global_batch, rules_context
+    from experiments.sharding import make_global_batch
     from experiments.trainer import Trainer
+    from models.sharding import axis_rules
 
     root = tempfile.mkdtemp(prefix="runner_overhead_")
     try:
         trainer = Trainer(config, os.path.join(root, "warmup"))
         trainer.run()  # compiles everything
-        with jax.set_mesh(trainer.mesh), rules_context(trainer.rules):
+        with jax.set_mesh(trainer.mesh), axis_rules(trainer.rules):
             state = trainer._init()
             rows = data_lib.rows_for_process(trainer.mesh, config.batch_size)
             it = data_lib.train_iterator(
@@ -94,7 +95,7 @@ def measure(name: str, config, steps: int, repeats: int) -> dict:
             host = (time.perf_counter() - t) / 20
         bare, runner = [], []
         for r in range(repeats):
-            with jax.set_mesh(trainer.mesh), rules_context(trainer.rules):
+            with jax.set_mesh(trainer.mesh), axis_rules(trainer.rules):
                 t, state = _bare(trainer, state, batch, steps)
             bare.append(t / steps)
             trainer.workdir = os.path.join(root, f"run{r}")

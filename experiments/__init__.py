@@ -8,7 +8,7 @@ Modules:
               donation, eval, TensorBoard, checkpoints, resume, `summary.json`.
   tasks       the Task interface (`tasks/base.py`) and registry; one module per task.
   config      the keys every experiment shares (`base_config`) and their validation.
-  sharding    mesh (data, fsdp, tensor), logical axis rules -> PartitionSpecs, batches.
+  sharding    mesh (data, fsdp, context, tensor) and batch placement (specs: models.sharding).
   data        grain pipelines: each host reads its rows of every global batch.
   checkpoint  orbax CheckpointManager + grain iterator state, verified restore/fallback.
   optim       optax optimizers, schedules, clipping, weight-decay masks.

@@ -20,23 +20,13 @@ from typing import Any
 
 import ml_collections
 
+# The mesh axes and the default logical-axis rules are those of models.sharding, the one
+# module that resolves logical axes to mesh placements (its docstring has the table).
+from models.sharding import DEFAULT_RULES as DEFAULT_LOGICAL_AXIS_RULES  # noqa: F401
+from models.sharding import MESH_AXES
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "constant", "linear")
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical parameter axis -> mesh axes (None = replicated). The first rule that names a
-# logical axis wins. FSDP shards the embedding dimension of every weight; tensor
-# parallelism shards heads, MLP hidden units and the vocabulary.
-DEFAULT_LOGICAL_AXIS_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("classes", None),
-    ("length", None),
-)
 
 
 class ConfigError(ValueError):
@@ -78,7 +68,7 @@ def base_config(task: str = "") -> ml_collections.ConfigDict:
     c.histogram_every = 0  # 0 = at every eval
     c.progress_bar = True
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "tensor": 1})
     c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
     c.data_threads = 2  # grain prefetch threads per host (0 = read in the main thread)
     return c

@@ -1,30 +1,26 @@
-"""Device mesh, logical-axis rules -> PartitionSpecs, batch sharding.
+"""The runner's device mesh and batch placement.
 
-Mesh axes are `data`, `fsdp`, `tensor` (in this order, so that `tensor` is the
-fastest-varying axis and lands on neighbouring devices). Parameters carry logical
-axis names in their `out_sharding` metadata (e.g. `("embed", "mlp")`); a rules list
-`[(logical, mesh_axis | (mesh_axes...) | None), ...]` maps them to mesh axes. The batch
-dimension of every input is sharded over `("data", "fsdp")`.
+Mesh axes are `models.sharding.MESH_AXES` = (`data`, `fsdp`, `context`, `tensor`), in this
+order so that `tensor` is the fastest-varying axis and lands on neighbouring devices. Where
+each array goes is decided in ONE place, `models.sharding`: its logical-axis rules resolve the
+parameters, the optimizer state, the activation constraints inside the models and, here, the
+batch. A batch array of shape `[B, T, ...]` has logical axes `("batch", "length", None, ...)`:
+rows over (`data`, `fsdp`), the sequence over `context` (default rules), each only where the
+mesh axis divides the dimension.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments.config import MESH_AXES, ConfigError
-
-log = logging.getLogger(__name__)
-
-BATCH_AXES = ("data", "fsdp")
+from models.sharding import Rules, logical_to_spec, resolve_rules
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
@@ -53,7 +49,7 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, .
 
 
 def make_mesh(mesh_config: Mapping[str, int]) -> jax.sharding.Mesh:
-    """A `jax.make_mesh` with axes (data, fsdp, tensor) and Auto axis types."""
+    """A `jax.make_mesh` with axes `MESH_AXES` (data, fsdp, context, tensor), Auto types."""
     shape = mesh_shape(mesh_config, jax.device_count())
     n = math.prod(shape)
     devices = None
@@ -72,106 +68,6 @@ def make_mesh(mesh_config: Mapping[str, int]) -> jax.sharding.Mesh:
     )
 
 
-def _rules_dict(rules: Sequence[tuple[str, Any]]) -> dict[str, tuple[str, ...]]:
-    out: dict[str, tuple[str, ...]] = {}
-    for name, target in rules:
-        if name in out:
-            continue
-        if target is None:
-            out[name] = ()
-        elif isinstance(target, str):
-            out[name] = (target,)
-        else:
-            out[name] = tuple(target)
-    return out
-
-
-def rules_context(rules: Sequence[tuple[str, Any]]) -> contextlib.AbstractContextManager:
-    """Context making `rules` the models' logical-axis rules (activation constraints and
-    sharded parameter creation in `models.sharding`); a no-op without the models package."""
-    try:
-        from models.sharding import axis_rules
-    except ImportError:
-        return contextlib.nullcontext()
-    return axis_rules(tuple(tuple(r) for r in rules))
-
-
-def logical_to_spec(
-    logical: Sequence[str | None] | None,
-    shape: Sequence[int],
-    mesh: jax.sharding.Mesh,
-    rules: Sequence[tuple[str, Any]],
-) -> PartitionSpec:
-    """Maps logical axis names of one array to a PartitionSpec on `mesh`.
-
-    Unknown logical names, mesh axes of size 1, mesh axes already used by an earlier
-    dimension, and mesh axes that do not divide the dimension are dropped (that
-    dimension is then replicated over them), so every config runs on every mesh.
-    """
-    if not logical:
-        return PartitionSpec()
-    try:  # one mapping for parameters and activations: the models' own when present
-        from models.sharding import logical_to_spec as models_logical_to_spec
-    except ImportError:
-        models_logical_to_spec = None
-    if models_logical_to_spec is not None and len(logical) == len(shape):
-        return models_logical_to_spec(tuple(logical), tuple(shape), tuple(rules), mesh)
-    if len(logical) != len(shape):
-        raise ValueError(
-            f"logical axes {tuple(logical)} do not match the array rank {len(shape)} "
-            f"(shape {tuple(shape)})"
-        )
-    table = _rules_dict(rules)
-    used: set[str] = set()
-    spec: list[Any] = []
-    for name, dim in zip(logical, shape, strict=True):
-        axes: list[str] = []
-        size = 1
-        for ax in table.get(name, ()) if name else ():
-            n = mesh.shape.get(ax, 1)
-            if n == 1 or ax in used or dim % (size * n):
-                continue
-            axes.append(ax)
-            size *= n
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-    return PartitionSpec(*spec)
-
-
-def _logical_names(var: nnx.Variable) -> tuple[str | None, ...] | None:
-    meta = var.get_metadata()
-    for key in ("out_sharding", "sharding_names", "sharding"):
-        names = meta.get(key)
-        if names:
-            if isinstance(names, PartitionSpec):
-                names = tuple(names)
-            return tuple(names)
-    return None
-
-
-def state_specs(
-    abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules: Sequence[tuple[str, Any]]
-) -> dict:
-    """PartitionSpecs (as a pure dict shaped like `nnx.to_pure_dict(state)`) of a model state.
-
-    Args:
-      abstract_state: an `nnx.State` whose leaves are `nnx.Variable`s holding arrays or
-        `ShapeDtypeStruct`s, with logical axis names in their metadata.
-    """
-
-    def spec(var: Any) -> PartitionSpec:
-        if not isinstance(var, nnx.Variable):
-            return PartitionSpec()
-        value = var.get_value()
-        shape = getattr(value, "shape", ())
-        if jax.dtypes.issubdtype(getattr(value, "dtype", np.float32), jax.dtypes.prng_key):
-            return PartitionSpec()
-        return logical_to_spec(_logical_names(var), shape, mesh, rules)
-
-    specs = jax.tree.map(spec, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.to_pure_dict(specs)
-
-
 def named(mesh: jax.sharding.Mesh, specs: Any) -> Any:
     """Maps a tree of PartitionSpecs to NamedShardings on `mesh`."""
     return jax.tree.map(
@@ -179,28 +75,52 @@ def named(mesh: jax.sharding.Mesh, specs: Any) -> Any:
     )
 
 
-def batch_spec(mesh: jax.sharding.Mesh) -> PartitionSpec:
-    """Leading (batch) dimension over the data-parallel axes of size > 1."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    return PartitionSpec(axes if axes else None)
+def batch_axes(ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a batch array of rank `ndim`: rows, then the sequence, then features.
+
+    Dimension 1 is the sequence for token and feature sequences (`[B, T]`, `[B, T, F]`); for
+    arrays whose dimension 1 is something else (`[B, F]` features, `[B, H, W, C]` images) a
+    context-parallel mesh splits that dimension instead, which XLA undoes where needed.
+    """
+    return ("batch", "length", *([None] * (ndim - 2)))[:ndim]
 
 
-def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    """Number of batch shards (product of the data and fsdp axis sizes)."""
-    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+def batch_spec(
+    mesh: jax.sharding.Mesh, shape: Sequence[int] | None = None, rules: Rules | None = None
+) -> PartitionSpec:
+    """PartitionSpec of a batch array of `shape` (rows over data x fsdp, sequence over context).
+
+    Without `shape`: the spec of the leading (row) dimension alone, for any batch size the
+    mesh divides. `rules` default to the current ones (`models.sharding.axis_rules`).
+    """
+    if shape is None:
+        return logical_to_spec(("batch",), None, rules, mesh)
+    return logical_to_spec(batch_axes(len(shape)), tuple(shape), rules, mesh)
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> int:
+    """Number of batch-row shards: the product of the mesh axes the `batch` rule names."""
+    target = dict(resolve_rules(rules, mesh)).get("batch")
+    axes = () if target is None else (target,) if isinstance(target, str) else target
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def make_global_batch(
-    local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, global_batch: int
+    local_batch: Mapping[str, np.ndarray],
+    mesh: jax.sharding.Mesh,
+    global_batch: int,
+    rules: Rules | None = None,
 ) -> dict[str, jax.Array]:
     """Assembles this host's rows of the batch into global `[global_batch, ...]` arrays.
 
     Each process passes the rows its devices hold (`experiments.data.rows_for_process`);
-    the result is sharded over the batch axes (data, fsdp).
+    each array is placed by `batch_spec` (token batches `[B, T]`: `P(("data", "fsdp"),
+    "context")`).
     """
-    sharding = NamedSharding(mesh, batch_spec(mesh))
     out = {}
     for k, v in local_batch.items():
         v = np.asarray(v)
-        out[k] = jax.make_array_from_process_local_data(sharding, v, (global_batch, *v.shape[1:]))
+        shape = (global_batch, *v.shape[1:])
+        sharding = NamedSharding(mesh, batch_spec(mesh, shape, rules))
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out

@@ -41,18 +41,11 @@ from experiments.checkpoint import (
 )
 from experiments.config import ConfigError, config_to_dict, validate_config
 from experiments.optim import make_optimizer, path_str
-from experiments.sharding import (
-    batch_spec,
-    data_parallel_size,
-    make_global_batch,
-    make_mesh,
-    named,
-    rules_context,
-    state_specs,
-)
+from experiments.sharding import data_parallel_size, make_global_batch, make_mesh, named
 from experiments.tasks import get_task
 from experiments.tasks.base import Task
 from experiments.tb import SummaryWriter, upscale
+from models.sharding import DEFAULT_RULES, axis_rules, partition_specs
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +147,8 @@ class Trainer:
         self.task.validate()
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh(config.mesh)
-        dp = data_parallel_size(self.mesh)
+        self.rules = tuple(tuple(r) for r in config.get("logical_axis_rules", DEFAULT_RULES))
+        dp = data_parallel_size(self.mesh, self.rules)
         if config.batch_size % dp:
             raise ConfigError(
                 f"config.batch_size={config.batch_size}: must be divisible by the "
@@ -166,9 +160,7 @@ class Trainer:
                 f"config.eval_batch_size={self.eval_batch_size}: must be divisible by the "
                 f"data-parallel size {dp}"
             )
-        self.rules = tuple(tuple(r) for r in config.get("logical_axis_rules", ()))
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, batch_spec(self.mesh))
         self._build()  # outside jax.set_mesh: nnx.eval_shape would apply logical names raw
 
     # ------------------------------------------------------------------ building
@@ -182,8 +174,12 @@ class Trainer:
         abstract = nnx.eval_shape(build)
         self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
         self._rest_template = nnx.to_pure_dict(abs_rest)
-        param_sh = named(self.mesh, state_specs(abs_params, self.mesh, self.rules))
-        rest_sh = named(self.mesh, state_specs(abs_rest, self.mesh, self.rules))
+        # One path (models.sharding) places parameters, optimizer moments (below: each
+        # follows its parameter), activations (constraints inside the models) and the batch.
+        param_sh = named(self.mesh, nnx.to_pure_dict(partition_specs(abs_params, self.rules,
+                                                                      self.mesh)))
+        rest_sh = named(self.mesh, nnx.to_pure_dict(partition_specs(abs_rest, self.rules,
+                                                                     self.mesh)))
         self.tx, self.schedule = make_optimizer(config)
         abs_params_pure = nnx.to_pure_dict(abs_params)
         abs_opt = jax.eval_shape(self.tx.init, abs_params_pure)
@@ -262,7 +258,9 @@ class Trainer:
 
         self.train_step = jax.jit(
             train_step,
-            in_shardings=(self.state_shardings, self.batch_sharding),
+            # the batch keeps make_global_batch's placement (rows over data x fsdp, the
+            # sequence over context: one spec per array, by its shape)
+            in_shardings=(self.state_shardings, None),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=0,
         )
@@ -331,7 +329,7 @@ class Trainer:
         """Trains to `config.train_steps` (resuming if possible); returns the summary."""
         lock = self._open_workdir()
         try:
-            with jax.set_mesh(self.mesh), rules_context(self.rules):
+            with jax.set_mesh(self.mesh), axis_rules(self.rules):
                 return self._run()
         finally:
             if lock is not None:
@@ -481,7 +479,8 @@ class Trainer:
                 num_batches=int(config.eval_batches),
                 rows=eval_rows,
             ):
-                eval_batches.append(make_global_batch(b, self.mesh, self.eval_batch_size))
+                eval_batches.append(
+                    make_global_batch(b, self.mesh, self.eval_batch_size, self.rules))
 
         tokens_per_step = config.batch_size * task.tokens_per_example()
         hist_every = int(config.get("histogram_every", 0)) or int(config.eval_every)
@@ -533,7 +532,7 @@ class Trainer:
                     f"{data_it.get_state()}); the checkpoint's data position does not fit "
                     "this run"
                 ) from None
-            batch = make_global_batch(local, self.mesh, config.batch_size)
+            batch = make_global_batch(local, self.mesh, config.batch_size, self.rules)
             state, metrics = self.train_step(state, batch)
             pending.append(metrics)
             steps_in_window += 1

@@ -14,6 +14,7 @@ from flax import nnx
 from models.attention import AttentionBlock
 from models.core import AttentionConfig, CachePolicy
 from models.layers import MLP, make_norm
+from models.sharding import constrain
 
 __all__ = ["TransformerBlock"]
 
@@ -44,7 +45,10 @@ class TransformerBlock(nnx.Module):
             h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
         if intermediates is not None:
             intermediates["residual_norms"] = jnp.linalg.norm(h.astype(jnp.float32), axis=-1)
-        return h
+        # The residual stream between blocks: rows over data x fsdp, the sequence over context,
+        # the width whole. Pins XLA's propagation so a block's weights are gathered (FSDP) and
+        # its activations are not (and tensor-parallel partial sums are reduced here).
+        return constrain(h, ("batch", "length", "embed"))
 
     def decode(self, h: jax.Array, cache: dict, index: jax.Array,
                policy: CachePolicy) -> tuple[jax.Array, dict]:

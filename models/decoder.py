@@ -219,7 +219,7 @@ class Decoder(nnx.Module):
             # concrete positions were checked by the callers; traced ones past the table (or
             # negative) give NaN rows rather than a wrapped-around or clamped position
             h = h + take_or_nan(self.pos_embed[...], positions)
-        return constrain(h.astype(self.cfg.dtype), ("batch", None, "embed"))
+        return constrain(h.astype(self.cfg.dtype), ("batch", "length", "embed"))
 
     def check_positions(self, length: int, what: str) -> None:
         """With learned positions, raise unless positions ``0 .. length - 1`` fit the table.

@@ -1,5 +1,8 @@
 """Logical axis names for parameters and activations, and their mapping to a device mesh.
 
+The one place where logical axes become mesh placements, for the models and the runner alike
+(the runner's mesh and batch helpers in ``experiments.sharding`` resolve through here).
+
 Every parameter of :mod:`models` is created through :func:`param` with a tuple of *logical*
 axis names, one per dimension:
 
@@ -10,21 +13,38 @@ axis names, one per dimension:
 * ``"vocab"``: the vocabulary;
 * ``None``: never sharded (norm scales, small gates, routers).
 
-A list of *rules* such as ``[("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
-("vocab", "tensor")]`` maps logical names to the axes of a mesh built with
-``jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)``.
+Activations use ``"batch"`` and ``"length"`` (the sequence ``T``). A list of *rules* maps
+logical names to the axes of a mesh with axes :data:`MESH_AXES` = ``("data", "fsdp",
+"context", "tensor")`` built with ``axis_types=(AxisType.Auto,) * 4``; :data:`DEFAULT_RULES`
+is the one default table:
+
+=========  ====================  =============================================================
+logical    mesh axes             why
+=========  ====================  =============================================================
+batch      ("data", "fsdp")      data parallelism; FSDP is data parallel over the batch too
+length     "context"             context parallelism: the sequence split across devices
+embed      "fsdp"                FSDP: every weight sharded along the model width
+heads      "tensor"              tensor (Megatron) parallelism: attention heads ...
+mlp        "tensor"              ... MLP hidden units ...
+vocab      "tensor"              ... and the vocabulary
+kv         None                  the head dimension stays whole
+=========  ====================  =============================================================
+
 Logical names without a rule, rules naming an axis the mesh lacks, and dimensions the mesh
 axis does not divide stay replicated, so one rule list serves every mesh shape (and tiny test
-models). Activations use ``"batch"`` (default rule: ``("data", "fsdp")``).
+models). A mesh axis is used once per array: in an activation ``("batch", "length", "embed")``
+the batch takes ``fsdp``, so the width stays whole between blocks.
 
 Models initialize already sharded: under ``jax.set_mesh(mesh)`` and :func:`axis_rules`,
 :func:`param` places a ``with_sharding_constraint`` on each freshly drawn value, so a jitted
 constructor (``nnx.jit(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))()`` or
 :func:`create_sharded`) materializes each shard on its device and never the full array on one.
 Outside a mesh the same code builds ordinary unsharded parameters. Each Param keeps its logical
-names as ``logical_axes`` metadata (read by :func:`partition_specs`) and, when created under a
-mesh, the resolved mesh axes as flax's ``out_sharding`` metadata (so ``nnx.get_partition_spec``,
-``nnx.eval_shape`` and ``nnx.get_abstract_model`` see the same placement).
+names as ``logical_axes`` metadata and, when created under a mesh, the resolved mesh axes as
+flax's ``out_sharding`` metadata (so ``nnx.get_partition_spec``, ``nnx.eval_shape`` and
+``nnx.get_abstract_model`` see the same placement). :func:`logical_axes_of` reads the logical
+names of any variable (also of task models written with ``nnx.with_partitioning``), and
+:func:`partition_specs` turns a whole state into PartitionSpecs.
 """
 
 from __future__ import annotations
@@ -40,6 +60,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 __all__ = [
+    "MESH_AXES",
     "LOGICAL_AXES",
     "DEFAULT_RULES",
     "axis_rules",
@@ -48,18 +69,26 @@ __all__ = [
     "logical_to_spec",
     "param",
     "constrain",
+    "logical_axes_of",
     "partition_specs",
     "create_sharded",
 ]
 
-LOGICAL_AXES = ("batch", "embed", "heads", "kv", "mlp", "vocab", "length")
+# Mesh axis order: `tensor` varies fastest (neighbouring devices, the most traffic), then
+# `context` (a ring of K/V hops per layer), then `fsdp` (one gather per weight per layer).
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab")
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
+# The one default table (see the module docstring); the first rule naming a logical axis wins.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    ("length", "context"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
 )
@@ -134,7 +163,12 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     """PartitionSpec for logical ``axes`` under ``rules`` on ``mesh`` (default: current ones).
 
     A mesh axis is used at most once per array (first dimension wins) and only where it divides
-    the dimension (when ``shape`` is given); otherwise that dimension stays replicated.
+    the dimension (when ``shape`` is given); otherwise that dimension stays replicated. Mesh axes
+    of size 1 are left out, so the spec names only the axes that actually split the array.
+
+    Example (mesh ``fsdp=4, tensor=2``, :data:`DEFAULT_RULES`): ``("embed", "heads", "kv")``
+    -> ``P("fsdp", "tensor", None)``; the token batch ``("batch", "length")`` -> ``P("fsdp",
+    None)`` (and ``P(("data", "fsdp"), "context")`` on a mesh where all three are > 1).
     """
     sizes = _mesh_axis_sizes(mesh)
     if sizes is None:
@@ -145,7 +179,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     for i, name in enumerate(axes):
         target = table.get(name) if name is not None else None
         mesh_axes = () if target is None else (target,) if isinstance(target, str) else target
-        mesh_axes = tuple(a for a in mesh_axes if a not in used)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and sizes[a] > 1)
         if shape is not None and mesh_axes:
             n = math.prod(sizes[a] for a in mesh_axes)
             while mesh_axes and shape[i] % n:
@@ -188,19 +222,56 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
     return nnx.Param(value, logical_axes=axes, out_sharding=tuple(spec), eager_sharding=False)
 
 
+# flax's own metadata keys for logical names (``nnx.with_partitioning``; older flax versions)
+_FLAX_NAME_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def logical_axes_of(var: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical axis names of a variable, one per dimension, or None if it has none.
+
+    :func:`param` stores them as ``logical_axes`` metadata. Variables made elsewhere (task
+    models built from flax layers with ``nnx.with_partitioning(init, ("embed", "mlp"))``)
+    carry them in flax's ``out_sharding`` metadata, read when ``logical_axes`` is absent (for a
+    :func:`param` created under a mesh, ``out_sharding`` holds the resolved *mesh* axes, not
+    logical names, so it must never take precedence).
+    """
+    meta = var.get_metadata()
+    names = meta.get("logical_axes")
+    if not names:
+        names = next((meta[k] for k in _FLAX_NAME_KEYS if meta.get(k)), None)
+    if not names:
+        return None
+    return tuple(names)
+
+
+def _is_prng_key(value) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def partition_specs(state, rules: Rules | None = None, mesh=None):
-    """PartitionSpec tree for an ``nnx.State`` (or module) from each Param's logical axes."""
+    """PartitionSpec tree for an ``nnx.State`` (or module): each variable by its logical axes.
+
+    Variables without logical axes (RNG counters, statistics) and PRNG keys are replicated
+    (``P()``). Works on concrete and abstract (``nnx.eval_shape``) states; ``rules`` and
+    ``mesh`` default to the current ones. ``nnx.to_pure_dict`` of the result gives the plain
+    nested dict of specs that matches ``nnx.to_pure_dict(state)``.
+    """
     if isinstance(state, nnx.Module):
         state = nnx.state(state)
 
     def spec(x):
-        if isinstance(x, nnx.Variable):
-            axes = x.get_metadata().get("logical_axes")
-            value = x.get_value()
-            if axes:
-                return x.replace(logical_to_spec(axes, value.shape, rules, mesh))
+        if not isinstance(x, nnx.Variable):
+            return PartitionSpec()
+        value = x.get_value()
+        axes = logical_axes_of(x)
+        if not axes or _is_prng_key(value):
             return x.replace(PartitionSpec())
-        return PartitionSpec()
+        shape = tuple(getattr(value, "shape", ()))
+        if len(axes) != len(shape):
+            raise ValueError(f"logical axes {axes} must name every dimension of the variable's "
+                             f"shape {shape}")
+        return x.replace(logical_to_spec(axes, shape, rules, mesh))
 
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -225,7 +225,7 @@ class ViT(nnx.Module):
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(h.dtype), (h.shape[0], 1, cfg.width))
             h = jnp.concatenate([cls, h], axis=1)
-        h = constrain(h, ("batch", None, "embed"))
+        h = constrain(h, ("batch", "length", "embed"))
         inter = {"layers": []} if return_intermediates else None
         for layer in self.layers:
             li = {} if return_intermediates else None

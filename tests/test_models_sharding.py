@@ -86,3 +86,24 @@ def test_jitted_init_under_mesh_is_sharded(mesh):
     ref = Decoder(cfg, rngs=nnx.Rngs(0)).embed.embedding[...]
     np.testing.assert_array_equal(np.asarray(emb), np.asarray(ref))
     assert jnp.isfinite(emb).all()
+
+
+def test_partition_specs_read_logical_names_not_resolved_mesh_axes(mesh):
+    """A param made under a mesh carries both its logical names and flax's `out_sharding` (the
+    resolved mesh axes); specs come from the logical names, so other rules re-resolve them.
+    Task models written with `nnx.with_partitioning` are read from `out_sharding`."""
+    cfg = DecoderConfig(vocab_size=32, d_model=16, num_heads=2, mlp_dim=32, num_layers=1)
+    with jax.set_mesh(mesh), sharding.axis_rules(RULES):
+        model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    q = model.layers[0].attn.q_proj.kernel
+    assert q.get_metadata()["out_sharding"] == ("fsdp", "tensor", None)
+    swapped = [("embed", "tensor"), ("heads", "fsdp")]
+    specs = sharding.partition_specs(model, swapped, mesh)
+    assert specs["layers"][0]["attn"]["q_proj"]["kernel"].get_value() == P("tensor", "fsdp", None)
+
+    with nnx.use_eager_sharding(False):
+        dense = nnx.Linear(16, 32, rngs=nnx.Rngs(0), kernel_init=nnx.with_partitioning(
+            nnx.initializers.lecun_normal(), ("embed", "mlp")))
+    assert sharding.logical_axes_of(dense.kernel) == ("embed", "mlp")
+    assert sharding.partition_specs(dense, RULES, mesh)["kernel"].get_value() == P("fsdp", "tensor")
+    assert sharding.partition_specs(dense, RULES, mesh)["bias"].get_value() == P()

@@ -78,18 +78,26 @@ def test_trains_logs_and_summarizes(tmp_path):
 
 
 def test_sharded_meshes_match_one_device(tmp_path):
-    """data=4,tensor=2 and fsdp=8 give the one-device loss curve within float tolerance."""
+    """data=4,tensor=2 and fsdp=8 give the one-device loss curve within float tolerance, with
+    the weights really split (equal losses alone would also hold if nothing were sharded)."""
+    from experiments.trainer import Trainer
+
+    P = jax.sharding.PartitionSpec
     curves = {}
-    for name, mesh in {
-        "one": {"mesh.data": 1},
-        "dp_tp": {"mesh.data": 4, "mesh.tensor": 2},
-        "fsdp": {"mesh.data": 1, "mesh.fsdp": 8},
-    }.items():
+    for name, mesh, up_spec in (  # up kernel [8, 32], logical ("embed", "mlp")
+        ("one", {"mesh.data": 1}, P(None, None)),
+        ("dp_tp", {"mesh.data": 4, "mesh.tensor": 2}, P(None, "tensor")),
+        ("fsdp", {"mesh.data": 1, "mesh.fsdp": 8}, P("fsdp", None)),
+    ):
         cfg = T.tiny_config(
             train_steps=20, eval_every=0, checkpoint_every=0, eval_batches=0, **mesh
         )
-        summary = train(cfg, str(tmp_path / name))
+        trainer = Trainer(cfg, str(tmp_path / name))
+        summary = trainer.run()
         assert summary["devices"] == 8
+        up = trainer.final_state["params"]["up"]["kernel"]
+        assert up.sharding.spec == up_spec, name
+        assert trainer.final_state["opt_state"][0].mu["up"]["kernel"].sharding.spec == up_spec
         curves[name] = np.array([v for _, v in T.read_scalars(tmp_path / name, "train/loss")])
     np.testing.assert_allclose(curves["dp_tp"], curves["one"], rtol=2e-5)
     np.testing.assert_allclose(curves["fsdp"], curves["one"], rtol=2e-5)
