@@ -50,6 +50,8 @@ __all__ = [
     "prefix_lm",
     "strided",
     "neighborhood",
+    "grid_windows",
+    "with_prefix_tokens",
     "full",
     "from_array",
     "per_head",
@@ -445,6 +447,40 @@ class _Neighborhood(Mask):
         return ok
 
 
+@dataclasses.dataclass(frozen=True)
+class _GridWindows(Mask):
+    """Non-overlapping windows on a row-major grid (see :func:`grid_windows`)."""
+
+    shape: tuple[int, ...]
+    size: tuple[int, ...]
+
+    def _visible(self, q, k, h, q_len, kv_len):
+        ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q), jnp.shape(k)), bool)
+        q_rest, k_rest = q, k
+        for n, w in zip(reversed(self.shape), reversed(self.size), strict=True):
+            same = _floordiv(_mod(q_rest, n), w) == _floordiv(_mod(k_rest, n), w)
+            ok = ok & same
+            q_rest, k_rest = _floordiv(q_rest, n), _floordiv(k_rest, n)
+        return ok
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithPrefixTokens(Mask):
+    """``inner`` on the tokens after ``n`` prefix tokens (see :func:`with_prefix_tokens`)."""
+
+    inner: Mask
+    n: int
+
+    @property
+    def num_heads(self):
+        return self.inner.num_heads
+
+    def _visible(self, q, k, h, q_len, kv_len):
+        inner = self.inner._visible(jnp.maximum(q - self.n, 0), jnp.maximum(k - self.n, 0), h,
+                                    q_len - self.n, kv_len - self.n)
+        return (q < self.n) | (k < self.n) | inner
+
+
 def _axis_window(qx, kx, n: int, kernel: int, dilation: int, stride: int, is_causal: bool):
     """Is key coordinate ``kx`` inside query coordinate ``qx``'s window along one axis.
 
@@ -578,6 +614,37 @@ def neighborhood(shape, kernel_size, dilation=1, stride=1, causal=False) -> Mask
         if strd[ax] > kernel[ax]:
             raise ValueError(f"stride[{ax}] = {strd[ax]} must not exceed kernel_size[{ax}]")
     return _Neighborhood(shape, kernel, dil, strd, caus)
+
+
+def grid_windows(shape, window_size) -> Mask:
+    """Non-overlapping window attention on a row-major grid (Swin / ViTDet-style windows).
+
+    Tokens are the cells of a grid of ``shape`` (1-D, 2-D or 3-D) flattened row-major, so the
+    sequence length is ``prod(shape)``. The grid is cut into windows of ``window_size`` cells per
+    axis (an int or one per axis; a last, smaller window where it does not divide the axis); a
+    query at grid coordinate ``x`` sees key ``y`` iff ``x_a // w_a == y_a // w_a`` on every axis
+    ``a``. Liu et al., "Swin Transformer" (2021); Li et al., "Exploring Plain Vision Transformer
+    Backbones for Object Detection" (ViTDet, 2022). Block maps are exact (evaluated).
+    """
+    shape = tuple(shape) if isinstance(shape, Sequence) else (shape,)
+    if not 1 <= len(shape) <= 3:
+        raise ValueError(f"shape must have 1 to 3 axes, got {shape!r}")
+    shape = tuple(_check_len(s, "shape") for s in shape)
+    size = _per_axis(window_size, len(shape), "window_size", _check_len)
+    return _GridWindows(shape, size)
+
+
+def with_prefix_tokens(mask: Mask, num_tokens: int) -> Mask:
+    """``mask`` on the tokens after ``num_tokens`` prefix tokens, which see and are seen by all.
+
+    For a grid mask (:func:`neighborhood`, :func:`grid_windows`) behind a ViT's class token (or
+    register tokens): query ``i`` sees key ``j`` iff ``i < n`` or ``j < n`` or
+    ``mask(i - n, j - n)`` on sequences shortened by ``n``. ``num_tokens = 0`` returns ``mask``.
+    Block maps are exact (evaluated).
+    """
+    _check_mask(mask, "mask")
+    n = _check_nonneg(num_tokens, "num_tokens")
+    return mask if n == 0 else _WithPrefixTokens(mask, n)
 
 
 def segment_block_map(seg_q, seg_k, block_q: int, block_kv: int):

@@ -10,30 +10,23 @@ sharding.
 * :class:`ViT` (:func:`vit_config` ``("S/16", num_classes=10, image_size=32)``).
 * :class:`Decoder` (:class:`DecoderConfig`, ``layer_pattern="LLLA"``), ``Decoder.generate``.
 * :mod:`models.sharding`: logical axis rules -> mesh, :func:`create_sharded`.
+
+Layout: :mod:`models.config` (``AttentionConfig``), :mod:`models.cores` (the cores, one file per
+family), :mod:`models.registry` (mechanisms by name), :mod:`models.patterns` (mask patterns by
+name), :mod:`models.kv_cache` (``CachePolicy``, the KV cache), :mod:`models.attention` (the
+block), :mod:`models.decoder`, :mod:`models.vit`, :mod:`models.decode`.
 """
 
 from models import sharding
 from models.attention import AttentionBlock
 from models.block import TransformerBlock
-from models.core import (
-    AttentionConfig,
-    CachePolicy,
-    Core,
-    CoreInputs,
-    RecurrentCore,
-    SoftmaxCore,
-    pattern_names,
-    register_pattern,
-)
+from models.config import AttentionConfig
+from models.cores import AuxLoss, Core, CoreInputs, RecurrentCore, SoftmaxCore
 from models.decode import decode_fns, generate
 from models.decoder import Decoder, DecoderConfig
-from models.mechanisms import (
-    AuxLoss,
-    build_core,
-    mechanism_kind,
-    mechanism_names,
-    register_mechanism,
-)
+from models.kv_cache import CachePolicy
+from models.patterns import pattern_names, register_pattern
+from models.registry import build_core, mechanism_kind, mechanism_names, register_mechanism
 from models.sharding import axis_rules, create_sharded
 from models.vit import VIT_SIZES, ViT, ViTConfig, vit_config
 

@@ -3,7 +3,7 @@
 ``y = W_O core(x W_Q, x W_K, x W_V)`` with ``W_Q [D, Hq, Dh]``, ``W_K, W_V [D, Hkv, Dh]``,
 ``W_O [Hq, Dh, D]`` (logical axes ``("embed", "heads", "kv")``), optional RMSNorm on q and k,
 RoPE or ALiBi applied inside softmax-family cores. The core comes from
-:mod:`models.mechanisms` by ``AttentionConfig.mechanism``::
+:mod:`models.registry` by ``AttentionConfig.mechanism``::
 
     block = AttentionBlock(AttentionConfig(d_model=64, num_heads=4, mechanism="gated",
                                            position="rope"), rngs=nnx.Rngs(0))
@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.core import AttentionConfig, CachePolicy, CoreInputs
+from models.config import AttentionConfig
+from models.cores.base import CoreInputs
+from models.kv_cache import CachePolicy
 from models.layers import Dense, RMSNorm
-from models.mechanisms import build_core, check_mechanism
+from models.registry import build_core, check_mechanism
 
 __all__ = ["AttentionBlock"]
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.attention import AttentionBlock
-from models.core import AttentionConfig, CachePolicy
+from models.config import AttentionConfig
+from models.kv_cache import CachePolicy
 from models.layers import MLP, make_norm
 from models.sharding import constrain
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.core import CachePolicy, check_cache_index
+from models.kv_cache import CachePolicy, check_cache_index
 from models.validation import check_ids, is_concrete
 
 __all__ = ["decode_fns", "generate", "sample"]

@@ -36,9 +36,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.block import TransformerBlock
-from models.core import AttentionConfig, CachePolicy
+from models.config import AttentionConfig
+from models.cores.base import AuxLoss
+from models.kv_cache import CachePolicy
 from models.layers import MLPS, NORMS, Dense, Embed, make_norm
-from models.mechanisms import AuxLoss, check_mechanism, mechanism_kind
+from models.registry import check_mechanism, mechanism_kind, option_names
 from models.sharding import constrain, param
 from models.validation import check_ids, is_concrete, require_int, take_or_nan
 
@@ -134,11 +136,11 @@ class DecoderConfig:
         if self.num_layers % len(self.layer_pattern):
             raise ValueError(f"{owner}.layer_pattern={self.layer_pattern!r} (length "
                              f"{len(self.layer_pattern)}) must tile num_layers={self.num_layers}")
-        fields = {f.name for f in dataclasses.fields(AttentionConfig)}
+        fields = {f.name for f in dataclasses.fields(AttentionConfig)} | set(option_names())
         for name, _ in self.attention_options:
             if name not in fields:
                 raise ValueError(f"{owner}.attention_options: {name!r} is not an "
-                                 f"AttentionConfig field")
+                                 f"AttentionConfig field or core option")
         if self.tie_embeddings and (self.input_dim is not None or self.output_dim is not None):
             object.__setattr__(self, "tie_embeddings", False)
         for letter, mech in letters.items():
@@ -301,7 +303,7 @@ class Decoder(nnx.Module):
         A concrete ``index`` is checked (``>= 0``; learned positions and, under the full
         policy, the KV cache must hold ``index + Tq`` tokens): ValueError. A traced one is not;
         a step past the cache or the position table returns NaN logits (and leaves the cache
-        unchanged), see :meth:`models.core.SoftmaxCore.decode`.
+        unchanged), see :meth:`models.cores.softmax.SoftmaxCore.decode`.
         """
         if is_concrete(index):
             tq = inputs.shape[1]

@@ -24,9 +24,10 @@ import numpy as np
 from flax import nnx
 
 from models.block import TransformerBlock
-from models.core import AttentionConfig
+from models.config import AttentionConfig
+from models.cores.base import AuxLoss
 from models.layers import MLPS, Dense, make_norm
-from models.mechanisms import AuxLoss, check_mechanism, mechanism_kind
+from models.registry import check_mechanism, mechanism_kind
 from models.sharding import constrain, param
 from models.validation import require_int
 
@@ -59,10 +60,10 @@ class ViTConfig:
       channels: input channels.
       pool: ``"token"`` (class token) or ``"gap"`` (global average pool).
       posemb: ``"learned"``, ``"sincos2d"`` or ``"none"``.
-      mechanism: attention mechanism name (see :func:`models.mechanisms.mechanism_names`), or a
+      mechanism: attention mechanism name (see :func:`models.registry.mechanism_names`), or a
         tuple of names tiled over the layers (e.g. ``("window:7",) * 3 + ("softmax",)``).
       mask: grid mask pattern, e.g. ``"neighborhood:3"`` or ``"window:4"`` (or a tuple, tiled).
-      qk_norm, use_bias: as in :class:`models.core.AttentionConfig`.
+      qk_norm, use_bias: as in :class:`models.config.AttentionConfig`.
       attention_options: extra ``AttentionConfig`` fields as ``(name, value)`` pairs.
     """
 

@@ -88,8 +88,9 @@ def test_traced_block_map_exports():
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("mask", [masks.chunked(128), masks.neighborhood((16, 16), 5),
-                                  masks.causal() & masks.strided(3, 1)],
-                         ids=["chunked", "neighborhood2d", "strided"])
+                                  masks.causal() & masks.strided(3, 1),
+                                  masks.with_prefix_tokens(masks.grid_windows((15, 17), 4), 1)],
+                         ids=["chunked", "neighborhood2d", "strided", "grid_windows_prefix"])
 def test_export_masks_with_integer_division(platform, mask):
     # Index functions that divide (chunk ids, grid coordinates, strides) must lower for TPU
     # from a CPU host too: masks use lax.div/rem rather than jnp.floor_divide (which goes

@@ -196,3 +196,54 @@ def test_bad_mask_arguments():
         M.causal() & np.ones((2, 2), bool)
     with pytest.raises(ValueError, match="block_q must be a positive int"):
         M.causal().block_map(8, 8, 0, 4)
+
+
+# --- grid windows and prefix tokens, checked against dense numpy formulas ---------------------
+def _jit_block_map(mask, n, bq, bk):
+    # Jitted: one compile rather than one per eager op.
+    return jax.jit(mask.block_map, static_argnums=(0, 1, 2, 3))(n, n, bq, bk)
+
+
+def grid_windows_dense(shape, size):
+    """``coord(i) // size == coord(j) // size`` on every axis (row-major coordinates)."""
+    win = np.stack(np.unravel_index(np.arange(int(np.prod(shape))), shape), -1) // np.array(size)
+    return np.all(win[:, None, :] == win[None, :, :], axis=-1)
+
+
+@pytest.mark.parametrize("shape,size", [((10,), (3,)), ((5, 7), (2, 3)), ((3, 4, 5), (2, 2, 3))])
+def test_grid_windows_against_numpy(shape, size):
+    mask = M.grid_windows(shape, size)
+    n = int(np.prod(shape))
+    want = grid_windows_dense(shape, size)
+    got = np.asarray(mask.dense(n, n))
+    np.testing.assert_array_equal(got, want)
+    # exact claims (ragged blocks: windows straddle block edges, the last block is padded)
+    got_map = np.asarray(_jit_block_map(mask, n, 4, 6))
+    np.testing.assert_array_equal(got_map, block_truth(want, 4, 6))
+
+
+@pytest.mark.parametrize("inner,shape,n_prefix", [(M.grid_windows((4, 6), 2), (4, 6), 1),
+                                                  (M.neighborhood((5, 5), 3), (5, 5), 3)])
+def test_with_prefix_tokens_against_numpy(inner, shape, n_prefix):
+    mask = M.with_prefix_tokens(inner, n_prefix)
+    g = int(np.prod(shape))
+    n = g + n_prefix
+    want = np.ones((n, n), bool)  # prefix rows and columns see / are seen by every token
+    want[n_prefix:, n_prefix:] = np.asarray(inner.dense(g, g))
+    got = np.asarray(mask.dense(n, n))
+    np.testing.assert_array_equal(got, want)
+    got_map = np.asarray(_jit_block_map(mask, n, 4, 8))
+    np.testing.assert_array_equal(got_map, block_truth(want, 4, 8))
+    assert M.with_prefix_tokens(inner, 0) is inner
+    assert mask == M.with_prefix_tokens(inner, n_prefix)  # structural: a static jit key
+
+
+def test_grid_mask_arguments():
+    with pytest.raises(ValueError, match="window_size must be an int or a tuple of 2"):
+        M.grid_windows((4, 4), (2, 2, 2))
+    with pytest.raises(ValueError, match="window_size must be a positive int"):
+        M.grid_windows((4, 4), 0)
+    with pytest.raises(ValueError, match="num_tokens must be a non-negative int"):
+        M.with_prefix_tokens(M.grid_windows(4, 2), -1)
+    with pytest.raises(TypeError, match="jattn.masks.Mask"):
+        M.with_prefix_tokens(np.ones((4, 4), bool), 1)

@@ -318,3 +318,44 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="feature map"):
         AttentionBlock(AttentionConfig(d_model=8, num_heads=2, mechanism="linear:cosine"),
                        rngs=nnx.Rngs(0))
+
+
+def test_mechanism_options_are_declared_by_their_core():
+    # Keywords and options= give one (hashable) config; each core reads only its own options.
+    kw = AttentionConfig(d_model=16, num_heads=4, mechanism="moh", moh_top_k=3, window=8)
+    opt = AttentionConfig(d_model=16, num_heads=4, mechanism="moh",
+                          options={"window": 8, "moh_top_k": 3})
+    assert kw == opt and hash(kw) == hash(opt)
+    moh = build_core(kw, rngs=nnx.Rngs(0))
+    assert (moh.opts.moh_top_k, moh.opts.moh_shared_heads, moh.top_k) == (3, 0, 3)
+    assert not hasattr(moh.opts, "window")  # Based's option, not MoH's
+    based = build_core(AttentionConfig(d_model=16, num_heads=4, mechanism="based", window=8),
+                       rngs=nnx.Rngs(0))
+    assert based.opts.window == 8 and based.opts.feature_dim == 16
+    with pytest.raises(ValueError, match="unknown attention option 'windw'"):
+        AttentionBlock(AttentionConfig(d_model=8, num_heads=2, windw=4), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="'windw' is not an AttentionConfig field or core opt"):
+        DecoderConfig(attention_options=(("windw", 4),))
+
+
+@pytest.mark.parametrize("t", [6, 12])
+def test_state_size_counts_the_decoding_cache(t):
+    # Every core reports the floats its decoding cache holds after t tokens; a sliding window
+    # keeps min(window, t) of the t key/value slots the full-policy cache allocates.
+    window, hkv, dh = 8, 2, 4
+    got, want = {}, {}
+
+    def build():  # traced abstractly: shapes only, no parameters drawn
+        for mech in DECODER_MECHS:
+            cfg = AttentionConfig(d_model=16, num_heads=4, num_kv_heads=hkv, mechanism=mech,
+                                  window=window)
+            block = AttentionBlock(cfg, rngs=nnx.Rngs(0))
+            floats = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(block.init_cache(1, t))
+                         if jnp.issubdtype(x.dtype, jnp.floating))
+            kept = {"based": window, "sliding_window:3": 3}.get(mech)
+            if kept is not None:
+                floats -= 2 * (t - min(kept, t)) * hkv * dh
+            got[mech], want[mech] = block.core.state_size(t), floats
+
+    jax.eval_shape(build)
+    assert got == want

@@ -31,8 +31,8 @@ Loss: cross-entropy on the labelled positions only (the vocabulary head runs at 
 only, ``Decoder(gather=)``). ``accuracy`` = fraction of labelled
 positions whose argmax is the right value, on the held-out set (``summary.json`` top level).
 
-State size (:func:`state_size`, per layer, in floats, for one sequence of length ``T``;
-``H`` heads, ``Hkv`` KV heads, ``Dh`` head dim, ``F`` feature count):
+State size (:func:`state_size`: each layer core's ``state_size(T)``, in floats, for one sequence
+of length ``T``; ``H`` heads, ``Hkv`` KV heads, ``Dh`` head dim, ``F`` feature count):
 
 * softmax family (``softmax``, ``sigmoid``, ``relu``, ``sinks``, ``gated``, ...):
   the KV cache, ``2 * T * Hkv * Dh`` (``= 2 T d`` for MHA);
@@ -44,8 +44,9 @@ State size (:func:`state_size`, per layer, in floats, for one sequence of length
 * ``based``: the Taylor branch ``H * F * Dh + H * F`` with ``F = 1 + f + f^2``
   (``f = feature_dim``, 16) plus the window branch ``2 * min(window, T) * Hkv * Dh``.
 
-Unknown mechanisms fall back to counting the elements of the layer's decoding cache
-(``init_cache(1, T)`` under ``jax.eval_shape``), which the tests compare with the formulas.
+Cores without a formula (user-registered ones) count the float elements of their decoding cache
+(``init_cache(1, T)`` under ``jax.eval_shape``, :func:`cache_size`), which the tests compare
+with the formulas.
 """
 
 from __future__ import annotations
@@ -68,8 +69,6 @@ from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
 IGNORE = -100
 #: Counter streams of the generator: train and held-out use disjoint ones.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 8
-_RECURRENT_HKV = ("gla", "retnet", "deltanet", "gated_deltanet", "kda")
-_SOFTMAX_FAMILY = ("softmax", "sigmoid", "relu", "sinks", "gated", "clipped_softmax", "moh")
 
 
 # ================================================================================================
@@ -192,48 +191,19 @@ def query_positions(labels: jax.Array, num_kv_pairs: int) -> jax.Array:
 # State size.
 # ================================================================================================
 def state_size(model_config, seq_len: int) -> list[int]:
-    """Per-layer recurrent state / KV-cache size (floats per sequence) of a DecoderConfig.
+    """Per-layer recurrent state / KV-cache size (floats per sequence) of a DecoderConfig:
+    each layer's ``Core.state_size(seq_len)`` (see the module docstring for the formulas).
+    The model is traced abstractly (no parameters are drawn)."""
+    from models import Decoder
 
-    See the module docstring for the formula of each mechanism.
-    """
-    from models.core import PATTERNS
-    from models.mechanisms import MECHANISMS
+    sizes: list[int] = []
 
-    out = []
-    for i in range(model_config.num_layers):
-        a = model_config.attention_config(i)
-        name, arg = a.mechanism_name, a.mechanism_arg
-        h, hkv, dh, t = a.num_heads, a.kv_heads, a.dh, int(seq_len)
-        if name in _SOFTMAX_FAMILY:
-            out.append(2 * t * hkv * dh)
-        elif name == "sliding_window" and arg is not None:
-            out.append(2 * min(int(arg), t) * hkv * dh)
-        elif name in PATTERNS:
-            out.append(2 * t * hkv * dh)
-        elif name in _RECURRENT_HKV:
-            out.append(h * dh * dh)
-        elif name == "linear":
-            f = _feature_count(arg or "elu1", dh, h)
-            out.append(h * f * dh + h * f)
-        elif name == "based":
-            f = _feature_count("taylor", a.feature_dim, h)
-            out.append(h * f * dh + h * f + 2 * min(a.window, t) * hkv * dh)
-        elif name in MECHANISMS:
-            out.append(cache_size(model_config, seq_len)[i])
-        else:
-            raise ValueError(f"unknown mechanism {a.mechanism!r}")
-    return out
+    def build():
+        model = Decoder(model_config, rngs=nnx.Rngs(0))
+        sizes.extend(layer.attn.core.state_size(int(seq_len)) for layer in model.layers)
 
-
-def _feature_count(feature_map: str, head_dim: int, num_heads: int) -> int:
-    import jattn.linear
-
-    params = None
-    if feature_map == "hedgehog":
-        params = jattn.linear.hedgehog_params(jax.random.key(0), head_dim, num_heads=num_heads)
-    phi = jattn.linear.feature_maps.resolve_feature_map(feature_map, params, head_dim)
-    x = jax.ShapeDtypeStruct((1, 1, num_heads, head_dim), jnp.float32)
-    return int(jax.eval_shape(phi, x).shape[-1])
+    jax.eval_shape(build)
+    return sizes
 
 
 def cache_size(model_config, seq_len: int) -> list[int]:
@@ -262,7 +232,7 @@ def cache_size(model_config, seq_len: int) -> list[int]:
 
 
 def _policy():
-    from models.core import CachePolicy
+    from models.kv_cache import CachePolicy
 
     return CachePolicy()
 
@@ -285,7 +255,7 @@ class MQAR(Task):
             if t > c.seq_len:
                 raise ConfigError(f"config.train_mix item {t}:{p}: T={t} > config.seq_len="
                                   f"{c.seq_len} (shorter sizes are padded up to seq_len)")
-        from models.mechanisms import mechanism_kind
+        from models.registry import mechanism_kind
 
         try:
             mechanism_kind(c.mechanism)

@@ -1,0 +1,341 @@
+"""Linear / recurrent cores: a fixed-size state per layer instead of a KV cache.
+
+Each core runs one ``jattn.linear`` function with ``initial_state`` / ``output_final_state``,
+which serves the full sequence, the prefill and each decoding step alike. Recurrent cores scan
+tokens in order whatever ``cfg.causal`` (in a ViT they read patches in raster order);
+``linear:<feature_map>`` honours ``causal=False``. They accept no mask pattern.
+
+=====================  ==========================================================================
+linear:<feature_map>   kernelized linear attention (Katharopoulos et al. 2020, ...)
+gla                    gated linear attention, per-channel data-dependent decay (Yang et al. 2024)
+retnet                 retention, constant per-head decay (Sun et al. 2023)
+deltanet               delta rule (Yang et al. 2024)
+gated_deltanet         scalar decay + delta rule (Yang et al. 2025)
+kda                    Kimi Delta Attention: per-channel decay + delta rule (Kimi Team 2025)
+=====================  ==========================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jattn
+import jattn.linear
+from models.config import AttentionConfig
+from models.cores.base import Core, CoreInputs, repeat_kv
+from models.kv_cache import CachePolicy
+from models.layers import Dense
+from models.registry import register_mechanism
+from models.sharding import param
+
+__all__ = ["RecurrentCore", "Linear", "GLA", "RetNet", "DeltaNet", "GatedDeltaNet", "KDA",
+           "Kernelized", "linear_kwargs"]
+
+
+class RecurrentCore(Core):
+    """Linear / recurrent core: a fixed-size state ``[B, H, K, V]`` (fp32) per layer.
+
+    Subclasses implement :meth:`recur`: ``(inp, initial_state) -> (o, final_state)`` using a
+    ``jattn.linear`` function with ``initial_state``/``output_final_state``, which serves the
+    full sequence, the prefill and each decoding step alike.
+    """
+
+    kind = "recurrent"
+
+    def state_shape(self) -> tuple[int, int, int]:
+        """``(H, K, V)`` of the recurrent state."""
+        return (self.cfg.num_heads, self.cfg.dh, self.cfg.dh)
+
+    def recur(self, inp: CoreInputs, state: jax.Array | None, want_state: bool):
+        raise NotImplementedError
+
+    def __call__(self, inp: CoreInputs, intermediates: dict | None = None) -> jax.Array:
+        o, _ = self.recur(inp, None, False)
+        return o
+
+    def state_size(self, seq_len: int) -> int:
+        """``H K V``, whatever the sequence length."""
+        return math.prod(self.state_shape())
+
+    def init_cache(self, batch: int, max_len: int, policy: CachePolicy) -> dict:
+        return {"state": jnp.zeros((batch,) + self.state_shape(), jnp.float32)}
+
+    def decode(self, inp: CoreInputs, cache: dict, index: jax.Array, policy: CachePolicy):
+        o, state = self.recur(inp, cache["state"], True)
+        return o, {**cache, "state": state.astype(jnp.float32)}
+
+
+class _HeadNormGate(nnx.Module):
+    """Per-head RMSNorm of the recurrent output, optionally times ``swish(x W_r)``, as in
+    GLA / RetNet / Gated DeltaNet / KDA (the usual output block of linear attention)."""
+
+    def __init__(self, cfg: AttentionConfig, gate: bool, *, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones_init(), (cfg.dh,), ("kv",))
+        self.gate = (Dense((cfg.d_model,), (cfg.num_heads, cfg.dh), ("embed",), ("heads", "kv"),
+                           rngs=rngs) if gate else None)
+
+    def __call__(self, x: jax.Array, o: jax.Array) -> jax.Array:
+        of = o.astype(jnp.float32)
+        of = of * jax.lax.rsqrt(jnp.mean(of * of, axis=-1, keepdims=True) + 1e-6)
+        of = of * self.scale[...]
+        if self.gate is not None:
+            of = of * jax.nn.silu(self.gate(x).astype(jnp.float32))
+        return of.astype(o.dtype)
+
+
+class _RecurrentBase(RecurrentCore):
+    """Shared plumbing: GQA expansion, output norm/gate, the jattn call with a state."""
+
+    out_gate: bool = True
+    out_norm: bool = True
+
+    def __init__(self, cfg: AttentionConfig, mask, arg: str | None = None, *, rngs: nnx.Rngs):
+        if arg is not None:
+            raise ValueError(f"mechanism {cfg.mechanism_name!r} takes no argument, got {arg!r}")
+        if cfg.mask is not None:
+            raise ValueError(f"mechanism {cfg.mechanism_name!r} is recurrent and supports no "
+                             f"mask pattern (got mask={cfg.mask!r})")
+        super().__init__(cfg, mask)
+        self.out = _HeadNormGate(cfg, self.out_gate, rngs=rngs) if self.out_norm else None
+
+    def heads(self, inp: CoreInputs):
+        h = self.cfg.num_heads
+        return inp.q, repeat_kv(inp.k, h), repeat_kv(inp.v, h)
+
+    def gates(self, inp: CoreInputs) -> dict:
+        """Keyword arguments for the jattn.linear call (decays, betas)."""
+        return {}
+
+    def run(self, q, k, v, state, want_state, **gates):
+        raise NotImplementedError
+
+    def recur(self, inp, state, want_state):
+        q, k, v = self.heads(inp)
+        o, final = self.run(q, k, v, state, want_state, **self.gates(inp))
+        if self.out is not None:
+            o = self.out(inp.x, o)
+        return o, final
+
+
+def linear_kwargs(cfg: AttentionConfig) -> dict:
+    return {"implementation": cfg.linear_implementation, "chunk_size": cfg.chunk_size,
+            "scale": cfg.scale}
+
+
+class _LowRankGate(nnx.Module):
+    """``x -> (x W_down) W_up + b`` with ``W_down [D, r]``, ``W_up [r, H, K]`` (GLA's gate)."""
+
+    def __init__(self, cfg: AttentionConfig, rank: int, *, rngs: nnx.Rngs):
+        self.down = Dense((cfg.d_model,), (rank,), ("embed",), (None,), rngs=rngs)
+        self.up = Dense((rank,), (cfg.num_heads, cfg.dh), (None,), ("heads", "kv"),
+                        use_bias=True, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.up(self.down(x)).astype(jnp.float32)
+
+
+@register_mechanism("gla")
+class GLA(_RecurrentBase):
+    """Gated linear attention (Yang et al., "Gated Linear Attention Transformers with
+    Hardware-Efficient Training", 2024).
+
+    ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t`` with the per-channel
+    data-dependent log-decay ``g_t = logsigmoid(x_t W_1 W_2 + b) / tau`` (options
+    ``gate_low_rank`` 16, ``gla_temperature`` ``tau = 16``), then per-head RMSNorm and the output
+    gate ``swish(x W_r)``.
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        gate_low_rank: int = 16  # rank of the decay projection
+        gla_temperature: float = 16.0  # tau in g = logsigmoid(.) / tau
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        self.decay = _LowRankGate(cfg, self.opts.gate_low_rank, rngs=rngs)
+
+    def gates(self, inp):
+        return {"g": jax.nn.log_sigmoid(self.decay(inp.x)) / self.opts.gla_temperature}
+
+    def run(self, q, k, v, state, want_state, g):
+        return jattn.linear.gla(q, k, v, g, initial_state=state, output_final_state=want_state,
+                                **linear_kwargs(self.cfg))
+
+
+@register_mechanism("retnet")
+class RetNet(_RecurrentBase):
+    """Retention (Sun et al., "Retentive Network", 2023): ``S_t = gamma_h S_{t-1} + k_t^T v_t``
+    with the constant per-head decay ``gamma_h = 1 - 2^(-5 - h)``
+    (``jattn.linear.retnet_decay``), then per-head RMSNorm and ``swish(x W_r)``. The xPos
+    rotation of the paper is omitted (the decay carries position)."""
+
+    def gates(self, inp):
+        b, t = inp.q.shape[:2]
+        return {"g": jnp.broadcast_to(jattn.linear.retnet_decay(self.cfg.num_heads),
+                                      (b, t, self.cfg.num_heads))}
+
+    def run(self, q, k, v, state, want_state, g):
+        return jattn.linear.gla(q, k, v, g, initial_state=state, output_final_state=want_state,
+                                **linear_kwargs(self.cfg))
+
+
+class _DeltaBase(_RecurrentBase):
+    """Delta-rule cores: ``beta = sigmoid(x W_b)``; q, k pass SiLU then per-head L2 norm."""
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        self.beta = Dense((cfg.d_model,), (cfg.num_heads,), ("embed",), ("heads",),
+                          use_bias=True, rngs=rngs)
+
+    def heads(self, inp):
+        q, k, v = super().heads(inp)
+        return jax.nn.silu(q), jax.nn.silu(k), v
+
+    def delta_gates(self, inp) -> jax.Array | None:
+        return None
+
+    def gates(self, inp):
+        return {"beta": jax.nn.sigmoid(self.beta(inp.x).astype(jnp.float32)),
+                "g": self.delta_gates(inp)}
+
+    def run(self, q, k, v, state, want_state, beta, g):
+        return jattn.linear.delta_rule(q, k, v, beta, g=g, initial_state=state,
+                                       output_final_state=want_state, use_qk_l2norm=True,
+                                       **linear_kwargs(self.cfg))
+
+
+def _dt_bias_init(key, shape, dtype=jnp.float32):
+    """Mamba's dt bias: ``softplus(b) = dt ~ logUniform(1e-3, 1e-1)``."""
+    dt = jnp.exp(jax.random.uniform(key, shape, dtype, math.log(1e-3), math.log(1e-1)))
+    return dt + jnp.log(-jnp.expm1(-dt))
+
+
+def _a_log_init(key, shape, dtype=jnp.float32):
+    """Mamba2's ``A_log = log(A)``, ``A ~ U(1, 16)``."""
+    return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
+
+
+@register_mechanism("deltanet")
+class DeltaNet(_DeltaBase):
+    """DeltaNet (Yang et al., "Parallelizing Linear Transformers with the Delta Rule over
+    Sequence Length", 2024): ``S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1})``,
+    ``o_t = scale q_t S_t``; L2-normalized SiLU q/k, per-head RMSNorm output (no gate; the short
+    convolutions of the paper are omitted)."""
+
+    out_gate = False
+
+
+@register_mechanism("gated_deltanet")
+class GatedDeltaNet(_DeltaBase):
+    """Gated DeltaNet (Yang et al., "Gated Delta Networks: Improving Mamba2 with Delta Rule",
+    2025): the delta rule on ``exp(g_t) S_{t-1}`` with the Mamba2 scalar decay
+    ``g_t = -exp(A_log_h) softplus(x_t W_a + dt_bias_h)``; RMSNorm + ``swish(x W_r)`` output."""
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        h = cfg.num_heads
+        self.a_proj = Dense((cfg.d_model,), (h,), ("embed",), ("heads",), rngs=rngs)
+        self.a_log = param(rngs, _a_log_init, (h,), ("heads",))
+        self.dt_bias = param(rngs, _dt_bias_init, (h,), ("heads",))
+
+    def delta_gates(self, inp):
+        dt = jax.nn.softplus(self.a_proj(inp.x).astype(jnp.float32) + self.dt_bias[...])
+        return -jnp.exp(self.a_log[...]) * dt
+
+
+@register_mechanism("kda")
+class KDA(_DeltaBase):
+    """Kimi Delta Attention (Kimi Team, "Kimi Linear", 2025): the gated delta rule with a
+    per-key-channel decay ``g_t = -exp(A_log_h) softplus(x_t W_down W_up + dt_bias)``
+    (``[B, T, H, K]``, low rank option ``gate_low_rank``); RMSNorm + ``swish(x W_r)`` output.
+    The exact gate parameterization of the paper is inferred (Mamba2-style, per channel)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        gate_low_rank: int = 16  # rank of the decay projection
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        self.decay = _LowRankGate(cfg, self.opts.gate_low_rank, rngs=rngs)
+        self.a_log = param(rngs, _a_log_init, (cfg.num_heads,), ("heads",))
+        self.dt_bias = param(rngs, _dt_bias_init, (cfg.num_heads, cfg.dh), ("heads", "kv"))
+
+    def delta_gates(self, inp):
+        dt = jax.nn.softplus(self.decay(inp.x) + self.dt_bias[...])
+        return -jnp.exp(self.a_log[...])[:, None] * dt
+
+
+class Kernelized(nnx.Module):
+    """Normalized causal (or bidirectional) linear attention with a named feature map, plus the
+    learnable Hedgehog parameters when that map is chosen."""
+
+    def __init__(self, feature_map: str, head_dim: int, num_heads: int, *, rngs: nnx.Rngs):
+        if feature_map not in jattn.linear.FEATURE_MAPS:
+            raise ValueError(f"linear feature map must be one of {jattn.linear.FEATURE_MAPS}, "
+                             f"got {feature_map!r}")
+        self.feature_map = feature_map
+        if feature_map == "hedgehog":
+            init = jattn.linear.hedgehog_params(rngs.params(), head_dim, num_heads=num_heads)
+            self.hh_weight = param(rngs, lambda *_: init["weight"], init["weight"].shape,
+                                   ("heads", "kv", None))
+            self.hh_bias = param(rngs, lambda *_: init["bias"], init["bias"].shape,
+                                 ("heads", None))
+
+    def params(self):
+        if self.feature_map == "hedgehog":
+            return {"weight": self.hh_weight[...], "bias": self.hh_bias[...]}
+        return None
+
+    def num_features(self, num_heads: int, head_dim: int) -> int:
+        phi = jattn.linear.feature_maps.resolve_feature_map(self.feature_map, self.params(),
+                                                           head_dim)
+        x = jax.ShapeDtypeStruct((1, 1, num_heads, head_dim), jnp.float32)
+        return jax.eval_shape(phi, x).shape[-1]
+
+    def __call__(self, q, k, v, state, want_state, *, causal: bool, cfg: AttentionConfig):
+        if state is not None:
+            state = jattn.linear.LinearAttentionState(state["kv"], state["z"])
+        o, final = jattn.linear.linear_attention(
+            q, k, v, feature_map=self.feature_map, feature_map_params=self.params(),
+            causal=causal, initial_state=state, output_final_state=want_state,
+            **linear_kwargs(cfg))
+        return o, (None if final is None else {"kv": final.kv, "z": final.z})
+
+
+@register_mechanism("linear")
+class Linear(_RecurrentBase):
+    """Kernelized linear attention (Katharopoulos et al., "Transformers are RNNs", 2020):
+    ``o_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) . sum_j phi(k_j))`` over ``j <= i``
+    (all ``j`` when ``causal=False``). ``"linear:<feature_map>"`` picks ``phi`` from
+    ``jattn.linear.FEATURE_MAPS`` (``elu1`` default, ``relu``, ``performer`` (fixed draw),
+    ``hedgehog`` (learnable, per head), ``taylor``, ``dpfp``). No output norm or gate."""
+
+    out_norm = False
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, None, rngs=rngs)
+        self.kernel = Kernelized(arg or "elu1", cfg.dh, cfg.num_heads, rngs=rngs)
+
+    def init_cache(self, batch, max_len, policy):
+        h, d = self.cfg.num_heads, self.cfg.dh
+        f = self.kernel.num_features(h, d)
+        return {"kv": jnp.zeros((batch, h, f, d), jnp.float32),
+                "z": jnp.zeros((batch, h, f), jnp.float32)}
+
+    def run(self, q, k, v, state, want_state):
+        return self.kernel(q, k, v, state, want_state, causal=self.cfg.causal, cfg=self.cfg)
+
+    def decode(self, inp, cache, index, policy):
+        o, state = self.recur(inp, cache, True)
+        return o, state
+
+    def state_size(self, seq_len):
+        """``H F Dh + H F``: the state plus the normalizer, ``F`` features per head."""
+        h, d = self.cfg.num_heads, self.cfg.dh
+        f = self.kernel.num_features(h, d)
+        return h * f * d + h * f

@@ -1,0 +1,136 @@
+"""Mask patterns by name: ``"name[:args]"`` strings -> :class:`jattn.masks.Mask`.
+
+``AttentionConfig.mask`` is a Mask or a pattern string (``"sliding_window:64"``,
+``"chunked:16"``, ``"strided:4"``, ``"neighborhood:3"``, ``"window:4"``, ...), ANDed with
+``causal()`` when ``causal=True`` (:func:`build_mask`). Every pattern name is also a mechanism
+(softmax under that pattern, see :mod:`models.registry`). Grid patterns (``neighborhood``,
+``window``) need ``AttentionConfig.grid_shape`` and keep ``num_prefix_tokens`` leading tokens
+global (:func:`jattn.masks.with_prefix_tokens`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from jattn import masks
+from models.config import AttentionConfig
+
+__all__ = ["PATTERNS", "register_pattern", "pattern_names", "parse_pattern", "build_mask"]
+
+PatternFactory = Callable[[AttentionConfig, str | None], masks.Mask]
+PATTERNS: dict[str, PatternFactory] = {}
+
+
+def register_pattern(name: str) -> Callable[[PatternFactory], PatternFactory]:
+    """Decorator: ``fn(cfg, arg) -> Mask`` under ``name`` (used as ``"name:arg"``)."""
+
+    def deco(fn):
+        if name in PATTERNS:
+            raise ValueError(f"pattern {name!r} is already registered")
+        PATTERNS[name] = fn
+        return fn
+
+    return deco
+
+
+def pattern_names() -> list[str]:
+    return sorted(PATTERNS)
+
+
+def _ints(arg: str | None, n: int, name: str, defaults: tuple[int, ...] = ()) -> tuple[int, ...]:
+    parts = [] if not arg else arg.split(",")
+    vals = [int(p) for p in parts] + list(defaults[len(parts):])
+    if len(vals) != n:
+        raise ValueError(f"pattern {name!r} needs {n} int argument(s) like '{name}:"
+                         f"{','.join(['8'] * n)}', got {arg!r}")
+    return tuple(vals)
+
+
+def _grid(cfg: AttentionConfig, name: str) -> tuple[int, ...]:
+    if cfg.grid_shape is None:
+        raise ValueError(f"pattern {name!r} needs AttentionConfig.grid_shape (the token grid)")
+    return cfg.grid_shape
+
+
+@register_pattern("full")
+def _full(cfg, arg):
+    return masks.full()
+
+
+@register_pattern("causal")
+def _causal(cfg, arg):
+    return masks.causal()
+
+
+@register_pattern("sliding_window")
+def _sliding(cfg, arg):
+    (w,) = _ints(arg, 1, "sliding_window")
+    return masks.sliding_window(w)
+
+
+@register_pattern("local")
+def _local(cfg, arg):
+    left, right = _ints(arg, 2, "local")
+    return masks.local(left, right)
+
+
+@register_pattern("chunked")
+def _chunked(cfg, arg):
+    (c,) = _ints(arg, 1, "chunked")
+    return masks.chunked(c)
+
+
+@register_pattern("prefix_lm")
+def _prefix_lm(cfg, arg):
+    (p,) = _ints(arg, 1, "prefix_lm")
+    return masks.prefix_lm(p)
+
+
+@register_pattern("strided")
+def _strided(cfg, arg):
+    """S2-Attention-style shards: head ``h`` sees keys ``j % stride == h % stride``."""
+    (s,) = _ints(arg, 1, "strided")
+    return masks.per_head([masks.strided(s, h % s) for h in range(cfg.num_heads)])
+
+
+@register_pattern("neighborhood")
+def _neighborhood(cfg, arg):
+    """NATTEN neighborhood on ``grid_shape``: ``"neighborhood:kernel[,dilation]"``."""
+    kernel, dilation = _ints(arg, 2, "neighborhood", (7, 1))
+    grid = masks.neighborhood(_grid(cfg, "neighborhood"), kernel, dilation)
+    return masks.with_prefix_tokens(grid, cfg.num_prefix_tokens)
+
+
+@register_pattern("window")
+def _window(cfg, arg):
+    """Non-overlapping ``w x w`` windows on ``grid_shape``: ``"window:w"``."""
+    (w,) = _ints(arg, 1, "window")
+    grid = masks.grid_windows(_grid(cfg, "window"), w)
+    return masks.with_prefix_tokens(grid, cfg.num_prefix_tokens)
+
+
+def parse_pattern(cfg: AttentionConfig, spec: Any) -> masks.Mask | None:
+    """A ``Mask`` from a Mask, None, or a pattern string ``"name[:args]"``."""
+    if spec is None or isinstance(spec, masks.Mask):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"mask must be a jattn.masks.Mask, a pattern string or None, got {spec!r}")
+    name, _, arg = spec.partition(":")
+    if name not in PATTERNS:
+        raise ValueError(f"unknown mask pattern {name!r}; registered: {pattern_names()}")
+    return PATTERNS[name](cfg, arg or None)
+
+
+def build_mask(cfg: AttentionConfig, *extra: Any) -> masks.Mask | None:
+    """``causal() & cfg.mask & extra...`` (None = everything visible)."""
+    parts = [parse_pattern(cfg, cfg.mask)] + [parse_pattern(cfg, e) for e in extra]
+    parts = [p for p in parts if p is not None]
+    if cfg.causal:
+        parts.insert(0, masks.causal())
+    if not parts:
+        return None
+    out = parts[0]
+    for p in parts[1:]:
+        out = out & p
+    return out

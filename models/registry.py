@@ -1,0 +1,119 @@
+"""The mechanism registry: attention cores by name.
+
+A config selects a mechanism with a string, ``AttentionConfig(mechanism="gla")``; names may take
+an argument after a colon (``"linear:elu1"``) and every mask pattern of :mod:`models.patterns`
+is also a mechanism (softmax under that pattern: ``"sliding_window:64"``, ``"neighborhood:3"``,
+``"strided:4"``). Registering a new mechanism is one decorated class or function (here, in
+:mod:`models.cores` or in user code)::
+
+    @register_mechanism("softplus")
+    class Softplus(SoftmaxCore):
+        normalizer = "softplus"          # after jattn.normalizers.register("softplus", ...)
+
+A registered factory is called as ``factory(cfg, mask, arg, rngs=rngs)`` and returns a
+:class:`models.cores.base.Core`; ``mask`` is the block's mask (causal & configured pattern).
+Softmax-family cores accept any mask; recurrent cores accept none. The built-in cores, with the
+math and the paper of each: :mod:`models.cores.softmax`, :mod:`models.cores.recurrent`,
+:mod:`models.cores.hybrid`; they register when :mod:`models.cores` loads (importing any of
+``models`` loads it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from flax import nnx
+
+from models.config import AttentionConfig
+from models.cores.base import Core
+from models.patterns import PATTERNS, build_mask, pattern_names
+
+__all__ = [
+    "MECHANISMS",
+    "register_mechanism",
+    "mechanism_names",
+    "mechanism_kind",
+    "option_names",
+    "build_core",
+    "check_mechanism",
+]
+
+Factory = Callable[..., Core]
+MECHANISMS: dict[str, Factory] = {}
+
+
+def register_mechanism(name: str) -> Callable[[Factory], Factory]:
+    """Decorator: register ``factory(cfg, mask, arg, *, rngs) -> Core`` (or a Core subclass)."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"mechanism name must be a non-empty str without ':', got {name!r}")
+
+    def deco(factory: Factory) -> Factory:
+        if name in MECHANISMS or name in PATTERNS:
+            raise ValueError(f"mechanism {name!r} is already registered")
+        MECHANISMS[name] = factory
+        return factory
+
+    return deco
+
+
+def mechanism_names() -> list[str]:
+    """Registered mechanism names (each mask pattern name is also accepted, as softmax)."""
+    return sorted(MECHANISMS)
+
+
+def option_names() -> list[str]:
+    """Every option a registered core declares (the names ``AttentionConfig.options`` takes)."""
+    names = set()
+    for factory in MECHANISMS.values():
+        options = getattr(factory, "Options", None)
+        if options is not None and dataclasses.is_dataclass(options):
+            names.update(f.name for f in dataclasses.fields(options))
+    return sorted(names)
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown attention mechanism {name!r}; registered: {mechanism_names()} "
+                      f"(arguments after ':', e.g. 'linear:elu1'), or a mask pattern: "
+                      f"{pattern_names()} (e.g. 'sliding_window:64')")
+
+
+def check_mechanism(cfg: AttentionConfig) -> None:
+    """Raise ValueError now (before any parameter is drawn) for an unknown name, a bad mask or
+    an option no registered core declares."""
+    name = cfg.mechanism_name
+    if name not in MECHANISMS and name not in PATTERNS:
+        raise _unknown(name)
+    known = option_names()
+    for option, _ in cfg.options:
+        if option not in known:
+            raise ValueError(f"unknown attention option {option!r}; the registered cores "
+                             f"declare {known}")
+    if name in PATTERNS:
+        build_mask(cfg, cfg.mechanism)
+    else:
+        build_mask(cfg)
+
+
+def build_core(cfg: AttentionConfig, *, rngs: nnx.Rngs) -> Core:
+    """The core for ``cfg.mechanism`` with the block mask ``causal & cfg.mask [& pattern]``."""
+    name, arg = cfg.mechanism_name, cfg.mechanism_arg
+    if name in MECHANISMS:
+        return MECHANISMS[name](cfg, build_mask(cfg), arg, rngs=rngs)
+    if name in PATTERNS:
+        # models.cores.softmax registers its cores here, so it imports this module: import late
+        from models.cores.softmax import SoftmaxCore
+
+        window = int(arg) if name == "sliding_window" else None  # keys a query looks back
+        return SoftmaxCore(cfg, build_mask(cfg, cfg.mechanism), kv_window=window)
+    raise _unknown(name)
+
+
+def mechanism_kind(mechanism: str) -> str:
+    """``"softmax"``, ``"recurrent"`` or ``"hybrid"`` for a mechanism string."""
+    name = mechanism.split(":", 1)[0]
+    if name in PATTERNS:
+        return "softmax"
+    if name not in MECHANISMS:
+        raise _unknown(name)
+    return getattr(MECHANISMS[name], "kind", "softmax")
