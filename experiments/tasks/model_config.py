@@ -17,7 +17,7 @@ from experiments.config import ConfigError
 
 # Keys of config.model that are not fields of the architecture: read by the task itself.
 TASK_KEYS = ("init",)  # parameter init scheme ("models" | "pytorch"), tasks.base.apply_init
-# config name -> ViTConfig field (ViTConfig spells positions `posemb`)
+# config name -> ViTConfig field, where ViTConfig spells it differently
 VIT_FIELDS = {"positions": "posemb"}
 
 
@@ -78,4 +78,6 @@ def vit_config(model: Mapping[str, Any], **derived: Any):
     if missing:
         raise ConfigError(f"config.model needs {', '.join(missing)} for a ViT")
     variant = f"{fields.pop('size')}/{fields.pop('patch_size')}"
-    return from_variant(variant, **model_fields(fields, ViTConfig, VIT_FIELDS, **derived))
+    names = {f.name for f in dataclasses.fields(ViTConfig)}
+    renames = {k: v for k, v in VIT_FIELDS.items() if v in names and k not in names}
+    return from_variant(variant, **model_fields(fields, ViTConfig, renames, **derived))
