@@ -101,7 +101,7 @@ heads split into the zero-sum pair by ~6k steps, after which the risk approaches
         """\
 HEADS = 2
 STEPS = 20 if SMOKE else 8000
-overrides = [f"--config.num_heads={HEADS}", "--config.log_every=10" if SMOKE else
+overrides = [f"--config.model.num_heads={HEADS}", "--config.log_every=10" if SMOKE else
              "--config.log_every=100", f"--config.eval_every={STEPS}",
              f"--config.checkpoint_every={STEPS}"]
 if SMOKE:  # a small fixed test set so evaluation takes a moment
@@ -200,11 +200,12 @@ config = get_config("cpu")
 config.progress_bar = False
 config.mesh.data = 1
 if SMOKE:
-    config.update_from_flattened_dict(dict(
-        d_model=16, seq_len=32, batch_size=8, eval_batch_size=8, train_steps=6, log_every=2,
-        eval_every=2, checkpoint_every=6, histogram_every=6, image_tokens=16))
+    config.update_from_flattened_dict({
+        "model.d_model": 16, "seq_len": 32, "batch_size": 8, "eval_batch_size": 8,
+        "train_steps": 6, "log_every": 2, "eval_every": 2, "checkpoint_every": 6,
+        "histogram_every": 6, "image_tokens": 16})
 run_dir = WORKDIR / f"bigram_backcopy_{config.train_steps}"
-print(f"d={config.d_model} layers={config.num_layers} steps={config.train_steps} "
+print(f"d={config.model.d_model} layers={config.model.num_layers} steps={config.train_steps} "
       f"lr={config.learning_rate} -> {run_dir}")""",
     ),
     (
@@ -349,7 +350,7 @@ GLA's curve to stay low here. At the harder size (T = 256, 16 pairs), `configs/m
 summaries = {}
 for mechanism in ("softmax", "gla"):
     config = get_config("tiny" if SMOKE else "cpu")
-    config.mechanism = mechanism
+    config.model.mechanism = mechanism
     config.progress_bar = False
     config.mesh.data = 1
     if not SMOKE:
@@ -383,7 +384,7 @@ For the full picture, sweep mechanisms and widths (one run each; a PNG of accura
 size and a JSON table):
 
 ```
-python -m experiments.mqar_sweep --workdir runs/mqar_sweep --preset cpu \\
+python -m studies.mqar_sweep --workdir runs/mqar_sweep --preset cpu \\
     --mechanisms softmax gla deltanet --d-models 32 64
 ```""",
     ),

@@ -16,24 +16,21 @@ value drains and residual peaks on a toy bigram + copy task.
 
 ARG tokens (combine with commas): ``cpu`` (d=64, seq 64, batch 128, 800 steps, lr 2e-3),
 ``tiny`` (tests: d=16, seq 32, a few steps), ``1layer``/``3layer``, ``sgd`` (momentum 0.9,
-lr 0.03), ``relu`` / ``sigmoid`` (attention normalizer; relu: lr 3e-3 for 1 layer as in the
-paper). The learning rate a token sets can be overridden with ``--config.learning_rate``.
+lr 0.03), ``relu`` / ``sigmoid`` (``config.model.mechanism``, the attention normalizer; relu:
+lr 3e-3 for 1 layer as in the paper). The learning rate a token sets can be overridden with
+``--config.learning_rate``; the model's fields live under ``config.model``
+(``--config.model.num_layers=2``).
 """
 
 import ml_collections
 
-from experiments.config import base_config
+from configs.common import base_config, model_config, parse_tokens, tiny
 
 TOKENS = ("cpu", "tiny", "1layer", "3layer", "sgd", "adamw", "relu", "sigmoid", "softmax")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    for t in tokens:
-        if t not in TOKENS:
-            raise ValueError(
-                f"configs/bigram_backcopy.py:{arg}: unknown token {t!r}; choose from {TOKENS}"
-            )
+    tokens = parse_tokens(arg, TOKENS, "bigram_backcopy")
     config = base_config(task="bigram_backcopy")
     # --- data: the paper's 65 characters + <s>, sequences of 256 inputs --------------------------
     config.vocab_size = 65  # characters, <s> excluded (ignored with a corpus)
@@ -43,12 +40,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.zipf_exponent = 1.0
     config.row_concentration = 0.3
     config.num_triggers = 3
-    # --- model -----------------------------------------------------------------------------------
-    config.num_layers = 1
-    config.d_model = 256
-    config.normalizer = "softmax"  # softmax | relu | sigmoid
-    config.init = "pytorch"  # PyTorch defaults as in the paper's code, or "models" (our own)
-    config.implementation = "reference"  # jattn.attention implementation ("" = best available)
+    # --- model: 1 head, LayerNorm, learned positions (vocabulary and max_len come from the data)
+    config.model = model_config(
+        num_layers=1,
+        d_model=256,
+        num_heads=1,
+        mlp="relu",  # hidden 4 d_model
+        norm="layernorm",
+        positions="learned",
+        use_bias=False,
+        tie_embeddings=False,
+        mechanism="softmax",  # softmax | relu | sigmoid
+        init="pytorch",  # PyTorch defaults as in the paper's code, or "models" (our own)
+        implementation="reference",  # jattn.attention implementation ("" = best available)
+    )
     config.image_tokens = 64  # attention-map images: first N positions of one eval sequence
     # --- optimizer: AdamW 3e-4, betas (0.9, 0.99), wd 1e-4 on every parameter, no schedule ----
     config.optimizer = "adamw"
@@ -72,8 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.histogram_every = 1000
 
     if "cpu" in tokens:
-        config.d_model = 64
-        config.seq_len = 64  # <= d_model: a previous-token head over learned positions fits
+        config.model.d_model = 64
+        config.seq_len = 64  # <= model.d_model: a previous-token head over learned positions fits
         config.batch_size = 128
         config.eval_batch_size = 64
         config.train_steps = 800
@@ -82,26 +87,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every = 400
         config.histogram_every = 400
     if "tiny" in tokens:
-        config.d_model = 16
-        config.seq_len = 32
-        config.batch_size = 8
-        config.eval_batch_size = 8
-        config.train_steps = 4
-        config.log_every = config.eval_every = 2
-        config.checkpoint_every = 4
-        config.histogram_every = 4
-        config.image_tokens = 16
-        config.progress_bar = False
+        tiny(config, seq_len=32, image_tokens=16, **{"model.d_model": 16})
     if "3layer" in tokens:
-        config.num_layers = 3
+        config.model.num_layers = 3
     if "1layer" in tokens:
-        config.num_layers = 1
+        config.model.num_layers = 1
     if "sgd" in tokens:
         config.optimizer = "sgd"
         config.learning_rate = 0.03
     for name in ("relu", "sigmoid", "softmax"):
         if name in tokens:
-            config.normalizer = name
-    if config.normalizer == "relu" and config.num_layers == 1 and config.optimizer == "adamw":
+            config.model.mechanism = name
+    m = config.model
+    if m.mechanism == "relu" and m.num_layers == 1 and config.optimizer == "adamw":
         config.learning_rate = 3e-3
     return config

@@ -12,7 +12,7 @@ Switch the attention mechanism with `--config.model.mechanism=sigmoid` (any name
 
 import ml_collections
 
-from experiments.config import base_config
+from configs.common import base_config, model_config
 
 SIZES = {
     # name: (d_model, num_layers, num_heads, seq_len, batch, steps, lr)
@@ -32,20 +32,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         {"seq_len": seq_len, "eval_fraction": 0.1, "num_sentences": 6000}
     )
-    config.model = ml_collections.ConfigDict(
-        {
-            "d_model": d,
-            "num_layers": layers,
-            "num_heads": heads,
-            "mlp": "swiglu",
-            "positions": "rope",
-            "mechanism": "softmax",
-            "layer_pattern": "A",
-            "tie_embeddings": False,
-            # jattn.attention implementation: "" = best for the platform, or "reference",
-            # "xla", "pallas". The tiny test size uses the plain reference (fast to compile).
-            "implementation": "reference" if size == "tiny" else "",
-        }
+    config.model = model_config(  # vocabulary from the corpus, max_len = data.seq_len
+        d_model=d,
+        num_layers=layers,
+        num_heads=heads,
+        mlp="swiglu",
+        positions="rope",
+        mechanism="softmax",
+        layer_pattern="A",
+        tie_embeddings=False,
+        # jattn.attention implementation: "" = best for the platform, or "reference",
+        # "xla", "pallas". The tiny test size uses the plain reference (fast to compile).
+        implementation="reference" if size == "tiny" else "",
     )
     config.sample_prompt = "three plus four is"
     config.sample_tokens = 16 if size == "tiny" else 120

@@ -2,9 +2,9 @@
 
     python -m experiments.run --config configs/icl_regression.py --workdir /tmp/icl_h2
     python -m experiments.run --config configs/icl_regression.py --workdir /tmp/icl_h1 \\
-        --config.num_heads=1
+        --config.model.num_heads=1
     python -m experiments.run --config configs/icl_regression.py --workdir /tmp/icl_lin \\
-        --config.attention=linear
+        --config.model.mechanism=linear
 
 `ARG` sets the number of training steps (`configs/icl_regression.py:300` for a smoke
 run). The setup (d = 5, L = 40, sigma^2 = 0.1, Adam 1e-3, batch 256) is the paper's; see
@@ -14,20 +14,24 @@ the steps the reproduction needed.
 
 import ml_collections
 
-from experiments.config import base_config
+from configs.common import base_config, model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config(task="icl_regression")
-    config.num_heads = 2
-    config.attention = "softmax"  # softmax | linear (unnormalized, for the U-shape check)
+    # the task's own one-layer model (experiments.tasks.icl_regression.ICLAttention); its
+    # width d + 1 follows the data key `dim`
+    config.model = model_config(
+        num_heads=2,
+        mechanism="softmax",  # softmax | linear (unnormalized, for the U-shape check)
+        # std of the entries of Q_h, K_h, V_h, O_h at init. 0.1 left H = 2 on the single-head
+        # saddle (both heads one sign, risk ~.405) for > 8k steps; 0.5 split the heads by ~6k.
+        init_scale=0.5,
+        implementation="reference",  # jattn.attention implementation ("" = default)
+    )
     config.dim = 5  # d: x in R^d, tokens z = (x, y) in R^{d+1}
     config.num_pairs = 40  # L: in-context pairs at training
     config.noise_var = 0.1  # sigma^2 on every y, the query target included
-    # std of the entries of Q_h, K_h, V_h, O_h at init. 0.1 left H = 2 on the single-head
-    # saddle (both heads one sign, risk ~.405) for > 8k steps; 0.5 split the heads by ~6k.
-    config.init_scale = 0.5
-    config.implementation = "reference"  # jattn.attention implementation ("" = default)
     config.eval_lengths = (10, 20, 40, 60, 80, 100)
     config.eval_examples = 65536  # fixed test prompts per evaluation length
     config.train_steps = int(arg) if arg else 40000

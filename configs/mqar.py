@@ -7,9 +7,9 @@
     python -m experiments.run --config configs/mqar.py:256,cpu --workdir /tmp/mqar_256_cpu
     # the paper's sizes: vocab 8192, (T, pairs) in {(64, 4), (128, 8), (256, 16)}
     python -m experiments.run --config configs/mqar.py:256 --workdir /tmp/mqar_256 \\
-        --config.mechanism=gla --config.d_model=128
+        --config.model.mechanism=gla --config.model.d_model=128
     # accuracy vs state size over mechanisms and widths
-    python -m experiments.mqar_sweep --workdir /tmp/mqar_sweep --preset cpu \\
+    python -m studies.mqar_sweep --workdir /tmp/mqar_sweep --preset cpu \\
         --mechanisms softmax gla deltanet --d-models 32 64
 
 ARG tokens (combine with commas): ``64`` / ``128`` / ``256`` pick ``(seq_len, num_kv_pairs)``
@@ -18,16 +18,16 @@ ARG tokens (combine with commas): ``64`` / ``128`` / ``256`` pick ``(seq_len, nu
 ``128`` and ``256`` train on the mixture of all sizes up to theirs (``train_mix``, as Zoology
 does; evaluation is at the preset's size only); ``--config.train_mix=`` trains on one size.
 
-Keys: ``mechanism`` (any registered attention mechanism name, see
-``models.mechanism_names()``), ``d_model``, ``num_heads``, ``seq_len``, ``num_kv_pairs``,
-``vocab_size``, ``power_a`` (query-gap power law), ``train_mix``, ``positions``, ``init``,
-``embed_init_std``, ``tie_embeddings``, plus the runner's shared keys (``train_steps``,
-``learning_rate``, ...).
+Keys: data ``seq_len``, ``num_kv_pairs``, ``vocab_size``, ``power_a`` (query-gap power law),
+``train_mix``; model ``model.mechanism`` (any registered attention mechanism name, see
+``models.mechanism_names()``), ``model.d_model``, ``model.num_heads``, ``model.num_layers``,
+``model.positions``, ``model.init``, ``model.embed_init_std``, ``model.tie_embeddings``; plus
+the runner's shared keys (``train_steps``, ``learning_rate``, ...).
 """
 
 import ml_collections
 
-from experiments.config import base_config
+from configs.common import base_config, model_config, parse_tokens, tiny
 
 TOKENS = ("64", "128", "256", "cpu", "tiny")
 SIZES = {"64": (64, 4), "128": (128, 8), "256": (256, 16)}
@@ -38,10 +38,7 @@ MIXES = {"64": "", "128": "64:4,128:8", "256": "64:4,128:8,256:16"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
-    for t in tokens:
-        if t not in TOKENS:
-            raise ValueError(f"configs/mqar.py:{arg}: unknown token {t!r}; choose from {TOKENS}")
+    tokens = parse_tokens(arg, TOKENS, "mqar")
     config = base_config(task="mqar")
     # --- data (Zoology's defaults) ---------------------------------------------------------------
     config.vocab_size = 8192
@@ -54,19 +51,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # example each size (shorter ones padded with random tokens); "" = (seq_len, num_kv_pairs)
     # only. Evaluation is always at (seq_len, num_kv_pairs).
     config.train_mix = MIXES[f"{config.seq_len}"]
-    # --- model -----------------------------------------------------------------------------------
-    config.mechanism = "softmax"
-    config.d_model = 128
-    config.num_heads = 1
-    config.num_layers = 2
-    config.mlp = "swiglu"
-    config.positions = "learned"
-    config.tie_embeddings = False
-    # "models" (positions N(0, 0.02)) or "pytorch" (embeddings and positions N(0, 1), linears
-    # U(+-1/sqrt(fan_in)): experiments.tasks.base.apply_init)
-    config.init = "models"
-    config.embed_init_std = 1.0
-    config.implementation = ""  # jattn.attention implementation ("" = best for the platform)
+    # --- model (vocabulary and max_len come from the data keys) -------------------------------
+    config.model = model_config(
+        mechanism="softmax",
+        d_model=128,
+        num_heads=1,
+        num_layers=2,
+        mlp="swiglu",
+        positions="learned",
+        tie_embeddings=False,
+        # "models" (positions N(0, 0.02)) or "pytorch" (embeddings and positions N(0, 1),
+        # linears U(+-1/sqrt(fan_in)): experiments.tasks.base.apply_init)
+        init="models",
+        embed_init_std=1.0,
+        implementation="",  # jattn.attention implementation ("" = best for the platform)
+    )
     # --- optimizer -------------------------------------------------------------------------------
     config.optimizer = "adamw"
     config.learning_rate = 1e-3
@@ -87,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if "cpu" in tokens:
         config.vocab_size = 256
-        config.d_model = 64
+        config.model.d_model = 64
         config.batch_size = 64
         config.train_steps = 1500
         config.learning_rate = 3e-3
@@ -100,17 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.histogram_every = 1500
     if "tiny" in tokens:
         config.train_mix = ""
-        config.vocab_size = 64
         config.seq_len, config.num_kv_pairs = 16, 2
-        config.d_model = 16
-        config.batch_size = 8
-        config.eval_batch_size = 8
-        config.eval_batches = 1
-        config.train_steps = 4
-        config.warmup_steps = 1
-        config.log_every = config.eval_every = 2
-        config.checkpoint_every = 4
-        config.histogram_every = 4
-        config.implementation = "reference"
-        config.progress_bar = False
+        tiny(config, vocab_size=64, eval_batches=1, warmup_steps=1,
+             **{"model.d_model": 16, "model.implementation": "reference"})
     return config

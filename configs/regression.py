@@ -2,18 +2,17 @@
 
     python -m experiments.run --config configs/regression.py --workdir /tmp/reg
 
-Imports nothing heavy, so bad command-line overrides are reported at once.
 """
 
 import ml_collections
 
-from experiments.config import base_config
+from configs.common import base_config, model_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`arg`: optional number of steps, e.g. `configs/regression.py:40`."""
     config = base_config(task="regression")
-    config.model = ml_collections.ConfigDict({"dim": 8, "hidden": 32, "teacher_hidden": 16})
+    config.model = model_config(dim=8, hidden=32, teacher_hidden=16)  # the task's own MLP
     config.data = ml_collections.ConfigDict({"noise": 0.01})
     config.train_steps = int(arg) if arg else 200
     config.batch_size = 32

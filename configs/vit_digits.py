@@ -12,7 +12,7 @@
 
 import ml_collections
 
-from experiments.config import base_config
+from configs.common import base_config, model_config
 
 SIZES = {
     # name: (ViT size, patch, batch, steps, lr)
@@ -36,14 +36,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "label_smoothing": 0.0,
         }
     )
-    config.model = ml_collections.ConfigDict(
-        {
-            "size": vit,
-            "patch_size": patch,
-            "pool": "token",
-            "posemb": "learned",
-            "mechanism": "softmax",
-        }
+    config.model = model_config(  # classes, image size and channels come from the data
+        size=vit,
+        patch_size=patch,
+        pool="token",
+        positions="learned",  # learned | sincos2d | none
+        mechanism="softmax",
     )
     config.train_steps = steps
     config.batch_size = batch

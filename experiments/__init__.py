@@ -7,16 +7,17 @@ Modules:
   trainer     the loop: jitted init (parameters created sharded), jitted train step with
               donation, eval, TensorBoard, checkpoints, resume, `summary.json`.
   tasks       the Task interface (`tasks/base.py`) and registry; one module per task.
-  config      the keys every experiment shares (`base_config`) and their validation.
+  config      validation of the shared keys (`validate_config`), `--config.k=v` parsing.
   sharding    mesh (data, fsdp, context, tensor) and batch placement (specs: models.sharding).
   data        grain pipelines: each host reads its rows of every global batch.
   checkpoint  orbax CheckpointManager + grain iterator state, verified restore/fallback.
   optim       optax optimizers, schedules, clipping, weight-decay masks.
   tb          TensorBoard event writer (scalars, histograms, images) without TensorFlow.
-  plots       PNG figures for tasks.  testing: helpers for the runner's tests.
+  plots       PNG figures for tasks.
 
 Adding a task: write `experiments/tasks/<name>.py` with a `@register("<name>")` subclass
 of `Task` (build_model, train_source, loss; optionally eval_source, eval_metrics,
 eval_images, periodic_metrics, summary_fields, write_figures) and a
-`configs/<name>.py` whose `get_config` starts from `experiments.config.base_config`.
+`configs/<name>.py` whose `get_config` starts from `configs.common.base_config` (configs sit
+above the runner; paper studies that run several configs live in `studies/`, above both).
 """

@@ -1,13 +1,9 @@
-"""Shared experiment configuration: the keys every task has, and their validation.
+"""Validation of the shared experiment keys, and the command-line override syntax.
 
-A config file in `configs/` defines `get_config(arg: str | None) -> ConfigDict`; it starts
-from :func:`base_config` and adds the task's own keys (usually under `model` and `data`):
-
-    def get_config(arg=None):
-        config = base_config(task="char_lm")
-        config.model = ml_collections.ConfigDict(dict(num_layers=2, ...))
-        return config
-
+Config files live in `configs/` (above the runner: they import nothing from `experiments`).
+Each defines `get_config(arg: str | None) -> ConfigDict`, starting from
+`configs.common.base_config` (the keys every task has) and adding the task's own keys, the
+model's under `config.model`. The runner validates the config it is given:
 :func:`validate_config` rejects bad values with a :class:`ConfigError` naming the key.
 """
 
@@ -20,9 +16,8 @@ from typing import Any
 
 import ml_collections
 
-# The mesh axes and the default logical-axis rules are those of models.sharding, the one
-# module that resolves logical axes to mesh placements (its docstring has the table).
-from models.sharding import DEFAULT_RULES as DEFAULT_LOGICAL_AXIS_RULES  # noqa: F401
+# The mesh axes are those of models.sharding, the one module that resolves logical axes to
+# mesh placements (its docstring has the table; configs.common takes its default rules).
 from models.sharding import MESH_AXES
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -31,47 +26,6 @@ SCHEDULES = ("cosine", "constant", "linear")
 
 class ConfigError(ValueError):
     """A config key has a bad value (the message names the key)."""
-
-
-def base_config(task: str = "") -> ml_collections.ConfigDict:
-    """The keys every experiment shares, with their defaults.
-
-    Args:
-      task: registered task name (see `experiments.tasks`).
-    """
-    c = ml_collections.ConfigDict()
-    c.task = task
-    c.seed = 0
-    c.train_steps = 1000
-    c.batch_size = 32
-    c.learning_rate = 1e-3
-    c.optimizer = "adamw"  # adamw | adam | sgd
-    c.b1 = 0.9
-    c.b2 = 0.999
-    c.eps = 1e-8
-    c.momentum = 0.9  # sgd only (0 = plain SGD)
-    c.weight_decay = 0.0
-    # Parameters whose path contains one of these substrings are not decayed.
-    c.no_decay = ("bias", "norm", "scale", "embed")
-    c.schedule = "constant"  # cosine | constant | linear (decay after warmup)
-    c.warmup_steps = 0
-    c.min_lr_ratio = 0.0  # cosine/linear end value, as a fraction of learning_rate
-    c.grad_clip_norm = 0.0  # 0 = off
-
-    c.checkpoint_every = 200
-    c.keep_checkpoints = 3
-    c.async_checkpointing = True
-    c.log_every = 50
-    c.eval_every = 200
-    c.eval_batches = 4
-    c.eval_batch_size = 0  # 0 = batch_size
-    c.histogram_every = 0  # 0 = at every eval
-    c.progress_bar = True
-
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "tensor": 1})
-    c.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
-    c.data_threads = 2  # grain prefetch threads per host (0 = read in the main thread)
-    return c
 
 
 def _is_int(x: Any) -> bool:
@@ -219,15 +173,23 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train_steps=600", "schedule=constant"]`` -> ``{"train_steps": 600, ...}`` (ints,
-    floats and true/false parsed; anything else stays a string), for the sweep scripts'
-    ``--set``."""
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Command-line overrides as a flat dict of dotted keys, for
+    ``ConfigDict.update_from_flattened_dict``.
+
+    Takes the runner's syntax, ``--config.model.mechanism=gla``, or the bare form
+    ``model.mechanism=gla``. Values: ints, floats and true/false are parsed; anything else
+    stays a string (the ConfigDict then rejects a value of the wrong type for its key).
+
+    Raises:
+      ValueError: an item is not ``[--config.]KEY=VALUE``.
+    """
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        body = item[len("--config."):] if item.startswith("--config.") else item
+        key, sep, text = body.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise ValueError(f"expected --config.KEY=VALUE, got {item!r}")
         out[key] = {"true": True, "false": False}.get(text.lower(), text)
         for cast in (int, float):
             try:

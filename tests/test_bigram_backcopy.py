@@ -139,19 +139,21 @@ def test_corpus_bigram(tmp_path):
     assert task.distribution().num_tokens == len(chars) + 1
     with pytest.raises(ConfigError, match="config.corpus"):
         BigramBackcopyTask(_config(corpus=str(tmp_path / "missing.txt"))).validate()
-    with pytest.raises(ConfigError, match="config.normalizer"):
-        BigramBackcopyTask(_config(normalizer="tanh")).validate()
+    with pytest.raises(ConfigError, match="config.model.mechanism"):
+        BigramBackcopyTask(_config(**{"model.mechanism": "tanh"})).validate()
 
 
 def test_config_presets():
     from configs.bigram_backcopy import get_config
 
     paper = get_config()
-    assert (paper.num_layers, paper.d_model, paper.batch_size, paper.seq_len) == (1, 256, 512, 256)
+    m = paper.model
+    assert (m.num_layers, m.d_model, paper.batch_size, paper.seq_len) == (1, 256, 512, 256)
     assert (paper.learning_rate, paper.b1, paper.b2, paper.weight_decay) == (3e-4, 0.9, 0.99, 1e-4)
     assert paper.optimizer == "adamw" and paper.schedule == "constant" and paper.vocab_size == 65
     sgd = get_config("3layer,sgd")
-    assert (sgd.num_layers, sgd.optimizer, sgd.learning_rate, sgd.momentum) == (3, "sgd", 0.03, 0.9)
+    assert (sgd.model.num_layers, sgd.optimizer, sgd.learning_rate, sgd.momentum) == (
+        3, "sgd", 0.03, 0.9)
     assert get_config("relu").learning_rate == 3e-3
     with pytest.raises(ValueError, match="unknown token"):
         get_config("gpu")
@@ -186,8 +188,8 @@ def test_tiny_run_through_the_runner(tmp_path):
 
 
 def test_bb_compare_overlays_runs_labelled_by_what_differs(tmp_path, capsys):
-    from experiments import bb_compare
     from experiments.trainer import train
+    from studies import bb_compare
 
     train(_config("tiny"), str(tmp_path / "adam"))
     train(_config("tiny,sgd", train_steps=2), str(tmp_path / "sgd"))
@@ -206,19 +208,32 @@ def test_bb_compare_overlays_runs_labelled_by_what_differs(tmp_path, capsys):
         bb_compare.load(str(tmp_path / "missing"))
 
 
+def test_bb_compare_labels_read_model_keys_of_new_and_old_runs():
+    """Runs saved before the `config.model` subtree kept `normalizer`, `num_layers` at the
+    top level: labels find them either way."""
+    from studies import bb_compare
+
+    new = {"dir": "a", "config": {"model": {"num_layers": 3, "mechanism": "softmax"},
+                                  "optimizer": "adamw"}}
+    old = {"dir": "b", "config": {"num_layers": 3, "normalizer": "relu", "optimizer": "adamw"}}
+    assert bb_compare.labels([new, old]) == ["softmax", "relu"]
+    assert bb_compare.labels([new, {**old, "config": {**old["config"], "num_layers": 1}}]) == [
+        "3L, softmax", "1L, relu"]
+
+
 def test_bb_ablations_grow_the_runs_in_stages(tmp_path, capsys):
-    from experiments import bb_ablations
+    from studies import bb_ablations
 
     variants = ["3layer_adam", "3layer_sgd"]  # (3layer_relu differs only in its ARG tokens)
     md = bb_ablations.main(["--workdir", str(tmp_path), "--preset", "tiny", "--steps", "4",
-                            "--stage", "2", "--variants", *variants, "--set", "mesh.data=1"])
+                            "--stage", "2", "--variants", *variants, "--config.mesh.data=1"])
     out = capsys.readouterr().out
     assert out.index("all runs at step 2") < out.index("3layer_adam -> step 4")
     for variant in variants:
         summary = json.loads((tmp_path / variant / "summary.json").read_text())
         assert summary["step"] == 4 and summary["resumed_from"] == 2
         assert [p["step"] for p in summary["trajectory"]] == [0, 2, 4]
-        assert summary["config"]["num_layers"] == 3
+        assert summary["config"]["model"]["num_layers"] == 3
         assert summary["config"]["checkpoint_every"] == 2  # = eval_every: stages resume close
     assert (tmp_path / "bb_ablations.md").read_text() == md + "\n"
     # rows labelled by what differs between the runs
@@ -234,7 +249,7 @@ def test_bb_ablations_grow_the_runs_in_stages(tmp_path, capsys):
 def test_relu_attention_weights_are_relu_scores_over_i():
     from flax import nnx
 
-    task = BigramBackcopyTask(_config("tiny", normalizer="relu", num_layers=2))
+    task = BigramBackcopyTask(_config("tiny", **{"model.mechanism": "relu", "model.num_layers": 2}))
     model = task.build_model(nnx.Rngs(0))
     tokens = jnp.asarray(task.eval_source()[0]["tokens"][None, :-1])
     _, inter = model(tokens, return_intermediates=True)
@@ -271,7 +286,7 @@ def test_cpu_reproduction_sink_forms(tmp_path):
 
 def test_bb_ablations_cpu_preset_learning_rates(tmp_path):
     """Under --preset cpu the variant's CPU learning rate applies unless --paper-lrs."""
-    from experiments import bb_ablations
+    from studies import bb_ablations
 
     for flag, lr in (([], 1e-3), (["--paper-lrs"], 3e-4)):
         workdir = tmp_path / (flag[0][2:] if flag else "cpu-lrs")

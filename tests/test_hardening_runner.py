@@ -18,9 +18,9 @@ from pathlib import Path
 import jax
 import pytest
 
-from experiments import testing as T
 from experiments.checkpoint import CheckpointIncompatible, WorkdirBusy
 from experiments.trainer import train
+from tests import testing as T
 
 CFG = {"train_steps": 20, "eval_every": 0, "checkpoint_every": 10, "data_threads": 0}
 

@@ -170,7 +170,7 @@ def test_tiny_run_beats_zero_predictor(tmp_path):
     for name in ("risk_vs_length.png", "kq_ov_heads.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert (tmp_path / "summary.json").exists()
-    from experiments import testing as T
+    from tests import testing as T
 
     assert T.read_scalars(tmp_path, "eval/risk_L40")
 
@@ -181,9 +181,10 @@ def test_tiny_run_beats_zero_predictor(tmp_path):
 @pytest.mark.parametrize(
     "name, steps, overrides",
     [
-        ("softmax_H1", 10000, {"num_heads": 1}),
-        ("softmax_H2", 20000, {"num_heads": 2}),
-        ("linear_derived", 20000, {"num_heads": 2, "attention": "linear", "init_scale": 0.1}),
+        ("softmax_H1", 10000, {"model.num_heads": 1}),
+        ("softmax_H2", 20000, {"model.num_heads": 2}),
+        ("linear_derived", 20000,
+         {"model.num_heads": 2, "model.mechanism": "linear", "model.init_scale": 0.1}),
     ],
 )
 def test_reproduction(tmp_path, name, steps, overrides):

@@ -171,7 +171,7 @@ def test_config_presets():
 
     for arg, (t, p) in {"64": (64, 4), "128": (128, 8), "256": (256, 16)}.items():
         c = get_config(arg)
-        assert (c.seq_len, c.num_kv_pairs, c.vocab_size, c.num_layers) == (t, p, 8192, 2)
+        assert (c.seq_len, c.num_kv_pairs, c.vocab_size, c.model.num_layers) == (t, p, 8192, 2)
         assert all(tt <= t for tt, _ in parse_mix(c.train_mix))  # a mixture up to its size
     assert parse_mix(get_config("256").train_mix) == [(64, 4), (128, 8), (256, 16)]
     assert get_config("cpu").vocab_size <= 1024
@@ -182,7 +182,7 @@ def test_config_presets():
 def test_tiny_run_writes_accuracy_and_state_size(tmp_path):
     from experiments.trainer import train
 
-    config = _config(mechanism="gla")
+    config = _config(**{"model.mechanism": "gla"})
     summary = train(config, str(tmp_path))
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert 0.0 <= on_disk["accuracy"] <= 1.0
@@ -203,7 +203,7 @@ def test_unknown_mechanism_is_a_config_error(tmp_path):
     from experiments.trainer import train
 
     with pytest.raises(ConfigError, match="mechanism"):
-        train(_config(mechanism="nope"), str(tmp_path))
+        train(_config(**{"model.mechanism": "nope"}), str(tmp_path))
 
 
 @pytest.mark.slow
@@ -227,7 +227,7 @@ def test_softmax_solves_256_16_with_the_size_mixture(tmp_path):
 
 
 def test_sweep_table_and_plot_from_summaries(tmp_path):
-    from experiments import mqar_sweep
+    from studies import mqar_sweep
 
     for mech, d, size, acc in [("softmax", 32, 4096, 0.9), ("gla", 32, 1024, 0.1)]:
         run = tmp_path / mqar_sweep.run_name(mech, d)

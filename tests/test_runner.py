@@ -20,9 +20,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import testing as T
 from experiments.config import ConfigError
 from experiments.trainer import train
+from tests import testing as T
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import testing as T
-from experiments.config import ConfigError, base_config
+from configs.common import base_config
+from experiments.config import ConfigError
 from experiments.optim import decay_mask, make_optimizer, make_schedule
+from tests import testing as T
 
 pytest.importorskip("models")
 

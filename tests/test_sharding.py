@@ -16,11 +16,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from experiments import testing as T
-from experiments.config import base_config
+from configs.common import base_config
 from experiments.sharding import batch_spec, make_global_batch, make_mesh, mesh_shape
 from experiments.trainer import Trainer, train
 from models.sharding import DEFAULT_RULES, MESH_AXES, axis_rules
+from tests import testing as T
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 

@@ -48,7 +48,7 @@ INITS = ("models", "pytorch")
 
 
 def apply_init(model: nnx.Module, rngs: nnx.Rngs, init: str) -> nnx.Module:
-    """``config.init``: ``"models"`` keeps the model's own initializers; ``"pytorch"``
+    """``config.model.init``: ``"models"`` keeps the model's own initializers; ``"pytorch"``
     re-initializes with PyTorch's defaults (:func:`models.layers.pytorch_default_init`), the
     state papers with PyTorch code start from. Returns the model."""
     if init == "pytorch":
@@ -56,7 +56,7 @@ def apply_init(model: nnx.Module, rngs: nnx.Rngs, init: str) -> nnx.Module:
 
         pytorch_default_init(model, rngs)
     elif init != "models":
-        raise ConfigError(f"config.init={init!r}: must be one of {INITS}")
+        raise ConfigError(f"config.model.init={init!r}: must be one of {INITS}")
     return model
 
 

@@ -29,8 +29,8 @@ token is / is not a trigger.
 
 Model: ``models.Decoder`` as in the paper: pre-LN (LayerNorm without bias), learned absolute
 positions, one head, ReLU MLP of width ``4d``, no biases, untied output layer. The attention
-normalizer is ``config.normalizer``: ``softmax``, ``relu`` (``p_ij = relu(s_ij) / i``) or
-``sigmoid``. ``config.init = "pytorch"`` (default) re-initializes it with PyTorch's defaults
+normalizer is ``config.model.mechanism``: ``softmax``, ``relu`` (``p_ij = relu(s_ij) / i``) or
+``sigmoid``. ``config.model.init = "pytorch"`` (default) re-initializes it with PyTorch's defaults
 as the paper's code does (:func:`models.layers.pytorch_default_init`; it reproduces the
 published initial ``||Val<s>||`` and ``||Res<s>||``); ``"models"`` keeps ``models.Decoder``'s init.
 
@@ -72,6 +72,7 @@ from flax import nnx
 
 from experiments.config import ConfigError
 from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
+from experiments.tasks.model_config import decoder_config
 from jattn import analysis
 
 BOS = 0
@@ -275,11 +276,12 @@ class BigramBackcopyTask(Task):
         for key, lo in (
             ("vocab_size", 5),
             ("seq_len", 2),
-            ("num_layers", 1),
-            ("d_model", 1),
+            ("model.num_layers", 1),
+            ("model.d_model", 1),
             ("num_triggers", 1),
         ):
-            v = c.get(key)
+            node, name = (c.model, key[6:]) if key.startswith("model.") else (c, key)
+            v = node.get(name)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
                 raise ConfigError(f"config.{key}={v!r}: must be an int >= {lo}")
         if c.num_triggers * 2 >= c.vocab_size and not path:
@@ -287,8 +289,10 @@ class BigramBackcopyTask(Task):
                 f"config.num_triggers={c.num_triggers!r}: too many for "
                 f"config.vocab_size={c.vocab_size}"
             )
-        if c.normalizer not in NORMALIZERS:
-            raise ConfigError(f"config.normalizer={c.normalizer!r}: must be one of {NORMALIZERS}")
+        if c.model.mechanism not in NORMALIZERS:
+            raise ConfigError(
+                f"config.model.mechanism={c.model.mechanism!r}: must be one of {NORMALIZERS}"
+            )
         if c.optimizer == "sgd" and c.learning_rate < 1e-3:
             print(
                 f"[jattn] note: optimizer=sgd with learning_rate={c.learning_rate} (the paper's "
@@ -332,31 +336,15 @@ class BigramBackcopyTask(Task):
 
     # --- model -----------------------------------------------------------------------
     def model_config(self):
-        from models import DecoderConfig
-
         c = self.config
-        return DecoderConfig(
-            vocab_size=self.distribution().num_tokens,
-            d_model=c.d_model,
-            num_layers=c.num_layers,
-            num_heads=1,
-            mlp="relu",
-            mlp_dim=4 * c.d_model,
-            norm="layernorm",
-            final_norm=True,
-            positions="learned",
-            max_len=c.seq_len,
-            use_bias=False,
-            tie_embeddings=False,
-            mechanism=c.normalizer,
-            implementation=c.get("implementation") or None,
-        )
+        return decoder_config(c.model, vocab_size=self.distribution().num_tokens,
+                              max_len=c.seq_len)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from models import Decoder
 
         return apply_init(Decoder(self.model_config(), rngs=rngs), rngs,
-                          self.config.get("init", "pytorch"))
+                          self.config.model.get("init", "pytorch"))
 
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
@@ -450,7 +438,7 @@ class BigramBackcopyTask(Task):
             return []
         from experiments.plots import subplots
 
-        c = self.config
+        c, m = self.config, self.config.model
         steps = [p["step"] for p in traj]
         fig, axes = subplots(1, 4, figsize=(16, 3.6), dpi=100)
         panels = (
@@ -460,13 +448,13 @@ class BigramBackcopyTask(Task):
         )
         for ax, (key, title, logy) in zip(axes, panels, strict=False):
             ax.plot(steps, [p.get(key, np.nan) for p in traj], marker=".", label="layer 0")
-            for i in range(1, int(c.num_layers)):  # deeper layers, dashed
+            for i in range(1, int(m.num_layers)):  # deeper layers, dashed
                 other = [p.get(f"{key}/layer{i}", np.nan) for p in traj]
                 if key != "residual_norm" and not np.all(np.isnan(other)):
                     ax.plot(steps, other, ls="--", label=f"layer {i}")
-            if int(c.num_layers) > 1 and key != "residual_norm":
+            if int(m.num_layers) > 1 and key != "residual_norm":
                 ax.legend(fontsize=8)
-            ax.set_title(title if int(c.num_layers) == 1 else title.replace(" (layer 0)", ""))
+            ax.set_title(title if int(m.num_layers) == 1 else title.replace(" (layer 0)", ""))
             if logy:
                 ax.set_yscale("log")
         axes[0].axhline(0.5, color="gray", lw=0.8, ls="--")
@@ -479,8 +467,8 @@ class BigramBackcopyTask(Task):
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
         fig.suptitle(
-            f"Bigram-Backcopy: {c.num_layers} layer(s), d={c.d_model}, {c.optimizer} "
-            f"lr={c.learning_rate:g}, {c.normalizer} attention, batch {c.batch_size}, "
+            f"Bigram-Backcopy: {m.num_layers} layer(s), d={m.d_model}, {c.optimizer} "
+            f"lr={c.learning_rate:g}, {m.mechanism} attention, batch {c.batch_size}, "
             f"seq {c.seq_len}"
         )
         fig.tight_layout()

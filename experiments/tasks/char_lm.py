@@ -26,6 +26,7 @@ from flax import nnx
 from experiments.config import ConfigError
 from experiments.data import BatchedSource, counter_uniform
 from experiments.tasks.base import Batch, Metrics, Task, register
+from experiments.tasks.model_config import decoder_config
 
 _NUMBERS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen "
@@ -142,22 +143,9 @@ class CharLM(Task):
 
     # --- model -----------------------------------------------------------------------
     def model_config(self):
-        from models import DecoderConfig
-
-        m = self.config.model
-        return DecoderConfig(
-            vocab_size=len(self.vocab()),
-            d_model=m.d_model,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            mlp=m.mlp,
-            positions=m.positions,
-            max_len=max(self.config.data.seq_len, m.get("max_len", 0)),
-            mechanism=m.mechanism,
-            layer_pattern=m.layer_pattern,
-            tie_embeddings=bool(m.get("tie_embeddings", False)),
-            implementation=m.get("implementation") or None,
-        )
+        m, seq_len = self.config.model, self.config.data.seq_len
+        return decoder_config(m, vocab_size=len(self.vocab()),
+                              max_len=max(seq_len, m.get("max_len", 0)))
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from models import Decoder

@@ -19,7 +19,7 @@ Interpretability of Multi-Head Softmax Attention". The exact setup:
   is needed. We build the layer directly from ``nnx.Param``\s rather than
   ``models.Decoder``: the decoder adds embeddings, residuals, norms, an MLP and causal
   self-attention over all positions, none of which belong to this model.
-  ``config.attention = "linear"`` drops the softmax (no normalization):
+  ``config.model.mechanism = "linear"`` drops the softmax (no normalization):
   ``yhat = sum_h [O_h V_h Z (Z^T K_h^T Q_h z_q) / sqrt(D)]_last``, i.e.
   ``jattn.linear.linear_attention`` with the identity feature map, ``normalize=False`` and
   the query's keys restricted to the context; its sum over ``L`` terms grows with ``L``,
@@ -252,12 +252,15 @@ class ICLRegression(Task):
         self._risk_fn = None
 
     def validate(self) -> None:
-        c = self.config
-        for key in ("num_heads", "dim", "num_pairs", "eval_examples"):
-            if not (isinstance(c[key], int) and c[key] > 0):
-                raise ConfigError(f"config.{key}={c[key]!r}: must be an int > 0")
-        if c.attention not in ATTENTIONS:
-            raise ConfigError(f"config.attention={c.attention!r}: must be one of {ATTENTIONS}")
+        c, m = self.config, self.config.model
+        for key in ("model.num_heads", "dim", "num_pairs", "eval_examples"):
+            v = m.num_heads if key == "model.num_heads" else c[key]
+            if not (isinstance(v, int) and v > 0):
+                raise ConfigError(f"config.{key}={v!r}: must be an int > 0")
+        if m.mechanism not in ATTENTIONS:
+            raise ConfigError(
+                f"config.model.mechanism={m.mechanism!r}: must be one of {ATTENTIONS}"
+            )
         if not (isinstance(c.noise_var, int | float) and c.noise_var >= 0):
             raise ConfigError(f"config.noise_var={c.noise_var!r}: must be a number >= 0")
         lengths = tuple(c.eval_lengths)
@@ -282,13 +285,13 @@ class ICLRegression(Task):
 
     # --- model -----------------------------------------------------------------------
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        c = self.config
+        m = self.config.model
         return ICLAttention(
-            c.dim,
-            c.num_heads,
-            attention=c.attention,
-            init_scale=c.init_scale,
-            implementation=c.implementation,
+            self.config.dim,
+            m.num_heads,
+            attention=m.mechanism,
+            init_scale=m.init_scale,
+            implementation=m.implementation,
             rngs=rngs,
         )
 
@@ -308,7 +311,7 @@ class ICLRegression(Task):
         del batch
         d = self.config.dim
         out = {}
-        for h in range(min(self.config.num_heads, 8)):
+        for h in range(min(self.config.model.num_heads, 8)):
             out[f"kq/head{h}"] = model.kq()[h, :d, :d]
             out[f"ov/head{h}"] = model.ov()[h]
         return out
@@ -412,7 +415,7 @@ class ICLRegression(Task):
             list(risk.values()),
             "o-",
             lw=2,
-            label=f"trained ({c.attention}, H={c.num_heads})",
+            label=f"trained ({c.model.mechanism}, H={c.model.num_heads})",
         )
         for name, vals in base.items():
             ax.plot(lengths, [vals[str(n)] for n in lengths], "--", label=name)
@@ -429,7 +432,7 @@ class ICLRegression(Task):
 
         kq, ov = np.asarray(model.kq()), np.asarray(model.ov())
         pat = {k: np.asarray(v) for k, v in patterns(model).items()}
-        h = c.num_heads
+        h = c.model.num_heads
         fig, axes = subplots(2, h, figsize=(max(2.2 * h + 1, 5.0), 4.8), dpi=100, squeeze=False)
         for i in range(h):
             for row, (mat, name) in enumerate(((kq[i], "KQ"), (ov[i, -1:, :], "OV[-1,:]"))):

@@ -22,10 +22,11 @@ Training mixture (``config.train_mix = "64:4,128:8,256:16"``, as Zoology trains)
 has the size ``sizes[i % len(sizes)]``, padded with random unlabelled tokens up to ``seq_len``
 (:func:`mqar_mixture_batch`); the held-out set is always ``(seq_len, num_kv_pairs)``.
 
-Model: ``models.Decoder``, ``num_layers`` (2) layers of ``config.mechanism`` (any registered
-attention mechanism name: ``softmax``, ``gla``, ``deltanet``, ``gated_deltanet``, ``retnet``,
-``linear:elu1``, ``based``, ``sliding_window:16``, ...) with an MLP, learned absolute positions
-(recurrent cores ignore RoPE, so learned positions give every mechanism the same information).
+Model: ``models.Decoder``, ``model.num_layers`` (2) layers of ``config.model.mechanism`` (any
+registered attention mechanism name: ``softmax``, ``gla``, ``deltanet``, ``gated_deltanet``,
+``retnet``, ``linear:elu1``, ``based``, ``sliding_window:16``, ...) with an MLP, learned
+absolute positions (recurrent cores ignore RoPE, so learned positions give every mechanism the
+same information).
 
 Loss: cross-entropy on the labelled positions only (the vocabulary head runs at those positions
 only, ``Decoder(gather=)``). ``accuracy`` = fraction of labelled
@@ -65,6 +66,7 @@ from flax import nnx
 from experiments.config import ConfigError
 from experiments.data import BatchedSource, counter_uniform
 from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
+from experiments.tasks.model_config import decoder_config
 
 IGNORE = -100
 #: Counter streams of the generator: train and held-out use disjoint ones.
@@ -257,14 +259,15 @@ class MQAR(Task):
                                   f"{c.seq_len} (shorter sizes are padded up to seq_len)")
         from models.registry import mechanism_kind
 
+        m = c.model
         try:
-            mechanism_kind(c.mechanism)
+            mechanism_kind(m.mechanism)
         except ValueError as e:
-            raise ConfigError(f"config.mechanism={c.mechanism!r}: {e}") from None
-        if not (isinstance(c.d_model, int) and c.d_model > 0 and c.d_model % c.num_heads == 0):
+            raise ConfigError(f"config.model.mechanism={m.mechanism!r}: {e}") from None
+        if not (isinstance(m.d_model, int) and m.d_model > 0 and m.d_model % m.num_heads == 0):
             raise ConfigError(
-                f"config.d_model={c.d_model!r}: must be a positive int divisible by "
-                f"config.num_heads={c.num_heads}"
+                f"config.model.d_model={m.d_model!r}: must be a positive int divisible by "
+                f"config.model.num_heads={m.num_heads}"
             )
 
     # --- data ------------------------------------------------------------------------
@@ -303,28 +306,14 @@ class MQAR(Task):
 
     # --- model -----------------------------------------------------------------------
     def model_config(self):
-        from models import DecoderConfig
-
         c = self.config
-        return DecoderConfig(
-            vocab_size=int(c.vocab_size),
-            d_model=int(c.d_model),
-            num_layers=int(c.get("num_layers", 2)),
-            num_heads=int(c.num_heads),
-            mlp=c.get("mlp", "swiglu"),
-            positions=c.get("positions", "learned"),
-            max_len=int(c.seq_len),
-            mechanism=c.mechanism,
-            tie_embeddings=bool(c.get("tie_embeddings", False)),
-            embed_init_std=float(c.get("embed_init_std", 1.0)),
-            implementation=c.get("implementation") or None,
-        )
+        return decoder_config(c.model, vocab_size=int(c.vocab_size), max_len=int(c.seq_len))
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from models import Decoder
 
         return apply_init(Decoder(self.model_config(), rngs=rngs), rngs,
-                          self.config.get("init", "models"))
+                          self.config.model.get("init", "models"))
 
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
@@ -366,8 +355,8 @@ class MQAR(Task):
             "state_size": sizes[0] if len(set(sizes)) == 1 else sizes,
             "state_size_per_layer": sizes,
             "accuracy_curve": [{"step": s, "accuracy": a} for s, a in curve],
-            "mechanism": c.mechanism,
-            "d_model": int(c.d_model),
+            "mechanism": c.model.mechanism,
+            "d_model": int(c.model.d_model),
             "seq_len": int(c.seq_len),
             "num_kv_pairs": int(c.num_kv_pairs),
             "vocab_size": int(c.vocab_size),

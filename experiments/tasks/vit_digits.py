@@ -27,6 +27,7 @@ from flax import nnx
 
 from experiments.config import ConfigError
 from experiments.tasks.base import Batch, Metrics, Task, register
+from experiments.tasks.model_config import vit_config
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -149,19 +150,10 @@ class ViTDigits(Task):
         return grain.MapDataset.source(held)
 
     def model_config(self):
-        from models import vit_config
-
-        m, d = self.config.model, self.config.data
+        d = self.config.data
         _, _, num_classes = self.splits()
-        return vit_config(
-            f"{m.size}/{m.patch_size}",
-            image_size=d.image_size,
-            channels=d.channels,
-            num_classes=num_classes,
-            pool=m.pool,
-            posemb=m.posemb,
-            mechanism=m.mechanism,
-        )
+        return vit_config(self.config.model, image_size=d.image_size, channels=d.channels,
+                          num_classes=num_classes)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from models import ViT

@@ -1,6 +1,6 @@
 """Bigram-Backcopy: several runs side by side (Guo et al. 2024, the Adam / SGD / ReLU figure).
 
-    python -m experiments.bb_compare /tmp/bb_adam /tmp/bb_sgd /tmp/bb_relu --out /tmp/bb.png
+    python -m studies.bb_compare /tmp/bb_adam /tmp/bb_sgd /tmp/bb_relu --out /tmp/bb.png
 
 Reads each run's ``summary.json`` ``trajectory`` (a finished run, or the last finished stage of
 one grown in stages) and draws one line per run in four panels: ``Attn<s>``, ``‖Val<s>‖``,
@@ -23,16 +23,35 @@ PANELS = (
     ("residual_norm", "||Res<s>|| after layer 0", False),
     ("backcopy_risk", "backcopy risk (nats)", True),
 )
-# config keys a label may mention, in this order, with how they read
+# config keys (dotted) a label may mention, in this order, with how they read
 LABEL_KEYS = (
-    ("num_layers", "{}L"),
+    ("model.num_layers", "{}L"),
     ("optimizer", "{}"),
     ("learning_rate", "lr {:g}"),
-    ("normalizer", "{}"),
-    ("d_model", "d {}"),
+    ("model.mechanism", "{}"),
+    ("model.d_model", "d {}"),
     ("batch_size", "batch {}"),
     ("seq_len", "T {}"),
 )
+# where runs saved before the `config.model` subtree kept those keys
+LEGACY_KEYS = {
+    "model.num_layers": "num_layers",
+    "model.mechanism": "normalizer",
+    "model.d_model": "d_model",
+}
+_MISSING = object()
+
+
+def config_value(config: dict[str, Any], key: str) -> Any:
+    """``config[a][b]`` for the dotted `key` ``"a.b"`` of a saved run's config (also found
+    under its :data:`LEGACY_KEYS` name in runs saved before the rename); a sentinel if absent."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            legacy = LEGACY_KEYS.get(key)
+            return config.get(legacy, _MISSING) if legacy else _MISSING
+        node = node[part]
+    return node
 
 
 def load(run_dir: str) -> dict[str, Any]:
@@ -49,13 +68,17 @@ def load(run_dir: str) -> dict[str, Any]:
 
 def labels(runs: Sequence[dict[str, Any]]) -> list[str]:
     """Per run, the config values that differ between the runs (the directory name if none)."""
+    def shown(r: dict[str, Any], key: str) -> str:
+        v = config_value(r["config"], key)
+        return json.dumps(None if v is _MISSING else v)
+
     differing = [
-        (key, fmt) for key, fmt in LABEL_KEYS
-        if len({json.dumps(r["config"].get(key)) for r in runs}) > 1
+        (key, fmt) for key, fmt in LABEL_KEYS if len({shown(r, key) for r in runs}) > 1
     ]
     out = []
     for r in runs:
-        parts = [fmt.format(r["config"][key]) for key, fmt in differing if key in r["config"]]
+        values = [(fmt, config_value(r["config"], key)) for key, fmt in differing]
+        parts = [fmt.format(v) for fmt, v in values if v is not _MISSING]
         out.append(", ".join(parts) or os.path.basename(os.path.normpath(r["dir"])))
     return out
 

@@ -2,20 +2,21 @@
 al. 2024: the residual peak of <s> grows under Adam, not under SGD or ReLU attention).
 
     # the paper's size (d 256, batch 512): an accelerator job, or CPU hours in resumable stages
-    python -m experiments.bb_ablations --workdir /tmp/bb_abl --steps 1000 --stage 50
+    python -m studies.bb_ablations --workdir /tmp/bb_abl --steps 1000 --stage 50
     # CPU size (d 64, T 64) as measured in experiments/README.md
-    python -m experiments.bb_ablations --workdir /tmp/bb_abl_cpu --preset cpu --steps 1000 \\
-        --set batch_size=64 eval_batch_size=64 log_every=50 eval_every=50
+    python -m studies.bb_ablations --workdir /tmp/bb_abl_cpu --preset cpu --steps 1000 \\
+        --config.batch_size=64 --config.eval_batch_size=64 --config.log_every=50 \\
+        --config.eval_every=50
     # CPU-sized model, the paper's optimizers and batch (Adam 3e-4, SGD 0.03, batch 512)
-    python -m experiments.bb_ablations --workdir /tmp/bb_abl_b512 --preset cpu --paper-lrs \\
-        --steps 3000 --stage 500 --set batch_size=512
+    python -m studies.bb_ablations --workdir /tmp/bb_abl_b512 --preset cpu --paper-lrs \\
+        --steps 3000 --stage 500 --config.batch_size=512
 
 Runs ``configs/bigram_backcopy.py:<preset>,<variant>`` for each variant into
 ``WORKDIR/<variant>/`` through the runner, in this process, in stages: every run reaches
 ``--stage`` steps, then 2x``--stage``, ... up to ``--steps``, so an interrupted job (or one
 stopped to free the machine) leaves all runs at about the same step; rerunning the same
 command resumes each from its checkpoint. After every stage it rewrites
-``WORKDIR/bb_ablations.png`` and ``WORKDIR/bb_ablations.md`` (``experiments.bb_compare``).
+``WORKDIR/bb_ablations.png`` and ``WORKDIR/bb_ablations.md`` (``studies.bb_compare``).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import json
 import os
 from collections.abc import Sequence
 
-from experiments import bb_compare
-from experiments.config import parse_overrides
+from studies import bb_compare
+from studies.cli import parse_args
 
 # variant -> (ARG tokens of configs/bigram_backcopy.py, learning rate at the CPU preset; the
 # paper's rates come from the tokens themselves: Adam 3e-4, SGD 0.03)
@@ -81,14 +82,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--stage", type=int, default=0, help="steps per stage (0: one stage)")
     p.add_argument("--paper-lrs", action="store_true",
                    help="keep the paper's learning rates (Adam 3e-4, SGD 0.03) under --preset cpu")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides for every run, e.g. log_every=25")
-    args = p.parse_args(argv)
+    args, overrides = parse_args(p, argv)
     if args.steps < 1 or args.stage < 0:
         raise SystemExit(f"--steps must be >= 1 and --stage >= 0, got {args.steps}, {args.stage}")
-    overrides = parse_overrides(args.set)
     if "train_steps" in overrides:
-        raise SystemExit("use --steps, not --set train_steps=")
+        raise SystemExit("use --steps, not --config.train_steps=")
     os.makedirs(args.workdir, exist_ok=True)
     stage = args.stage or args.steps
     md = ""

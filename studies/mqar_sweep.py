@@ -1,7 +1,7 @@
 """MQAR sweep: accuracy vs state size per mechanism (Zoology, Arora et al. 2023, Fig. 2 style).
 
-    python -m experiments.mqar_sweep --workdir /tmp/mqar_sweep --preset cpu \\
-        --mechanisms softmax gla deltanet --d-models 32 64 [--set train_steps=600 ...]
+    python -m studies.mqar_sweep --workdir /tmp/mqar_sweep --preset cpu \\
+        --mechanisms softmax gla deltanet --d-models 32 64 [--config.train_steps=600 ...]
 
 Runs ``configs/mqar.py:<preset>`` once per (mechanism, d_model) into
 ``WORKDIR/<mechanism>_d<d>/`` through the runner (in this process, one after the other; a run
@@ -18,7 +18,7 @@ import json
 import os
 import time
 
-from experiments.config import parse_overrides
+from studies.cli import parse_args
 
 
 def run_name(mechanism: str, d_model: int) -> str:
@@ -34,8 +34,8 @@ def run_one(workdir: str, preset: str, mechanism: str, d_model: int, overrides: 
         from experiments.trainer import train
 
         config = get_config(preset)
-        config.mechanism = mechanism
-        config.d_model = d_model
+        config.model.mechanism = mechanism
+        config.model.d_model = d_model
         config.progress_bar = False
         config.update_from_flattened_dict(overrides)
         t0 = time.time()
@@ -104,16 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--preset", default="cpu", help="ARG of configs/mqar.py (e.g. cpu, 256)")
     p.add_argument("--mechanisms", nargs="+", default=["softmax", "gla", "deltanet"])
     p.add_argument("--d-models", nargs="+", type=int, default=[32, 64])
-    p.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config overrides for every run, e.g. train_steps=600",
-    )
     p.add_argument("--plot-only", action="store_true", help="only redraw from summaries")
-    args = p.parse_args(argv)
-    overrides = parse_overrides(args.set)
+    args, overrides = parse_args(p, argv)
     os.makedirs(args.workdir, exist_ok=True)
     rows = []
     for mech in args.mechanisms:
