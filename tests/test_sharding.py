@@ -43,7 +43,7 @@ def decoder_config(**overrides):
     from configs.mqar import get_config
 
     return _override(get_config("tiny"), {
-        "d_model": 32, "num_heads": 2, "mesh.data": 1, "train_steps": 8, "log_every": 1,
+        "model.d_model": 32, "model.num_heads": 2, "mesh.data": 1, "train_steps": 8, "log_every": 1,
         "eval_every": 0, "checkpoint_every": 0, "eval_batches": 0, "histogram_every": 0,
         **overrides})
 
