@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -214,7 +215,9 @@ def _num_heads(*masks: Mask) -> int | None:
 # intersection makes empty, is claimed partial, which kernels handle correctly.
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class _And(Mask):
+class _Binary(Mask):
+    """``a OP b`` for the elementwise bool op ``_op``; block claims combine with ``_claims``."""
+
     a: Mask
     b: Mask
 
@@ -225,33 +228,39 @@ class _And(Mask):
     def num_heads(self):
         return _num_heads(self.a, self.b)
 
+    @staticmethod
+    def _op(x, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _claims(ea, fa, eb, fb):  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _visible(self, q, k, h, q_len, kv_len):
-        return self.a._visible(q, k, h, q_len, kv_len) & self.b._visible(q, k, h, q_len, kv_len)
+        return self._op(self.a._visible(q, k, h, q_len, kv_len),
+                        self.b._visible(q, k, h, q_len, kv_len))
 
     def _bounds_or_eval(self, q0, q1, k0, k1, q_len, kv_len, bq, bk):
         ea, fa = self.a._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
         eb, fb = self.b._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
+        return self._claims(ea, fa, eb, fb)
+
+
+@dataclasses.dataclass(frozen=True)
+class _And(_Binary):
+    _op = staticmethod(operator.and_)
+
+    @staticmethod
+    def _claims(ea, fa, eb, fb):  # empty if either side is, full if both are
         return ea | eb, fa & fb
 
 
 @dataclasses.dataclass(frozen=True)
-class _Or(Mask):
-    a: Mask
-    b: Mask
+class _Or(_Binary):
+    _op = staticmethod(operator.or_)
 
-    def __post_init__(self):
-        _num_heads(self.a, self.b)
-
-    @property
-    def num_heads(self):
-        return _num_heads(self.a, self.b)
-
-    def _visible(self, q, k, h, q_len, kv_len):
-        return self.a._visible(q, k, h, q_len, kv_len) | self.b._visible(q, k, h, q_len, kv_len)
-
-    def _bounds_or_eval(self, q0, q1, k0, k1, q_len, kv_len, bq, bk):
-        ea, fa = self.a._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
-        eb, fb = self.b._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
+    @staticmethod
+    def _claims(ea, fa, eb, fb):  # empty if both sides are, full if either is
         return ea & eb, fa | fb
 
 
