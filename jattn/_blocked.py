@@ -16,9 +16,10 @@ e.g. a bias of -1e9 masking a row, or logits of 1e7) the fp32 sum ``lse = m + lo
 ``log l`` away, and ``exp(s - lse)`` of ``l`` tied keys would be ``1`` instead of ``1 / l``. For
 ``relu`` the saved statistic is the visible-key count.
 
-Block maps from the mask object, an explicit bool mask and segment ids are ANDed (elementwise
-min of the 0/1/2 codes) and reduced over batch and heads: a block is skipped when it is empty for
-every (batch, head) and treated as full when full for every one of them. Per-head sparsity is
+Block maps (:mod:`pallas_kernels.block_map`) from the mask object, an explicit bool mask and
+segment ids are ANDed (elementwise min of the 0/1/2 codes) and reduced over batch and heads: a
+block is skipped when it is empty for every (batch, head) and treated as full when full for every
+one of them. Per-head sparsity is
 therefore exploited only up to the union over heads here; the Pallas kernel skips per head.
 """
 
@@ -28,10 +29,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jattn import masks as masks_lib
 from jattn._common import Spec, merge_heads, scores, soft_cap_grad, split_heads, visible
+from pallas_kernels import block_map as block_map_lib
+from pallas_kernels.block_map import FULL
 
 F32 = jnp.float32
 
@@ -45,21 +49,24 @@ def default_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
 
 
 def block_table(spec: Spec, dense_mask, seg_q, seg_k, block_q: int, block_kv: int):
-    """Combined int8 block map ``[nq, nk]`` (empty/partial/full over all batches and heads)."""
+    """Combined int8 block map ``[nq, nk]`` (empty/partial/full over all batches and heads).
+
+    numpy (a trace-time constant) when every input map is static: always for a mask object
+    alone, whose ``block_map`` is computed from Python ints.
+    """
     if spec.q_len == 0 or spec.kv_len == 0:  # nothing is visible: one empty block, never visited
-        return jnp.zeros((_num_blocks(spec.q_len, block_q), _num_blocks(spec.kv_len, block_kv)),
-                         jnp.int8)
+        return np.zeros((_num_blocks(spec.q_len, block_q), _num_blocks(spec.kv_len, block_kv)),
+                        np.int8)
     base = spec.mask if spec.mask is not None else masks_lib.full()
     mask_map = base.block_map(spec.q_len, spec.kv_len, block_q, block_kv)
+    if (static_map := block_map_lib.concrete(mask_map)) is not None:  # a numpy constant
+        mask_map = static_map
     maps = [mask_map.reshape((1,) * (4 - mask_map.ndim) + mask_map.shape)]  # [1, H|1, nq, nk]
     if dense_mask is not None:  # [Bm, Hm, nq, nk]
-        maps.append(masks_lib._dense_block_map(dense_mask, block_q, block_kv))
+        maps.append(block_map_lib.dense_block_map(dense_mask, block_q, block_kv))
     if seg_q is not None:  # [B, 1, nq, nk]
-        maps.append(masks_lib.segment_block_map(seg_q, seg_k, block_q, block_kv)[:, None])
-    combined = functools.reduce(jnp.minimum, maps)  # AND of the predicates
-    hi, lo = combined.max(axis=(0, 1)), combined.min(axis=(0, 1))
-    return jnp.where(hi == masks_lib.EMPTY, masks_lib.EMPTY,
-                     jnp.where(lo == masks_lib.FULL, masks_lib.FULL, masks_lib.PARTIAL))
+        maps.append(block_map_lib.segment_block_map(seg_q, seg_k, block_q, block_kv)[:, None])
+    return block_map_lib.collapse(block_map_lib.intersect(*maps), axes=(0, 1))
 
 
 def _num_blocks(length: int, block: int) -> int:
@@ -87,9 +94,9 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     bq, bk = block_q or dq, block_kv or dk
     nq, nk = _num_blocks(spec.q_len, bq), _num_blocks(spec.kv_len, bk)
     table = block_table(spec, dense_mask, seg_q, seg_k, bq, bk)
-    # For each query block: non-empty key blocks first, ascending; and how many there are.
-    kv_ids = jnp.argsort(table == masks_lib.EMPTY, axis=1, stable=True).astype(jnp.int32)
-    counts = jnp.sum(table != masks_lib.EMPTY, axis=1).astype(jnp.int32)
+    # For each query block: its non-empty key blocks, ascending (column * 4 + kind), and how
+    # many there are. A static table is compacted on the host (no sort for XLA to fold).
+    entries, counts = (jnp.asarray(x) for x in block_map_lib.compact(table))
     tq, tk = nq * bq, nk * bk
     q = _pad_to(q, 1, tq)
     k, v = _pad_to(k, 1, tk), _pad_to(v, 1, tk)
@@ -97,8 +104,13 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     dense_mask = _pad_to(_pad_to(dense_mask, 2, tq, False), 3, tk, False)
     seg_q, seg_k = _pad_to(seg_q, 1, tq), _pad_to(seg_k, 1, tk)
     out, stat = _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                      table, kv_ids, counts)
+                      entries, counts)
     return out[:, : spec.q_len], stat[..., : spec.q_len]
+
+
+def _decode(entry):
+    """``(key block, kind)`` of a compacted-list entry ``column * 4 + kind``."""
+    return entry // block_map_lib.KIND_RADIX, entry % block_map_lib.KIND_RADIX
 
 
 def _slice(x, start, size, axis):
@@ -127,14 +139,13 @@ def _tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk, seg_k, batch):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts):
+def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts):
     out, stat, _ = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                            table, kv_ids, counts)
+                            entries, counts)
     return out, stat
 
 
-def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids,
-             counts):
+def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts):
     """``out [B, Tq, Hq, Dv]``, the public row stat ``[B, Hq, Tq]`` and, for softmax, the
     backward's ``(m, log_l)`` (each ``[B, Hkv, G, Tq]``; ``m = +inf``, ``log_l = 0`` on rows that
     see nothing, so every recomputed weight is exactly 0 there)."""
@@ -160,7 +171,7 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
         acc0 = jnp.zeros(row + (dv,), F32)
 
         def visit(n, carry):
-            j = kv_ids[i, n]
+            j, kind = _decode(entries[i, n])
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
@@ -191,7 +202,7 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
                 return update(_tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk,
                                                seg_k, b))
 
-            return lax.cond(table[i, j] == masks_lib.FULL, lambda _: update(None), partial, None)
+            return lax.cond(kind == FULL, lambda _: update(None), partial, None)
 
         m, l, acc = lax.fori_loop(0, counts[i], visit, (m0, l0, acc0))
         if norm.softmax:
@@ -212,17 +223,17 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
     return out, stat, jax.tree.map(rows, max_and_log_sum)
 
 
-def _core_fwd(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids,
+def _core_fwd(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries,
               counts):
     out, stat, max_and_log_sum = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q,
-                                          seg_k, table, kv_ids, counts)
-    res = (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat,
+                                          seg_k, entries, counts)
+    res = (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts, out, stat,
            max_and_log_sum)
     return (out, stat), res
 
 
 def _core_bwd(spec, bq, bk, res, cotangents):
-    (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat,
+    (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts, out, stat,
      max_and_log_sum) = res
     d_out, d_stat = cotangents
     b, tq, hq, d = q.shape
@@ -251,7 +262,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
 
         def visit(n, c):
             dq_blk, dk_acc, dv_acc, dbias_acc = c
-            j = kv_ids[i, n]
+            j, kind = _decode(entries[i, n])
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
@@ -279,7 +290,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                 return weights_and_ds(_tile_visibility(spec, i0, j0, bq, bk, dense_mask,
                                                        seg_q_blk, seg_k, b))
 
-            p, ds = lax.cond(table[i, j] == masks_lib.FULL, lambda _: weights_and_ds(None),
+            p, ds = lax.cond(kind == FULL, lambda _: weights_and_ds(None),
                              partial, None)
             dq_blk = dq_blk + spec.scale * jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_blk)
             dk_blk = spec.scale * jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_blk)
@@ -315,7 +326,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
     dsinks = None if sinks is None else dsinks.sum(0).astype(sinks.dtype)
     dbias = None if bias is None else dbias.astype(bias.dtype)
     return (dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks,
-            None, None, None, None, None, None)
+            None, None, None, None, None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

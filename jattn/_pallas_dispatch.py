@@ -1,9 +1,12 @@
 """Glue from ``jattn.attention(..., implementation="pallas")`` to :mod:`pallas_kernels.flash`.
 
+Which implementation serves a call is decided in :mod:`jattn._dispatch` (from
+:func:`unsupported_reason` here); this module only translates the call for the kernel.
+
 The kernel takes plain arrays and functions: a block map (built here from the
 :class:`~jattn.masks.Mask` at the kernel's block sizes, evaluated at trace time so the TPU grid
 only spans non-empty blocks) and ``mask.index_fn(Tq, Tk)``. Features the kernel does not have
-raise ``NotImplementedError`` naming them, so ``implementation=None`` can fall back to XLA.
+raise ``NotImplementedError`` naming them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import jax
 import numpy as np
 
 from jattn.masks import Mask
+from pallas_kernels import flash as flash_lib
 
 __all__ = ["attention_pallas", "pallas_supported", "unsupported_reason"]
 
@@ -73,11 +77,6 @@ def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sink
                                 normalizer=normalizer)
     if reason is not None:
         raise NotImplementedError(reason)
-    try:
-        from pallas_kernels import flash as flash_lib
-    except ImportError as e:  # pragma: no cover
-        raise NotImplementedError(f"pallas_kernels.flash is unavailable: {e}") from e
-
     tq, hq = q.shape[1], q.shape[2]
     tk = k.shape[1]
     bq, bk = flash_lib.block_sizes(tq, tk, block_q or DEFAULT_BLOCK_Q,

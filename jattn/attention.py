@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _blocked, _reference
+from jattn import _blocked, _dispatch, _pallas_dispatch, _reference
 from jattn import masks as masks_lib
 from jattn import normalizers as normalizers_lib
 from jattn._common import Spec, merge_heads
@@ -182,22 +181,6 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
     return spec, bias4, sinks, dense, seg_q, seg_k
 
 
-def _platform() -> str:
-    return jax.devices()[0].platform
-
-
-def _pallas(q, k, v, spec, *, mask, bias, sinks, segment_ids, dense, return_lse):
-    try:
-        from jattn._pallas_dispatch import attention_pallas
-    except ImportError as e:  # pragma: no cover - depends on the kernel package being present
-        raise NotImplementedError(f"the Pallas attention kernel is unavailable: {e}") from e
-    return attention_pallas(q, k, v, mask=mask if isinstance(mask, Mask) else None,
-                            dense_mask=dense, bias=bias, scale=spec.scale,
-                            normalizer=spec.normalizer.name, sinks=sinks,
-                            logits_soft_cap=spec.soft_cap, segment_ids=segment_ids,
-                            return_lse=return_lse)
-
-
 def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax", sinks=None,
               logits_soft_cap=None, segment_ids=None, return_lse=False, implementation=None,
               context_axis=None, context_strategy="ring"):
@@ -240,23 +223,25 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=return_lse,
         implementation=implementation)
-    impl = implementation
-    if impl is None or impl == "pallas":
-        if impl == "pallas" or _platform() in ("gpu", "tpu"):
-            try:
-                return _pallas(q, k, v, spec, mask=mask, bias=bias4, sinks=sinks,
-                               segment_ids=segment_ids, dense=dense, return_lse=return_lse)
-            except NotImplementedError:
-                if impl == "pallas":
-                    raise
-        impl = "xla"
-    args = (spec, q, k, v, bias4, sinks, dense, seg_q, seg_k)
-    if impl == "reference":
-        out, stat = _reference.attention(*args)
-    else:
-        out, stat = _blocked.attention(*args)
-    out = out.astype(q.dtype)
-    return (out, stat) if return_lse else out
+    choice = _dispatch.choose(
+        implementation, IMPLEMENTATIONS, fallback="xla",
+        unsupported=lambda: _pallas_dispatch.unsupported_reason(
+            mask=spec.mask, dense_mask=dense, bias=bias4, normalizer=spec.normalizer.name))
+
+    def pallas():
+        return _pallas_dispatch.attention_pallas(
+            q, k, v, mask=spec.mask, dense_mask=dense, bias=bias4, scale=spec.scale,
+            normalizer=spec.normalizer.name, sinks=sinks, logits_soft_cap=spec.soft_cap,
+            segment_ids=segment_ids, return_lse=return_lse)
+
+    def xla_or_reference(choice):
+        args = (spec, q, k, v, bias4, sinks, dense, seg_q, seg_k)
+        impl = _reference if choice.name == "reference" else _blocked
+        out, stat = impl.attention(*args)
+        out = out.astype(q.dtype)
+        return (out, stat) if return_lse else out
+
+    return _dispatch.run(choice, pallas, xla_or_reference)
 
 
 def attention_weights(q, k, v=None, *, mask=None, bias=None, scale=None, normalizer="softmax",

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-EMPTY, PARTIAL, FULL = 0, 1, 2
+from pallas_kernels import block_map as block_map_lib
+from pallas_kernels.block_map import EMPTY, FULL, PARTIAL, segment_block_map
 
 __all__ = [
     "Mask",
@@ -151,8 +153,7 @@ class Mask:
             empty, full = self._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, block_q, block_kv)
             # Blocks that run past the sequence end contain invisible padding: never "full".
             padded = (q0 + block_q > q_len) | (k0 + block_kv > kv_len)
-            full = full & ~padded
-            return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
+            return block_map_lib.classify(empty, full & ~padded)
 
     def _bounds_or_eval(self, q0, q1, k0, k1, q_len, kv_len, block_q, block_kv):
         bounds = self._block_bounds(q0, q1, k0, k1, q_len, kv_len)
@@ -216,7 +217,9 @@ def _num_heads(*masks: Mask) -> int | None:
 # intersection makes empty, is claimed partial, which kernels handle correctly.
 # ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class _And(Mask):
+class _Binary(Mask):
+    """``a OP b`` for the elementwise bool op ``_op``; block claims combine with ``_claims``."""
+
     a: Mask
     b: Mask
 
@@ -227,33 +230,39 @@ class _And(Mask):
     def num_heads(self):
         return _num_heads(self.a, self.b)
 
+    @staticmethod
+    def _op(x, y):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _claims(ea, fa, eb, fb):  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _visible(self, q, k, h, q_len, kv_len):
-        return self.a._visible(q, k, h, q_len, kv_len) & self.b._visible(q, k, h, q_len, kv_len)
+        return self._op(self.a._visible(q, k, h, q_len, kv_len),
+                        self.b._visible(q, k, h, q_len, kv_len))
 
     def _bounds_or_eval(self, q0, q1, k0, k1, q_len, kv_len, bq, bk):
         ea, fa = self.a._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
         eb, fb = self.b._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
+        return self._claims(ea, fa, eb, fb)
+
+
+@dataclasses.dataclass(frozen=True)
+class _And(_Binary):
+    _op = staticmethod(operator.and_)
+
+    @staticmethod
+    def _claims(ea, fa, eb, fb):  # empty if either side is, full if both are
         return ea | eb, fa & fb
 
 
 @dataclasses.dataclass(frozen=True)
-class _Or(Mask):
-    a: Mask
-    b: Mask
+class _Or(_Binary):
+    _op = staticmethod(operator.or_)
 
-    def __post_init__(self):
-        _num_heads(self.a, self.b)
-
-    @property
-    def num_heads(self):
-        return _num_heads(self.a, self.b)
-
-    def _visible(self, q, k, h, q_len, kv_len):
-        return self.a._visible(q, k, h, q_len, kv_len) | self.b._visible(q, k, h, q_len, kv_len)
-
-    def _bounds_or_eval(self, q0, q1, k0, k1, q_len, kv_len, bq, bk):
-        ea, fa = self.a._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
-        eb, fb = self.b._bounds_or_eval(q0, q1, k0, k1, q_len, kv_len, bq, bk)
+    @staticmethod
+    def _claims(ea, fa, eb, fb):  # empty if both sides are, full if either is
         return ea & eb, fa | fb
 
 
@@ -645,42 +654,3 @@ def with_prefix_tokens(mask: Mask, num_tokens: int) -> Mask:
     _check_mask(mask, "mask")
     n = _check_nonneg(num_tokens, "num_tokens")
     return mask if n == 0 else _WithPrefixTokens(mask, n)
-
-
-def segment_block_map(seg_q, seg_k, block_q: int, block_kv: int):
-    """Block map ``[B, nq, nk]`` for the document mask ``seg_q[i] == seg_k[j]``.
-
-    Exact empty/full claims from per-block segment ranges: a block is empty when the ranges
-    of segment ids do not intersect, full when both blocks hold a single, equal id and no
-    padding (blocks running past the sequence end are at most partial).
-    """
-    b, tq = seg_q.shape
-    tk = seg_k.shape[1]
-    nq, nk = -(-tq // block_q), -(-tk // block_kv)
-
-    def ranges(seg, n, blk):
-        pad = n * blk - seg.shape[1]
-        lo = jnp.pad(seg, ((0, 0), (0, pad)), mode="edge").reshape(b, n, blk)
-        return lo.min(-1), lo.max(-1)
-
-    qlo, qhi = ranges(seg_q, nq, block_q)
-    klo, khi = ranges(seg_k, nk, block_kv)
-    empty = (qhi[:, :, None] < klo[:, None, :]) | (khi[:, None, :] < qlo[:, :, None])
-    full = (qlo == qhi)[:, :, None] & (klo == khi)[:, None, :] & (
-        qlo[:, :, None] == klo[:, None, :])
-    # Blocks that run past the sequence end hold padding, which is never visible.
-    q_whole = (jnp.arange(nq) < nq - 1) | (nq * block_q == tq)
-    k_whole = (jnp.arange(nk) < nk - 1) | (nk * block_kv == tk)
-    full = full & q_whole[None, :, None] & k_whole[None, None, :]
-    return jnp.where(empty, EMPTY, jnp.where(full, FULL, PARTIAL)).astype(jnp.int8)
-
-
-def _dense_block_map(dense, block_q: int, block_kv: int):
-    """Block map of an explicit bool array ``[..., Tq, Tk]`` (padding counts as invisible)."""
-    tq, tk = dense.shape[-2:]
-    nq, nk = -(-tq // block_q), -(-tk // block_kv)
-    pad = [(0, 0)] * (dense.ndim - 2) + [(0, nq * block_q - tq), (0, nk * block_kv - tk)]
-    d = jnp.pad(dense, pad).reshape(dense.shape[:-2] + (nq, block_q, nk, block_kv))
-    anyv, allv = d.any(axis=(-3, -1)), d.all(axis=(-3, -1))
-    return jnp.where(~anyv, EMPTY, jnp.where(allv, FULL, PARTIAL)).astype(jnp.int8)
-

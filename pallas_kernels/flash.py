@@ -60,8 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _block_sparse as bsp
 from pallas_kernels import _flash_kernels as fk
+from pallas_kernels import block_map as bsp
 
 __all__ = ["flash_attention", "resolve_backend", "block_sizes"]
 
@@ -213,19 +213,18 @@ def flash_attention(
     if 0 in (b, tq, tk):  # an empty grid launches nothing; the result is known in closed form
         return _without_keys(q, v, sinks if has_sinks else None, return_lse)
 
-    # --- block map -> compacted lists
+    # --- block map -> compacted lists (on the host when the map is static; see block_map)
     if block_map is None:
         bm = bsp.default_block_map(tq, tk, bq, bk, masked=mask_fn is not None)
     else:
         bm = bsp.normalize_block_map(block_map, hq, nq, nk, tk, bk)
-    width = bsp.static_width(bm)
-    width_t = bsp.static_width(np.swapaxes(bm, -1, -2) if isinstance(bm, np.ndarray)
-                               else jnp.swapaxes(bm, -1, -2))
+    width, width_t = bsp.static_width(bm), bsp.static_width(bsp.transpose(bm))
     bm = bm[None]  # [1, Hm, nq, nk]
     if seg_q is not None:
-        bm = jnp.minimum(jnp.asarray(bm), bsp.segment_block_map(seg_q, seg_k, bq, bk)[:, None])
+        bm = bsp.intersect(bm, bsp.segment_block_map(seg_q, seg_k, bq, bk)[:, None])
     ents, cnts = bsp.compact(bm, width)
-    ents_t, cnts_t = bsp.compact(jnp.swapaxes(jnp.asarray(bm), -1, -2), width_t)
+    # Per key block, the non-empty query blocks (the dk/dv pass).
+    ents_t, cnts_t = bsp.compact(bsp.transpose(bm), width_t)
 
     cfg = fk.Config(
         backend=backend, interpret=bool(interpret), batch=b, q_len=tq, kv_len=tk,

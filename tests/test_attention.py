@@ -237,6 +237,22 @@ def test_xla_skips_empty_blocks():
     assert np.all(np.isnan(np.asarray(out[:, 8:])))
 
 
+def test_xla_static_block_map_has_no_sort():
+    # Issue 21: the block lists of a static mask are compacted on the host; an argsort of the
+    # constant map in the graph would be constant-folded by XLA at every compile (slow at 64K).
+    q, k, v = qkv(5, tq=32, tk=32)
+
+    def lowered(**kw):
+        with small_blocks(8, 8):
+            f = jax.jit(lambda q, k, v: jax.grad(lambda q: jnp.sum(jattn.attention(
+                q, k, v, implementation="xla", **kw)))(q))
+            return f.lower(q, k, v).as_text()
+
+    assert "sort" not in lowered(mask=M.sliding_window(6))
+    # Traced segment ids make the map data-dependent: compacted in the graph.
+    assert "sort" in lowered(mask=M.causal(), segment_ids=jnp.arange(32)[None].repeat(2, 0) // 9)
+
+
 def test_masks_are_static_under_jit():
     q, k, v = qkv(6)
     traces = []

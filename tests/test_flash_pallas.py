@@ -17,7 +17,7 @@ import pytest
 from jattn import masks
 from jattn.attention import attention
 from jattn.testing import assert_close
-from pallas_kernels import _block_sparse as bsp
+from pallas_kernels import block_map as bsp
 from pallas_kernels import flash_attention
 from pallas_kernels.flash import block_sizes
 
@@ -225,6 +225,50 @@ def test_compact_lists():
     np.testing.assert_array_equal(np.asarray(ents_t)[:, :2] // 4, [[2, 2], [0, 2], [2, 2], [0, 2]])
     # Traced maps keep the full width.
     assert jax.jit(lambda m: bsp.compact(m, bsp.static_width(m))[0])(bm).shape == (3, 4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_host_and_traced_compaction_agree(seed):
+    # Random 0/1/2 maps with all-empty rows (and whole-empty maps): the numpy compaction used for
+    # static maps and the jnp one used for traced maps give the same lists and counts.
+    rng = np.random.default_rng(seed)
+    shape = (2, 3, int(rng.integers(1, 9)), int(rng.integers(1, 13)))
+    bm = rng.choice(3, size=shape, p=[0.5, 0.3, 0.2]).astype(np.int8)
+    bm[0, 1, 0] = 0  # an all-empty row
+    bm[1, 2] = 0  # an all-empty map
+    width = bsp.static_width(bm)
+    host = bsp.compact_host(bm, width)
+    traced = jax.jit(bsp.compact_traced, static_argnums=1)(bm, width)
+    assert isinstance(host[0], np.ndarray) and isinstance(host[1], np.ndarray)
+    for h, t in zip(host, traced, strict=True):
+        assert h.dtype == np.int32 and h.shape == t.shape
+        np.testing.assert_array_equal(h, np.asarray(t))
+    np.testing.assert_array_equal(host[1], (bm > 0).sum(-1))
+    # compact() picks the host path for a concrete map, the jnp path under jit.
+    assert isinstance(bsp.compact(bm)[0], np.ndarray)
+    np.testing.assert_array_equal(jax.jit(lambda m: bsp.compact(m, width)[0])(bm), host[0])
+
+
+def _lowered_fwd_bwd(mask, t, **kw):
+    def fwd_bwd(q, k, v):
+        def f(q, k, v):
+            return flash_attention(q, k, v, block_map=mask.block_map(t, t, BLK, BLK),
+                                   mask_fn=mask.index_fn(t, t), block_q=BLK, block_kv=BLK,
+                                   interpret=True, backend="tpu", **kw)
+        o, pull = jax.vjp(f, q, k, v)
+        return pull(o)
+
+    x = jax.ShapeDtypeStruct((1, t, 1, 16), jnp.float32)
+    return jax.jit(fwd_bwd).lower(x, x, x).as_text()
+
+
+def test_static_block_map_compacts_on_host():
+    # Issue 21: a static map compacted with jnp became an argsort of a constant, which XLA
+    # constant-folds at compile time (10-20 s at 64K). Compacted on the host, no sort is left.
+    assert "sort" not in _lowered_fwd_bwd(masks.sliding_window(20), 96)
+    # A map that depends on traced segment ids keeps the jnp compaction.
+    seg = jnp.zeros((1, 96), jnp.int32)
+    assert "sort" in _lowered_fwd_bwd(masks.causal(), 96, segment_ids=seg + jnp.arange(96) // 40)
 
 
 def test_segment_block_map_matches_jattn():
