@@ -50,6 +50,7 @@ from jattn import _blocked
 from jattn import masks as masks_lib
 from jattn._common import Spec, split_heads
 from jattn.masks import Mask
+from pallas_kernels import block_map as block_map_lib
 
 __all__ = [
     "attention",
@@ -254,8 +255,7 @@ class _AtPositions(Mask):
 
 class _Hop(NamedTuple):
     spec: Spec  # local spec with an _AtPositions mask
-    table: jax.Array
-    kv_ids: jax.Array
+    entries: jax.Array  # compacted block lists (pallas_kernels.block_map.compact)
     counts: jax.Array
 
 
@@ -269,16 +269,12 @@ def _hop(plan: _Plan, gmap, q_chunks, kv_chunks, seg_q, seg_k, q_len: int, kv_le
     rows = _block_ids(q_chunks, plan.q_chunk, plan.block_q)
     cols = _block_ids(kv_chunks, plan.kv_chunk, plan.block_kv)
     table = jnp.take(jnp.take(gmap, rows, axis=0), cols, axis=1)
-    if seg_q is not None:  # AND with the documents' block map, reduced over the batch
-        seg = masks_lib.segment_block_map(seg_q, seg_k, plan.block_q, plan.block_kv)
-        combined = jnp.minimum(table[None], seg)
-        hi, lo = combined.max(0), combined.min(0)
-        table = jnp.where(hi == masks_lib.EMPTY, masks_lib.EMPTY,
-                          jnp.where(lo == masks_lib.FULL, masks_lib.FULL, masks_lib.PARTIAL))
-    table = table.astype(jnp.int8)
-    kv_ids = jnp.argsort(table == masks_lib.EMPTY, axis=1, stable=True).astype(jnp.int32)
-    counts = jnp.sum(table != masks_lib.EMPTY, axis=1).astype(jnp.int32)
-    return _Hop(spec, table, kv_ids, counts)
+    if seg_q is not None:  # AND with the documents' block map, one map over the batch
+        seg = block_map_lib.segment_block_map(seg_q, seg_k, plan.block_q, plan.block_kv)
+        table = block_map_lib.collapse(block_map_lib.intersect(table[None], seg), (0,))
+    # The hop's table depends on the device index (traced): compacted with jnp on device.
+    entries, counts = block_map_lib.compact_traced(table.astype(jnp.int8), table.shape[-1])
+    return _Hop(spec, entries, counts)
 
 
 def _hop_forward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k):
@@ -289,7 +285,7 @@ def _hop_forward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k):
 
     def compute(_):
         return _blocked._forward(hop.spec, plan.block_q, plan.block_kv, q, k, v, None, None,
-                                 None, seg_q, seg_k, hop.table, hop.kv_ids, hop.counts)[:2]
+                                 None, seg_q, seg_k, hop.entries, hop.counts)[:2]
 
     def skip(_):
         empty_stat = -jnp.inf if norm.softmax else 0.0
@@ -316,7 +312,7 @@ def _hop_backward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k, out, stat, d_ou
         # fp32 operands so the kernel returns fp32 gradients: hops add up without rounding
         # to q's dtype in between (a transient fp32 copy of the local shards).
         q32, k32, v32 = (x.astype(F32) for x in (q, k, v))
-        res = (q32, k32, v32, None, None, None, seg_q, seg_k, hop.table, hop.kv_ids, hop.counts,
+        res = (q32, k32, v32, None, None, None, seg_q, seg_k, hop.entries, hop.counts,
                out, stat, _max_and_log_sum(plan, stat))
         return _blocked._core_bwd(hop.spec, plan.block_q, plan.block_kv, res,
                                   (d_out, d_stat))[:3]
