@@ -23,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # What a build of jattn reads (tests, benchmarks and notebooks are not packaged).
-SOURCES = ["pyproject.toml", "setup.py", "README.md", "LICENSE", "tools", "jattn",
+SOURCES = ["pyproject.toml", "setup.py", "README.md", "LICENSE", "tools", "jattn", "jattn_lab",
            "pallas_kernels", "models", "experiments", "configs"]
 OFFLINE = ("Could not find a version that satisfies", "No matching distribution",
            "Failed to establish a new connection", "Temporary failure in name resolution")
@@ -95,16 +95,24 @@ def test_jattn_wheel_requires_the_kernels_at_its_version(wheels):
     # One owner for pallas_kernels/: installing both wheels must not overwrite files.
     assert not any(n.startswith("pallas_kernels/") for n in names)
     assert "jattn/__init__.py" in names
+    # The lab packages only under jattn_lab: no generic top-level names in site-packages.
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"jattn", "jattn_lab"}
+    assert {"jattn_lab/models/__init__.py", "jattn_lab/experiments/run.py",
+            "jattn_lab/configs/bigram_backcopy.py"} <= set(names)
 
 
-def test_setup_py_bundles_the_kernels_only_in_an_editable_build(tmp_path):
+def test_setup_py_packages_for_editable_and_wheel_builds(tmp_path):
     src = _copy_sources(tmp_path / "src")
     editable_packages, editable_requires = _setup_args(src, editable=True)
     wheel_packages, wheel_requires = _setup_args(src, editable=False)
     assert "pallas_kernels" in editable_packages and "pallas_kernels" not in wheel_packages
     assert not any("pallas-kernels" in r for r in editable_requires)
     assert f"jattn-pallas-kernels=={_version()}" in wheel_requires
-    assert set(editable_packages) - set(wheel_packages) == {"pallas_kernels"}
+    # The checkout as laid out (plus the jattn_lab alias) vs only jattn and jattn_lab.*.
+    assert {"jattn", "jattn_lab", "models", "experiments", "configs"} <= set(editable_packages)
+    assert {p.split(".")[0] for p in wheel_packages} == {"jattn", "jattn_lab"}
+    assert "jattn_lab.experiments.tasks" in wheel_packages
 
 
 def _setup_args(src: Path, *, editable: bool) -> tuple[list[str], list[str]]:
@@ -146,12 +154,13 @@ def test_editable_install_imports_pallas_kernels_from_the_checkout(tmp_path):
         pytest.skip(f"no package index answers (build isolation needs setuptools):\n{proc.stderr}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     where = subprocess.run(
-        [str(python), "-c", "import jattn, pallas_kernels; print(jattn.__file__); "
-         "print(pallas_kernels.__file__); print(jattn.__version__)"],
+        [str(python), "-c", "import jattn, pallas_kernels, jattn_lab.models as m; "
+         "print(jattn.__file__); print(pallas_kernels.__file__); print(m.__file__); "
+         "print(jattn.__version__)"],
         cwd=tmp_path, capture_output=True, text=True, env=_clean_env(), timeout=120)
     assert where.returncode == 0, where.stderr
-    jattn_file, kernels_file, version = where.stdout.split()
-    assert Path(jattn_file).is_relative_to(src) and Path(kernels_file).is_relative_to(src)
+    *files, version = where.stdout.split()
+    assert all(Path(f).is_relative_to(src) for f in files), files
     assert version == _version()
 
 
@@ -221,3 +230,93 @@ def test_kernels_wheel_runs_flash_attention_in_a_venv_without_flax(wheels, tmp_p
                           text=True, env=_clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split() == ["ok", _version()]
+
+
+USER_FOLDERS = """
+import importlib.util, pathlib, sys
+from flax import nnx
+from jattn_lab.configs.bigram_backcopy import get_config
+from jattn_lab.experiments.tasks import get_task
+import jattn_lab
+
+config = get_config("cpu")
+model = get_task(config.task)(config).build_model(nnx.Rngs(0))
+assert jattn_lab.INSTALLED and pathlib.Path(jattn_lab.__file__).is_relative_to(sys.prefix)
+# jattn's code never touched the user's folders (nor any top-level `models` at all) ...
+assert not {"models", "experiments", "configs"} & set(sys.modules), sorted(sys.modules)
+for name, m in list(sys.modules.items()):
+    if name.startswith("jattn"):
+        assert pathlib.Path(m.__file__).is_relative_to(sys.prefix), (name, m.__file__)
+# ... and the user's own packages are still theirs.
+import models, configs, experiments
+assert models.OWNER == configs.OWNER == experiments.OWNER == "user"
+print(type(model).__name__)
+"""
+
+
+def test_user_folders_named_models_configs_experiments_do_not_shadow_the_wheel(wheels, tmp_path):
+    """A Colab-like working directory with the user's own models/, configs/ and experiments/:
+    the installed jattn (both wheels) still builds its model, and the user's imports still get
+    the user's packages."""
+    venv.create(tmp_path / "venv", system_site_packages=True, with_pip=False, symlinks=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+         str(wheels["kernels"]), str(wheels["jattn"])],
+        capture_output=True, text=True, env=_clean_env(), timeout=120)
+    assert install.returncode == 0, install.stdout + install.stderr
+    work = tmp_path / "content"
+    for name in ("models", "configs", "experiments"):
+        (work / name).mkdir(parents=True)
+        (work / name / "__init__.py").write_text('OWNER = "user"\n')
+    proc = subprocess.run([str(python), "-c", USER_FOLDERS], cwd=work, capture_output=True,
+                          text=True, env={**_clean_env(), "JAX_PLATFORMS": "cpu"}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.split()[-1] == "Decoder"
+
+
+CHECKOUT_ALIAS = """
+import sys
+import configs.regression, experiments.tasks, models.layers
+import jattn_lab
+from jattn_lab import models as lab_models
+import jattn_lab.experiments.tasks.base as lab_base
+from jattn_lab.configs.regression import get_config
+from jattn_lab.experiments.tasks import get_task
+
+assert not jattn_lab.INSTALLED
+assert lab_models is models and jattn_lab.experiments is experiments
+assert lab_base is sys.modules["experiments.tasks.base"]
+assert get_config is configs.regression.get_config
+assert get_task("regression") is experiments.tasks.get_task("regression")  # one registry
+assert models.__spec__.name == "models" and lab_base.__spec__.name == "experiments.tasks.base"
+print("ok")
+"""
+
+
+def _checkout_env() -> dict:
+    return {**_clean_env(), "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+
+
+def test_jattn_lab_aliases_the_checkout_packages():
+    """In the checkout, jattn_lab.X is the top-level X (same modules, one task registry), so
+    code written for an installed jattn runs against the repository."""
+    proc = subprocess.run([sys.executable, "-c", CHECKOUT_ALIAS], cwd=REPO, capture_output=True,
+                          text=True, env=_checkout_env(), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # runpy through the alias: `python -m jattn_lab.experiments.run` runs experiments/run.py.
+    proc = subprocess.run([sys.executable, "-m", "jattn_lab.experiments.run", "--helpshort"],
+                          cwd=REPO, capture_output=True, text=True, env=_checkout_env(),
+                          timeout=120)
+    assert "--workdir" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_jattn_lab_names_a_shadowing_folder_in_the_checkout(tmp_path):
+    """The checkout resolves X through sys.path, where a user's folder can come first: then
+    jattn_lab.X says which folder shadows which, instead of running the user's code."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("")
+    proc = subprocess.run([sys.executable, "-c", "import jattn_lab.models"], cwd=tmp_path,
+                          capture_output=True, text=True, env=_checkout_env(), timeout=120)
+    assert proc.returncode != 0
+    assert "shadows it" in proc.stderr and str(tmp_path / "models") in proc.stderr, proc.stderr
