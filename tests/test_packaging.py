@@ -9,6 +9,7 @@ and runs ``flash_attention`` there.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -273,6 +274,18 @@ def test_user_folders_named_models_configs_experiments_do_not_shadow_the_wheel(w
                           text=True, env={**_clean_env(), "JAX_PLATFORMS": "cpu"}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.split()[-1] == "Decoder"
+    # The runner of the wheel, on a shipped config file, from the same directory.
+    configs = subprocess.check_output(
+        [str(python), "-c", "from jattn_lab import configs; print(configs.__path__[0])"],
+        cwd=tmp_path, text=True, env=_clean_env()).strip()
+    run = subprocess.run(
+        [str(python), "-m", "jattn_lab.experiments.run", f"--config={configs}/regression.py:2",
+         "--workdir=run", "--config.progress_bar=False", "--config.mesh.data=1",
+         "--config.eval_every=2", "--config.checkpoint_every=2"],
+        cwd=work, capture_output=True, text=True, timeout=300,
+        env={**_clean_env(), "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert json.loads((work / "run" / "summary.json").read_text())["step"] == 2
 
 
 CHECKOUT_ALIAS = """
