@@ -24,8 +24,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # What a build of jattn reads (tests, benchmarks and notebooks are not packaged).
-SOURCES = ["pyproject.toml", "setup.py", "README.md", "LICENSE", "tools", "jattn", "jattn_lab",
-           "pallas_kernels", "models", "experiments", "configs"]
+SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md",
+           "tools", "jattn", "jattn_lab", "pallas_kernels", "models", "experiments", "configs"]
 OFFLINE = ("Could not find a version that satisfies", "No matching distribution",
            "Failed to establish a new connection", "Temporary failure in name resolution")
 
@@ -101,6 +101,22 @@ def test_jattn_wheel_requires_the_kernels_at_its_version(wheels):
     assert top == {"jattn", "jattn_lab"}
     assert {"jattn_lab/models/__init__.py", "jattn_lab/experiments/run.py",
             "jattn_lab/configs/bigram_backcopy.py"} <= set(names)
+
+
+def test_sdist_builds_the_same_wheel(tmp_path):
+    """`python -m build` makes the wheel from the sdist: it must carry the build backend and
+    the version source (MANIFEST.in)."""
+    src = _copy_sources(tmp_path / "src")
+    script = ("import sys; sys.path.insert(0, 'tools'); import jattn_build\n"
+              "print(jattn_build.build_sdist(sys.argv[1]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "sdist")], cwd=src,
+                          capture_output=True, text=True, env=_clean_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    sdist = tmp_path / "sdist" / proc.stdout.split()[-1]
+    version, requires, names = _metadata(_pip_wheel(sdist, tmp_path / "wheel"))
+    assert version == _version() and f"jattn-pallas-kernels=={version}" in requires
+    assert "jattn_lab/experiments/run.py" in names
+    assert not any(n.startswith(("pallas_kernels/", "models/", "tools/")) for n in names)
 
 
 def test_setup_py_packages_for_editable_and_wheel_builds(tmp_path):
