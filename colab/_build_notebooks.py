@@ -4,7 +4,17 @@
 
 Each notebook: a markdown title, the install cell, then code cells. ``SMOKE`` (env
 ``JATTN_NOTEBOOK_SMOKE=1``, set by tests/test_notebooks.py) shrinks every size; runs go to
-``JATTN_NOTEBOOK_WORKDIR`` (or ``./runs``).
+``JATTN_NOTEBOOK_WORKDIR`` (or ``./runs``). The hand-written notebooks (quickstart) get the
+same install cell: the builder replaces theirs.
+
+Where the notebooks install jattn from (when it is not importable: a fresh Colab runtime) is
+one setting: the environment variable ``JATTN_SOURCE`` at run time, else ``DEFAULT_SOURCE``
+below, written into every install cell. Either a pip URL of the repository
+(``git+https://HOST/OWNER/jattn@REF``) or the path of a checkout. The install cell installs two
+distributions from it: the kernels (``jattn-pallas-kernels``, its ``pallas_kernels/``
+subfolder) and jattn, whose wheel requires them. Installed so, the lab packages are
+``jattn_lab.models``, ``jattn_lab.experiments``, ``jattn_lab.configs`` (jattn_lab/__init__.py),
+the names the notebooks use; from the checkout they alias the top-level packages.
 """
 
 from __future__ import annotations
@@ -16,12 +26,20 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = pathlib.Path(__file__).resolve().parent
 
-INSTALL = """\
+# The one place that names where the notebooks install from (see the module docstring).
+DEFAULT_SOURCE = "git+https://github.com/jattn-dev/jattn"
+
+INSTALL = f"""\
 # Install jattn when it is not importable yet (Colab). Locally: `pip install -e .` first.
+# JATTN_SOURCE: a pip URL of the repository (git+https://...@REF) or a checkout's path.
 import importlib.util, os, subprocess, sys
 if importlib.util.find_spec("jattn") is None:
-    source = os.environ.get("JATTN_SOURCE", "git+https://github.com/jattn-dev/jattn")
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", source])"""
+    source = os.environ.get("JATTN_SOURCE", "{DEFAULT_SOURCE}")
+    if source.startswith("git+"):  # the kernels are a subfolder of the same repository
+        kernels, jattn = f"jattn-pallas-kernels @ {{source}}#subdirectory=pallas_kernels", source
+    else:
+        kernels, jattn = os.path.join(source, "pallas_kernels"), source
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", kernels, jattn])"""
 
 SETUP = """\
 import json, os, pathlib, subprocess, sys, time
@@ -34,11 +52,12 @@ WORKDIR.mkdir(parents=True, exist_ok=True)
 
 
 def run_experiment(config: str, workdir: pathlib.Path, *overrides: str) -> dict:
-    \"\"\"`python -m experiments.run --config configs/CONFIG --workdir DIR [--config.k=v ...]`
-    in a subprocess; returns DIR/summary.json. Re-running resumes (or reuses) the run.\"\"\"
-    import configs
+    \"\"\"`python -m jattn_lab.experiments.run --config CONFIGS/CONFIG --workdir DIR
+    [--config.k=v ...]` in a subprocess; returns DIR/summary.json. Re-running resumes (or
+    reuses) the run.\"\"\"
+    from jattn_lab import configs
     config_path = pathlib.Path(configs.__file__).parent / config
-    cmd = [sys.executable, "-m", "experiments.run", f"--config={config_path}",
+    cmd = [sys.executable, "-m", "jattn_lab.experiments.run", f"--config={config_path}",
            f"--workdir={workdir}", "--config.progress_bar=False", *overrides]
     print("$", " ".join(cmd[1:]))
     t0 = time.time()
@@ -191,8 +210,8 @@ import numpy as np
 import matplotlib.pyplot as plt
 import jax.numpy as jnp
 
-from configs.bigram_backcopy import get_config
-from experiments.trainer import Trainer
+from jattn_lab.configs.bigram_backcopy import get_config
+from jattn_lab.experiments.trainer import Trainer
 
 SMOKE = os.environ.get("JATTN_NOTEBOOK_SMOKE") == "1"
 WORKDIR = pathlib.Path(os.environ.get("JATTN_NOTEBOOK_WORKDIR") or "runs").resolve()
@@ -277,6 +296,26 @@ ax.set_title(f"layer 0 attention, step {summary['step']}")
 plt.show()
 print(f"mean attention on <s> from non-trigger queries: {w[~trig, 0].mean():.3f}")""",
     ),
+    (
+        "md",
+        """\
+## Loading the run later
+
+`experiments.load(workdir)` rebuilds the model from the run's `config.json` and restores its
+newest checkpoint (read-only; `step=` picks another): no orbax code. It returns
+`(model, config, step)`; the loaded model gives the trained model's logits.""",
+    ),
+    (
+        "code",
+        """\
+from jattn_lab.experiments import load
+
+loaded, loaded_config, loaded_step = load(run_dir)
+x = jnp.asarray(tokens)[None]
+diff = float(jnp.abs(loaded(x) - model(x)).max())
+print(f"{loaded_config.task} at step {loaded_step}: max |loaded - trained logits| = {diff:.1e}")
+assert loaded_step == summary["step"] and diff < 1e-5""",
+    ),
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -305,9 +344,9 @@ import json, os, pathlib, time
 import numpy as np
 import matplotlib.pyplot as plt
 
-from configs.mqar import get_config
-from experiments.tasks.mqar import IGNORE, mqar_batch
-from experiments.trainer import train
+from jattn_lab.configs.mqar import get_config
+from jattn_lab.experiments.tasks.mqar import IGNORE, mqar_batch
+from jattn_lab.experiments.trainer import train
 
 SMOKE = os.environ.get("JATTN_NOTEBOOK_SMOKE") == "1"
 WORKDIR = pathlib.Path(os.environ.get("JATTN_NOTEBOOK_WORKDIR") or "runs").resolve()""",
@@ -384,7 +423,7 @@ For the full picture, sweep mechanisms and widths (one run each; a PNG of accura
 size and a JSON table):
 
 ```
-python -m studies.mqar_sweep --workdir runs/mqar_sweep --preset cpu \\
+python -m jattn_lab.studies.mqar_sweep --workdir runs/mqar_sweep --preset cpu \\
     --mechanisms softmax gla deltanet --d-models 32 64
 ```""",
     ),
@@ -514,6 +553,9 @@ On a GPU or TPU, `jattn.attention(..., implementation="pallas")` and
 ]
 
 
+HAND_WRITTEN = ("quickstart",)
+
+
 def main() -> None:
     for name, cells in {
         "icl_regression": ICL,
@@ -524,6 +566,14 @@ def main() -> None:
         path = HERE / f"{name}.ipynb"
         nbformat.write(notebook(cells, name), path)
         print("wrote", path)
+    for name in HAND_WRITTEN:  # same install cell as the built ones
+        path = HERE / f"{name}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code" and cell.source.startswith(INSTALL.splitlines()[0]):
+                cell.source = INSTALL
+        nbformat.write(nb, path)
+        print("updated the install cell of", path)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Modules:
   optim       optax optimizers, schedules, clipping, weight-decay masks.
   tb          TensorBoard event writer (scalars, histograms, images) without TensorFlow.
   plots       PNG figures for tasks.
+  loading     `experiments.load(workdir) -> (model, config, step)`: a trained run's model.
 
 Adding a task: write `experiments/tasks/<name>.py` with a `@register("<name>")` subclass
 of `Task` (build_model, train_source, loss; optionally eval_source, eval_metrics,
@@ -21,3 +22,8 @@ eval_images, periodic_metrics, summary_fields, write_figures) and a
 `configs/<name>.py` whose `get_config` starts from `configs.common.base_config` (configs sit
 above the runner; paper studies that run several configs live in `studies/`, above both).
 """
+
+# Not a module named `load`: `import experiments.load` would rebind this name to the module.
+from experiments.loading import load  # noqa: E402
+
+__all__ = ["load"]

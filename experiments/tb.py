@@ -1,16 +1,23 @@
-"""TensorBoard event files without TensorFlow: scalars, histograms, images.
+"""TensorBoard event files without TensorFlow: scalars, histograms, images, text, hparams.
 
 Writes with `tensorboard.summary.writer.event_file_writer.EventFileWriter` (a background
 thread; `add_*` never blocks on disk). Files are readable by TensorBoard and by
 `tensorboard.backend.event_processing.event_accumulator.EventAccumulator`.
 Only process 0 writes: on other processes every method is a no-op.
+
+A writer opened on a run directory that holds the runner's ``config.json`` records that config
+once (:meth:`SummaryWriter.config`): a text table (TensorBoard's Text tab) and the scalar keys
+as hparams (the HParams tab, to compare runs by their settings).
 """
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
@@ -44,12 +51,49 @@ def upscale(image: np.ndarray, min_size: int = 128) -> np.ndarray:
     return np.repeat(np.repeat(a, factor, axis=0), factor, axis=1)
 
 
-class SummaryWriter:
-    """Event-file writer for one run directory (a no-op unless `enabled`)."""
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"mesh": {"data": 1}}`` -> ``{"mesh.data": 1}`` (nested mappings only)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
-    def __init__(self, logdir: str, enabled: bool = True) -> None:
+
+def config_markdown(config: Mapping[str, Any]) -> str:
+    """A two-column markdown table of the flattened config, keys sorted."""
+    rows = ["| key | value |", "|---|---|"]
+    for k, v in sorted(flatten(config).items()):
+        value = (json.dumps(v) if not isinstance(v, str) else v).replace("|", "\\|")
+        rows.append(f"| `{k}` | `{value}` |")
+    return "\n".join(rows)
+
+
+def _hparam(v: Any) -> bool | int | float | str:
+    # The HParams plugin takes bool, number or string values.
+    if isinstance(v, bool | int | float | str):
+        return v
+    return json.dumps(v)
+
+
+class SummaryWriter:
+    """Event-file writer for one run directory (a no-op unless `enabled`).
+
+    Args:
+      logdir: the run directory.
+      enabled: False on processes other than 0.
+      write_config: record ``logdir/config.json`` (if present) with :meth:`config`.
+    """
+
+    def __init__(self, logdir: str, enabled: bool = True, *, write_config: bool = True) -> None:
         self.enabled = enabled
         self._writer = EventFileWriter(logdir) if enabled else None
+        config_file = os.path.join(logdir, "config.json")
+        if self._writer is not None and write_config and os.path.isfile(config_file):
+            with open(config_file) as f:
+                self.config(json.load(f))
 
     def _add(self, step: int, value: summary_pb2.Summary.Value) -> None:
         if self._writer is None:
@@ -115,6 +159,37 @@ class SummaryWriter:
         data, h, w, c = _png(image)
         img = summary_pb2.Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=data)
         self._add(step, summary_pb2.Summary.Value(tag=tag, image=img))
+
+    def text(self, tag: str, markdown: str, step: int = 0) -> None:
+        """Markdown text (TensorBoard's Text tab)."""
+        if self._writer is None:
+            return
+        from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
+        from tensorboard.plugins.text import metadata as text_metadata
+
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING,
+            string_val=[markdown.encode()],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(),
+        )
+        metadata = text_metadata.create_summary_metadata(display_name=tag, description="")
+        self._add(step, summary_pb2.Summary.Value(tag=tag, tensor=tensor, metadata=metadata))
+
+    def hparams(self, values: Mapping[str, Any], step: int = 0) -> None:
+        """The run's hyperparameters (flat ``{name: value}``) for the HParams tab."""
+        if self._writer is None:
+            return
+        from tensorboard.plugins.hparams import summary_v2 as hp
+
+        summary = hp.hparams_pb({k: _hparam(v) for k, v in values.items()})
+        self._writer.add_event(
+            event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def config(self, config: Mapping[str, Any], step: int = 0) -> None:
+        """Records an experiment config (a nested dict, e.g. ``config.json``): a text table
+        under ``config`` and its flattened keys as hparams."""
+        self.text("config", config_markdown(config), step)
+        self.hparams(flatten(config), step)
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -8,6 +8,9 @@ Pure functions, no state: ``attention`` (softmax family), ``masks``, ``position`
 from jattn import analysis, context_parallel, linear, masks, normalizers, position
 from jattn.attention import attention, attention_weights
 
+# One version for jattn and its kernels distribution (see pallas_kernels/_version.py).
+from pallas_kernels._version import __version__ as __version__
+
 __all__ = [
     "analysis",
     "attention",
@@ -18,4 +21,3 @@ __all__ = [
     "normalizers",
     "position",
 ]
-__version__ = "0.1.0"

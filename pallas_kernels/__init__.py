@@ -6,6 +6,8 @@
 Each takes ``interpret=None`` (interpret on CPU, compile on GPU/TPU) and ``backend`` (``None``,
 ``"tpu"``, ``"cuda"``/``"gpu"``) so a CPU host can export kernels for an accelerator.
 """
+from pallas_kernels._version import __version__  # noqa: F401
+
 # Each kernel module adds its own export line below.
 from pallas_kernels.chunk import chunk_delta_rule, chunk_gla  # noqa: F401
 from pallas_kernels.flash import flash_attention  # noqa: F401

@@ -175,7 +175,7 @@ def test_tiny_run_through_the_runner(tmp_path):
     # with uniform-ish initial attention, Attn<s> ~ mean_i 1/(i+1) (seq_len 32: ~0.13)
     assert 0.05 < traj[0]["attn_sink"] < 0.3
     assert (tmp_path / "bigram_backcopy.png").stat().st_size > 1000
-    assert summary["figures"] == ["bigram_backcopy.png"]
+    assert summary["figures"] == ["bigram_backcopy.png", "attention_map.png"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["trajectory"] == traj and on_disk["final"]["attn_sink"] == final["attn_sink"]
 

@@ -436,7 +436,7 @@ class BigramBackcopyTask(Task):
         traj = getattr(self, "_trajectory", None) or self.trajectory(history)
         if not traj:
             return []
-        from experiments.plots import subplots
+        from experiments.plots import attention_map, overlay_published, save, subplots
 
         c, m = self.config, self.config.model
         steps = [p["step"] for p in traj]
@@ -446,14 +446,25 @@ class BigramBackcopyTask(Task):
             ("value_norm", "||Val<s>|| (layer 0)", False),
             ("residual_norm", "||Res<s>|| after layer 0", False),
         )
+        ylabels = ("attention on <s>", "||Val<s>||", "||Res<s>||", "excess risk (nats)")
+        # The paper's numbers (summary.json "published") for the runs they describe.
+        published: dict[int, tuple[dict, str]] = {}
+        if int(m.num_layers) == 1 and m.mechanism == "softmax":
+            ref = PUBLISHED["adam_1layer"]
+            label = "published (1 layer, d=256, Adam)"
+            published = {0: (ref["attn_sink"], label), 1: (ref["value_norm"], label),
+                         3: (ref["backcopy_risk"], label + ": backcopy")}
+        elif int(m.num_layers) == 3:
+            variant = "relu" if m.mechanism == "relu" else c.optimizer
+            if variant in PUBLISHED["residual_norm_3layer"]:
+                published = {2: (PUBLISHED["residual_norm_3layer"][variant],
+                                 f"published (3 layers, {variant})")}
         for ax, (key, title, logy) in zip(axes, panels, strict=False):
             ax.plot(steps, [p.get(key, np.nan) for p in traj], marker=".", label="layer 0")
             for i in range(1, int(m.num_layers)):  # deeper layers, dashed
                 other = [p.get(f"{key}/layer{i}", np.nan) for p in traj]
                 if key != "residual_norm" and not np.all(np.isnan(other)):
                     ax.plot(steps, other, ls="--", label=f"layer {i}")
-            if int(m.num_layers) > 1 and key != "residual_norm":
-                ax.legend(fontsize=8)
             ax.set_title(title if int(m.num_layers) == 1 else title.replace(" (layer 0)", ""))
             if logy:
                 ax.set_yscale("log")
@@ -462,18 +473,32 @@ class BigramBackcopyTask(Task):
             axes[3].plot(steps, [max(p.get(key, np.nan), 1e-6) for p in traj], label=key)
         axes[3].set_yscale("log")
         axes[3].set_title("excess risk (nats)")
-        axes[3].legend()
-        for ax in axes:
+        for i, (points, label) in published.items():
+            overlay_published(axes[i], points, label=label, xmax=steps[-1])
+        for ax, ylabel in zip(axes, ylabels, strict=True):
             ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
+            if len(ax.get_legend_handles_labels()[0]) > 1:
+                ax.legend(fontsize=8)
         fig.suptitle(
             f"Bigram-Backcopy: {m.num_layers} layer(s), d={m.d_model}, {c.optimizer} "
             f"lr={c.learning_rate:g}, {m.mechanism} attention, batch {c.batch_size}, "
             f"seq {c.seq_len}"
         )
         fig.tight_layout()
-        path = os.path.join(workdir, "bigram_backcopy.png")
-        tmp = f"{path}.tmp{os.getpid()}.png"
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-        return [path]
+        paths = [save(fig, os.path.join(workdir, "bigram_backcopy.png"))]
+        # The trained model's attention on one sampled sequence (heads averaged), per layer.
+        dist = self.distribution()
+        n = min(int(c.get("image_tokens", 64)), int(c.seq_len))
+        tokens = dist.sample(np.random.default_rng(1), n)
+        _, inter = model(jnp.asarray(tokens)[None], return_intermediates=True)
+        maps = [np.asarray(layer["attention_weights"][0]).mean(0)
+                for layer in inter["layers"] if "attention_weights" in layer]
+        if maps:
+            paths.append(attention_map(
+                np.stack(maps), os.path.join(workdir, "attention_map.png"),
+                suptitle=f"attention at step {steps[-1]} (heads averaged; key 0 = <s>)",
+                marked_queries=np.flatnonzero(np.isin(tokens, dist.triggers)).tolist(),
+                marked_label="trigger"))
+        return paths
