@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from experiments import plots
-from experiments import testing as T
 from experiments.tb import SummaryWriter, config_markdown, flatten
+from tests import testing as T
 
 
 @pytest.fixture
@@ -83,9 +83,9 @@ def test_bigram_backcopy_figures(tmp_path, saved):
     assert all(ax.get_ylabel() for ax in panels) and all(ax.get_xlabel() for ax in panels)
     published = [ax for ax in panels
                  if any(line.get_label().startswith("published") for line in ax.get_lines())]
-    assert len(published) == (3 if config.num_layers == 1 else 0)
+    assert len(published) == (3 if config.model.num_layers == 1 else 0)
     attn = saved["attention_map.png"]
-    assert _colorbars(attn) == ["attention weight"] * int(config.num_layers)
+    assert _colorbars(attn) == ["attention weight"] * int(config.model.num_layers)
     assert all(ax.get_xlabel() == "key position" for ax in attn.axes if ax.images)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import experiments
-from experiments import testing as T
 from experiments.trainer import Trainer
+from tests import testing as T
 
 RUN = dict(train_steps=6, checkpoint_every=3, log_every=3, eval_every=6, keep_checkpoints=5)
 

@@ -25,7 +25,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # What a build of jattn reads (tests, benchmarks and notebooks are not packaged).
 SOURCES = ["pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md",
-           "tools", "jattn", "jattn_lab", "pallas_kernels", "models", "experiments", "configs"]
+           "tools", "jattn", "jattn_lab", "pallas_kernels", "models", "experiments", "configs",
+           "studies"]
 OFFLINE = ("Could not find a version that satisfies", "No matching distribution",
            "Failed to establish a new connection", "Temporary failure in name resolution")
 
