@@ -61,6 +61,17 @@ def window_means(window: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return means
 
 
+def final_metrics(
+    last_train: Mapping[str, float], last_eval: Mapping[str, float]
+) -> dict[str, float]:
+    """The summary's `final`: `train_loss`, `train_<metric>` (the last log window's means)
+    and `eval_<metric>` (the last eval)."""
+    final: dict[str, float] = {"train_loss": last_train.get("loss", float("nan"))}
+    final.update({f"train_{k}": v for k, v in last_train.items() if k != "loss"})
+    final.update({f"eval_{k}": v for k, v in last_eval.items()})
+    return final
+
+
 HISTOGRAM_BINS = 30
 
 

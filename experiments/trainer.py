@@ -1,9 +1,9 @@
 """The training loop: sharded jitted steps, eval, logging, checkpoint/resume.
 
-State (a pytree of global arrays, created sharded by a jitted init):
-`{"step", "rng", "params", "opt_state", "rest"}` where `params` are the model's
-`nnx.Param`s and `rest` its other variables (RNG counters, statistics), both as pure
-dicts (`nnx.to_pure_dict`), PRNG keys stored as raw key data.
+One training step after another (`Trainer._train_steps`), each followed by whatever is due:
+a log, an eval, parameter histograms, a checkpoint. Metrics go through one
+`experiments.metrics.MetricLogger`; the state pytree and the pure train step are in
+`experiments.train_state`, the workdir's lock and files in `experiments.workdir`.
 
 Determinism: data example `i` depends on `(seed, i)`; the step's PRNG key is
 `fold_in(key(seed), step)`; the partial window of train metrics is checkpointed. A run
@@ -13,12 +13,9 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -31,130 +28,29 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments import data as data_lib
-from experiments.checkpoint import (
-    Checkpointer,
-    Restored,
-    WorkdirLock,
-    WorkdirUnusable,
-    move_run_aside,
-    replicated_to_host,
-)
+from experiments.checkpoint import Checkpointer, Restored, replicated_to_host
 from experiments.config import ConfigError, config_to_dict, validate_config
-from experiments.metrics import MetricLogger, param_histograms
+from experiments.metrics import MetricLogger, final_metrics, param_histograms
 from experiments.metrics import format_metrics as format_metrics  # re-exported for run.py
 from experiments.optim import make_optimizer
 from experiments.sharding import data_parallel_size, make_global_batch, make_mesh, named
 from experiments.tasks import get_task
 from experiments.tasks.base import Task
+from experiments.train_state import (
+    data_to_keys,
+    keys_to_data,
+    make_eval_images,
+    make_eval_step,
+    make_train_step,
+    split_model,
+)
+from experiments.workdir import (
+    changed_config_keys,
+    open_workdir,
+    summary_of_step,
+    write_json_atomic,
+)
 from models.sharding import DEFAULT_RULES, axis_rules, partition_specs
-
-log = logging.getLogger(__name__)
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to `path` via a temporary file and `os.replace` (never half-written)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # e.g. a full disk: no half-written temporary file stays behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def changed_config_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """``"key: old -> new"`` for each (dotted) key whose value differs between two config dicts
-    (both as `config_to_dict` makes them: plain JSON values)."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{c}" for c in changed_config_keys(a, b)]
-        elif a != b:
-            out.append(f"{k}: {a!r} -> {b!r}")
-    return out
-
-
-def final_metrics(
-    last_train: Mapping[str, float], last_eval: Mapping[str, float]
-) -> dict[str, float]:
-    """The summary's `final`: `train_loss`, `train_<metric>` (the last log window's means)
-    and `eval_<metric>` (the last eval)."""
-    final: dict[str, float] = {"train_loss": last_train.get("loss", float("nan"))}
-    final.update({f"train_{k}": v for k, v in last_train.items() if k != "loss"})
-    final.update({f"eval_{k}": v for k, v in last_eval.items()})
-    return final
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic | np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def _keys_to_data(tree: Any) -> Any:
-    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
-
-
-def _data_to_keys(tree: Any, template: Any) -> Any:
-    return jax.tree.map(
-        lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
-        tree,
-        template,
-    )
-
-
-def _split(model: nnx.Module) -> tuple[Any, dict, dict]:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-
-def make_train_step(
-    task: Task, tx: optax.GradientTransformation, schedule: optax.Schedule,
-    model_of: Callable[[dict, dict], nnx.Module],
-) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """The pure train step `(state, batch) -> (new state, float32 metrics)`: the task's loss
-    and its gradient at `state`'s parameters, one optimizer update; the step's PRNG key is
-    `fold_in(state["rng"], step)`. `model_of(params, rest)` merges the model."""
-
-    def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
-        step = state["step"]
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-
-        def loss_fn(params: dict):
-            model = model_of(params, state["rest"])
-            loss, metrics = task.loss(model, batch, rng)
-            _, _, new_rest = _split(model)
-            return loss, (metrics, _keys_to_data(new_rest))
-
-        (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"]
-        )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new_state = {
-            "step": step + 1,
-            "rng": state["rng"],
-            "params": params,
-            "opt_state": opt_state,
-            "rest": rest,
-        }
-        out = {
-            "loss": loss,
-            **metrics,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": jnp.asarray(schedule(step), jnp.float32),
-        }
-        return new_state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), out)
-
-    return train_step
 
 
 class Trainer:
@@ -235,14 +131,14 @@ class Trainer:
 
         def init_state() -> dict:
             model = build()
-            _, params, rest = _split(model)
+            _, params, rest = split_model(model)
             key = jax.random.key(config.seed)
             return {
                 "step": jnp.zeros((), jnp.int32),
                 "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
                 "params": params,
                 "opt_state": tx.init(params),
-                "rest": _keys_to_data(rest),
+                "rest": keys_to_data(rest),
             }
 
         self._init = jax.jit(init_state, out_shardings=self.state_shardings)
@@ -259,10 +155,9 @@ class Trainer:
         template = self._rest_template
 
         def model_of(params: dict, rest: dict) -> nnx.Module:
-            return nnx.merge(graphdef, params, _data_to_keys(rest, template))
+            return nnx.merge(graphdef, params, data_to_keys(rest, template))
 
         self.model_of = model_of
-
         self.train_step = jax.jit(
             make_train_step(task, tx, schedule, model_of),
             # the batch keeps make_global_batch's placement (rows over data x fsdp, the
@@ -272,17 +167,8 @@ class Trainer:
             donate_argnums=0,
         )
 
-        def eval_step(params: dict, rest: dict, batch: dict) -> dict:
-            metrics = task.eval_metrics(model_of(params, rest), batch)
-            return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
-
-        self.eval_step = jax.jit(eval_step, out_shardings=self.replicated)
-
-        def images(params: dict, rest: dict, batch: dict) -> dict:
-            return task.eval_images(model_of(params, rest), batch)
-
-        self.images_fn = jax.jit(images, out_shardings=self.replicated)
-
+        self.eval_step = jax.jit(make_eval_step(task, model_of), out_shardings=self.replicated)
+        self.images_fn = jax.jit(make_eval_images(task, model_of), out_shardings=self.replicated)
         self.histograms_fn = jax.jit(param_histograms, out_shardings=self.replicated)
 
     # ------------------------------------------------------------------ helpers
@@ -356,50 +242,13 @@ class Trainer:
     # ------------------------------------------------------------------ workdir
     def run(self) -> dict[str, Any]:
         """Trains to `config.train_steps` (resuming if possible); returns the summary."""
-        lock = self._open_workdir()
+        lock = open_workdir(self.workdir, restart=self.restart)
         try:
             with jax.set_mesh(self.mesh), axis_rules(self.rules):
                 return self._run()
         finally:
             if lock is not None:
                 lock.release()
-
-    def _open_workdir(self) -> WorkdirLock | None:
-        """Creates and locks the workdir (process 0), and moves an old run aside on restart.
-
-        Raises WorkdirBusy (another live run holds it) or WorkdirUnusable, on every process.
-        """
-        lock, error = None, None
-        if self.is_main:
-            try:
-                os.makedirs(self.workdir, exist_ok=True)
-                lock = WorkdirLock(self.workdir)
-                lock.acquire()
-                if self.restart:
-                    backup = move_run_aside(self.workdir)
-                    if backup:
-                        print(f"[jattn] --restart: moved the previous run's files to {backup}",
-                              file=sys.stderr, flush=True)
-            except OSError as e:
-                error = WorkdirUnusable(f"cannot create or write the workdir {self.workdir}: {e}")
-            except Exception as e:  # noqa: BLE001 - WorkdirBusy: raised below, on all processes
-                error = e
-            if error is not None and lock is not None:
-                lock.release()
-        if jax.process_count() > 1:  # the others wait for process 0's verdict
-            from jax.experimental import multihost_utils
-
-            ok = multihost_utils.process_allgather(np.int32(error is None))
-            if error is None and not np.all(ok):
-                error = WorkdirUnusable(f"process 0 could not open the workdir {self.workdir}")
-            if error is None and not self.is_main:  # a no-op on a shared file system
-                try:
-                    os.makedirs(self.workdir, exist_ok=True)
-                except OSError as e:
-                    error = WorkdirUnusable(f"cannot create the workdir {self.workdir}: {e}")
-        if error is not None:
-            raise error
-        return lock
 
     # ------------------------------------------------------------------ main loop
     def _run(self) -> dict[str, Any]:
@@ -452,7 +301,10 @@ class Trainer:
             "wall_time_s": time.time() - t_start,
             "loop_time_s": time.perf_counter() - t_loop,  # incl. eval and checkpoint writes
             "resumed_from": start if restored is not None else None,
-            **self._run_facts(),
+            "param_count": self.param_count,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "mesh": dict(self.mesh.shape),
             "config": config_dict,
         }
         return self._finish(summary, state, logger)
@@ -519,12 +371,9 @@ class Trainer:
 
     def _print_run_header(self) -> None:
         if self.is_main:
-            print(
-                f"[jattn] task={self.config.task} params={self.param_count:,} "
-                f"devices={jax.device_count()} mesh={dict(self.mesh.shape)} "
-                f"processes={jax.process_count()}",
-                file=sys.stderr,
-            )
+            print(f"[jattn] task={self.config.task} params={self.param_count:,} "
+                  f"devices={jax.device_count()} mesh={dict(self.mesh.shape)} "
+                  f"processes={jax.process_count()}", file=sys.stderr)
 
     def _eval_metrics(self, state: dict, step: int, batches: list[dict]) -> dict[str, float]:
         """The eval metrics on the fixed batches plus the task's periodic (host) metrics."""
@@ -551,21 +400,7 @@ class Trainer:
             print(f"[jattn] the workdir's latest checkpoint is step {step} >= "
                   f"config.train_steps={self.total_steps}: the run is done, nothing to train "
                   "(raise train_steps to continue it)", file=sys.stderr, flush=True)
-        try:
-            with open(os.path.join(self.workdir, "summary.json")) as f:
-                summary = json.load(f)
-        except (OSError, ValueError):
-            return None
-        return summary if isinstance(summary, dict) and summary.get("step") == step else None
-
-    def _run_facts(self) -> dict[str, Any]:
-        """The summary's description of the run's size and placement."""
-        return {
-            "param_count": self.param_count,
-            "devices": jax.device_count(),
-            "processes": jax.process_count(),
-            "mesh": dict(self.mesh.shape),
-        }
+        return summary_of_step(self.workdir, step)
 
     def _finish(self, summary: dict[str, Any], state: dict, logger: MetricLogger) -> dict:
         """Adds the task's summary fields; writes figures and `summary.json` (process 0)."""
