@@ -5,7 +5,11 @@
 Modules:
   run         absl entry point (config flags, `jax.distributed.initialize`).
   trainer     the loop: jitted init (parameters created sharded), jitted train step with
-              donation, eval, TensorBoard, checkpoints, resume, `summary.json`.
+              donation, eval, checkpoints, resume, `summary.json`.
+  train_state the state pytree and the pure train / eval steps the trainer jits.
+  metrics     MetricLogger: metric history (thinned in checkpoints), TensorBoard, console
+              (progress bar with the task's headline metrics, a line per eval).
+  workdir     a run's directory: lock, `--restart`, atomic JSON, the previous summary.
   tasks       the Task interface (`tasks/base.py`) and registry; one module per task.
   config      validation of the shared keys (`validate_config`), `--config.k=v` parsing.
   sharding    mesh (data, fsdp, context, tensor) and batch placement (specs: models.sharding).

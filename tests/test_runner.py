@@ -221,6 +221,20 @@ def test_without_progress_bar_prints_a_line_per_log_and_eval(tmp_path, capsys):
     assert "loss=" in lines[0] and "step_time_s=" in lines[0] and "eval: loss=" in lines[2]
 
 
+def test_progress_bar_shows_the_headline_metric_and_a_line_per_eval(tmp_path, capsys):
+    """Issue 23: the bar's postfix carries the task's headline eval metric (regression: mae)
+    beside the loss, and each eval prints one line above the bar."""
+    capsys.readouterr()
+    train(T.tiny_config(train_steps=20, log_every=5, eval_every=10, progress_bar=True),
+          str(tmp_path))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("[jattn] step")]
+    assert [ln.split(":")[0] for ln in lines] == ["[jattn] step 10 eval", "[jattn] step 20 eval"]
+    assert all("mae=" in ln for ln in lines)
+    final_bar = [seg for seg in err.replace("\r", "\n").splitlines() if "20/20" in seg][-1]
+    assert "loss=" in final_bar and "mae=" in final_bar, final_bar
+
+
 def test_growing_train_steps_continues_the_run_and_names_the_change(tmp_path, capsys):
     """Long runs grow in stages (rerun with a larger train_steps): the stages end where one
     uninterrupted run ends, and the warning says which key changed."""
@@ -239,9 +253,9 @@ def test_growing_train_steps_continues_the_run_and_names_the_change(tmp_path, ca
 
 
 def test_checkpoint_keeps_a_thinned_history_with_first_and_last_points(tmp_path, monkeypatch):
-    import experiments.trainer as trainer
+    import experiments.metrics as metrics
 
-    monkeypatch.setattr(trainer, "HISTORY_POINTS_KEPT", 8)
+    monkeypatch.setattr(metrics, "HISTORY_POINTS_KEPT", 8)
     train(T.tiny_config(train_steps=30, log_every=1, eval_every=0, checkpoint_every=30),
           str(tmp_path))
     meta = json.loads((tmp_path / "checkpoints" / "30" / "meta" / "metadata").read_text())
@@ -252,7 +266,7 @@ def test_checkpoint_keeps_a_thinned_history_with_first_and_last_points(tmp_path,
                     str(tmp_path))
     assert summary["resumed_from"] == 30
     meta = json.loads((tmp_path / "checkpoints" / "32" / "meta" / "metadata").read_text())
-    assert [s for s, _ in meta["history"]["train/loss"]] == trainer.thin_curve(
+    assert [s for s, _ in meta["history"]["train/loss"]] == metrics.thin_curve(
         steps + [31, 32], 8)
 
 

@@ -70,6 +70,10 @@ class Task:
     #: Set by :func:`register`.
     name: str = ""
 
+    #: Eval metric names (keys of `eval_metrics` or `periodic_metrics`) that say how the run
+    #: goes at a glance: shown beside the loss in the progress bar. Default: none.
+    headline_metrics: tuple[str, ...] = ()
+
     def __init__(self, config: ml_collections.ConfigDict) -> None:
         self.config = config
 
@@ -150,7 +154,7 @@ class Task:
         Args:
           history: every logged scalar, `{tag: [(step, value), ...]}`; in a resumed run the
             curves before the resume come from the checkpoint, thinned to at most
-            `experiments.trainer.HISTORY_POINTS_KEPT` points each.
+            `experiments.metrics.HISTORY_POINTS_KEPT` points each.
         """
         del model, history
         return {}

@@ -262,6 +262,8 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
 class BigramBackcopyTask(Task):
     """Bigram-Backcopy (Guo et al. 2024) on a single-head pre-LN ``models.Decoder``."""
 
+    headline_metrics = ("attn_sink",)  # the sink forming is the run's story
+
     def __init__(self, config) -> None:
         super().__init__(config)
         self._dist: BigramBackcopy | None = None

@@ -70,6 +70,8 @@ def generated_corpus(num_sentences: int = 6000, seed: int = 0) -> str:
 class CharLM(Task):
     """Next-character prediction on a text corpus with a `models.Decoder`."""
 
+    headline_metrics = ("bits_per_char",)
+
     def __init__(self, config) -> None:
         super().__init__(config)
         self._text: str | None = None

@@ -246,6 +246,8 @@ def _policy():
 class MQAR(Task):
     """Zoology's multi-query associative recall on a ``models.Decoder``."""
 
+    headline_metrics = ("accuracy",)
+
     def validate(self) -> None:
         c = self.config
         check_sizes(c.vocab_size, c.seq_len, c.num_kv_pairs)

@@ -46,6 +46,8 @@ class MLP(nnx.Module):
 class Regression(Task):
     """Teacher-student MLP regression (mean squared error)."""
 
+    headline_metrics = ("mae",)
+
     def validate(self) -> None:
         c = self.config
         for key in ("dim", "hidden", "teacher_hidden"):

@@ -94,6 +94,8 @@ class _ArraySource:
 class ViTDigits(Task):
     """Image classification with a ViT (digits by default, or an image folder)."""
 
+    headline_metrics = ("accuracy",)
+
     def __init__(self, config) -> None:
         super().__init__(config)
         self._splits: tuple | None = None
