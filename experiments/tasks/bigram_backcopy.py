@@ -189,14 +189,14 @@ class BigramBackcopyTask(Task):
     # --- model -----------------------------------------------------------------------
     def model_config(self):
         c = self.config
-        return decoder_config(c.model, vocab_size=self.distribution().num_tokens, max_len=c.seq_len)
+        return decoder_config(c.model, vocab_size=self.distribution().num_tokens,
+                              max_len=c.seq_len)
 
     def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
         from models import Decoder
 
-        return apply_init(
-            Decoder(self.model_config(), rngs=rngs), rngs, self.config.model.get("init", "pytorch")
-        )
+        return apply_init(Decoder(self.model_config(), rngs=rngs), rngs,
+                          self.config.model.get("init", "pytorch"))
 
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
