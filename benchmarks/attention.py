@@ -10,7 +10,6 @@ and compiled temp memory. B=1, H=8, D=64, fp32 by default.
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import jax
@@ -72,17 +71,10 @@ def run(lengths, batch, heads, head_dim, window, dtype, with_backward, mem_lengt
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
+    p = harness.arguments(__doc__, lengths=[1024, 4096, 8192], heads=8, head_dim=64, window=512,
+                          dtype="float32", backward=True, out="benchmarks/attention.json")
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[16384],
                    help="lengths at which only compiled memory is reported")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--out", default="benchmarks/attention.json")
     args = p.parse_args(argv)
     rows = run(args.lengths, args.batch, args.heads, args.head_dim, args.window,
                jnp.dtype(args.dtype), not args.no_backward, args.memory_lengths)

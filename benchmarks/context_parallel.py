@@ -20,7 +20,6 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
-import argparse  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -103,17 +102,10 @@ def time_rows(t, n, b, h, d, repeats):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 65536])
+    p = harness.arguments(__doc__, lengths=[16384, 65536], heads=1, dim=32, repeats=2,
+                          time_length=16384, time_context=8, out="benchmarks/context_parallel.json")
     p.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--time-length", type=int, default=16384)
-    p.add_argument("--time-context", type=int, default=8)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-time", action="store_true")
-    p.add_argument("--out", default="benchmarks/context_parallel.json")
     a = p.parse_args(argv)
     mem = memory_rows(a.lengths, a.contexts, a.batch, a.heads, a.dim)
     print(harness.table(mem, ["T", "context", "args MiB", "out MiB", "ring temp MiB",

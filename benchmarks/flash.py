@@ -13,7 +13,6 @@ reason instead of a time.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 
@@ -136,19 +135,11 @@ def run(lengths, batch, heads, head_dim, window, dtype, with_backward, small, bl
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--block-q", type=int, default=128)
-    p.add_argument("--block-kv", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--no-backward", action="store_true")
+    p = harness.arguments(__doc__, lengths=[1024, 4096, 16384], heads=16, head_dim=128,
+                          window=1024, block_q=128, block_kv=128, dtype="bfloat16",
+                          backward=True, out="benchmarks/flash.json")
     p.add_argument("--small", action="store_true",
                    help="tiny sizes in interpret mode (CPU smoke run; timings meaningless)")
-    p.add_argument("--out", default="benchmarks/flash.json")
     a = p.parse_args(argv)
     if a.small:
         a.lengths, a.heads, a.head_dim, a.window = [128, 256], 2, 64, 64

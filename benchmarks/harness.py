@@ -6,6 +6,7 @@ account from ``compiled.memory_analysis()``.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -14,6 +15,34 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+
+
+def arguments(
+    doc: str,
+    *,
+    lengths: list[int],
+    heads: int,
+    out: str | None,
+    batch: int = 1,
+    dtype: str | None = None,
+    backward: bool = False,
+    **sizes: int,
+) -> argparse.ArgumentParser:
+    """The flags the attention benchmarks share: ``--lengths``, ``--batch``, ``--heads``, one
+    int flag per entry of `sizes` (``head_dim=64`` gives ``--head-dim``), ``--dtype`` and
+    ``--no-backward`` when asked for, and ``--out``; the caller adds its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=lengths)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--heads", type=int, default=heads)
+    for name, default in sizes.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    if dtype is not None:
+        p.add_argument("--dtype", default=dtype)
+    if backward:
+        p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--out", default=out, help="JSON path")
+    return p
 
 
 def compile_fn(fn: Callable, *args):

@@ -20,7 +20,6 @@ scan reference above that length (its memory is still reported).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -143,18 +142,13 @@ def summarize(rows, lengths):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p = harness.arguments(
+        __doc__, lengths=[1024, 4096, 16384], heads=4, dim=64, repeats=5,
+        skip_scan_above=1 << 30, backward=True, out="benchmarks/linear.json",
+    )
     p.add_argument(
         "--slow-s", type=float, default=2.0, help="a call slower than this (warm-up) is timed once"
     )
-    p.add_argument("--skip-scan-above", type=int, default=1 << 30)
-    p.add_argument("--no-backward", action="store_true")
-    p.add_argument("--out", default="benchmarks/linear.json")
     a = p.parse_args(argv)
     lengths = sorted(a.lengths)
     softmax_name, rows = run(

@@ -23,7 +23,6 @@ between the two (a sanity check at full size).
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import jax
@@ -173,25 +172,17 @@ def run(lengths, mechs, b, h, kd, vd, chunk, dtype, small, flash_block):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384])
+    p = harness.arguments(
+        __doc__, lengths=[2048, 8192, 16384], heads=16, key_dim=128, value_dim=128, chunk=64,
+        flash_block=128, dtype="bfloat16", out=None,  # benchmarks/linear_pallas[_small].json
+    )
     p.add_argument(
         "--mechs", nargs="+", default=["gla", "gdn", "kda"], choices=["gla", "gdn", "kda"]
     )
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--key-dim", type=int, default=128)
-    p.add_argument("--value-dim", type=int, default=128)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--flash-block", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16")
     p.add_argument(
         "--small",
         action="store_true",
         help="tiny sizes in interpret mode (CPU smoke run; timings meaningless)",
-    )
-    p.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/linear_pallas[_small].json)"
     )
     a = p.parse_args(argv)
     if a.small:

@@ -24,7 +24,7 @@ lr 3e-3 for 1 layer as in the paper). The learning rate a token sets can be over
 
 import ml_collections
 
-from configs.common import base_config, model_config, parse_tokens, tiny
+from configs.common import base_config, model_config, parse_tokens, set_fields, tiny
 
 TOKENS = ("cpu", "tiny", "1layer", "3layer", "sgd", "adamw", "relu", "sigmoid", "softmax")
 
@@ -56,36 +56,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.image_tokens = 64  # attention-map images: first N positions of one eval sequence
     # --- optimizer: AdamW 3e-4, betas (0.9, 0.99), wd 1e-4 on every parameter, no schedule ----
-    config.optimizer = "adamw"
-    config.learning_rate = 3e-4
-    config.b1, config.b2 = 0.9, 0.99
-    config.momentum = 0.9  # sgd
-    config.weight_decay = 1e-4
-    config.no_decay = ()
-    config.schedule = "constant"
-    config.warmup_steps = 0
-    config.grad_clip_norm = 0.0
-    config.batch_size = 512
-    config.train_steps = 10_000
+    set_fields(
+        config, optimizer="adamw", learning_rate=3e-4, b1=0.9, b2=0.99, weight_decay=1e-4,
+        no_decay=(), schedule="constant", warmup_steps=0, grad_clip_norm=0.0, batch_size=512,
+        train_steps=10_000, momentum=0.9,  # momentum: the sgd ablation's
+    )
     # --- logging: eval metrics at every log step (and step 0) on one fixed batch ---------------
-    config.eval_at_start = True
-    config.log_every = 100
-    config.eval_every = 100
-    config.eval_batches = 1
-    config.eval_batch_size = 64
-    config.checkpoint_every = 1000
-    config.histogram_every = 1000
+    set_fields(
+        config, eval_at_start=True, log_every=100, eval_every=100, eval_batches=1,
+        eval_batch_size=64, checkpoint_every=1000, histogram_every=1000,
+    )
 
     if "cpu" in tokens:
-        config.model.d_model = 64
-        config.seq_len = 64  # <= model.d_model: a previous-token head over learned positions fits
-        config.batch_size = 128
-        config.eval_batch_size = 64
-        config.train_steps = 800
-        config.learning_rate = 2e-3
-        config.log_every = config.eval_every = 25
-        config.checkpoint_every = 400
-        config.histogram_every = 400
+        # seq_len <= model.d_model: a previous-token head over learned positions fits
+        set_fields(
+            config, seq_len=64, batch_size=128, eval_batch_size=64, train_steps=800,
+            learning_rate=2e-3, log_every=25, eval_every=25, checkpoint_every=400,
+            histogram_every=400, **{"model.d_model": 64},
+        )
     if "tiny" in tokens:
         tiny(config, seq_len=32, image_tokens=16, **{"model.d_model": 16})
     if "3layer" in tokens:

@@ -12,7 +12,7 @@ Switch the attention mechanism with `--config.model.mechanism=sigmoid` (any name
 
 import ml_collections
 
-from configs.common import base_config, model_config
+from configs.common import adamw_cosine_run, base_config, model_config
 
 SIZES = {
     # name: (d_model, num_layers, num_heads, seq_len, batch, steps, lr)
@@ -47,16 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.sample_prompt = "three plus four is"
     config.sample_tokens = 16 if size == "tiny" else 120
-    config.train_steps = steps
-    config.batch_size = batch
-    config.learning_rate = lr
-    config.optimizer = "adamw"
-    config.weight_decay = 0.01
-    config.schedule = "cosine"
-    config.warmup_steps = max(steps // 20, 1)
-    config.grad_clip_norm = 1.0
-    config.log_every = max(steps // 30, 1)
-    config.eval_every = max(steps // 6, 1)
-    config.checkpoint_every = max(steps // 3, 1)
-    config.eval_batches = 4
+    adamw_cosine_run(
+        config, steps=steps, batch_size=batch, learning_rate=lr, weight_decay=0.01, logs=30,
+        evals=6, checkpoints=3, eval_batches=4,
+    )
     return config

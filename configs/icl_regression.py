@@ -14,7 +14,7 @@ the steps the reproduction needed.
 
 import ml_collections
 
-from configs.common import base_config, model_config
+from configs.common import base_config, model_config, set_fields
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,15 +34,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.noise_var = 0.1  # sigma^2 on every y, the query target included
     config.eval_lengths = (10, 20, 40, 60, 80, 100)
     config.eval_examples = 65536  # fixed test prompts per evaluation length
-    config.train_steps = int(arg) if arg else 40000
-    config.batch_size = 256
-    config.learning_rate = 1e-3
-    config.optimizer = "adam"
-    config.schedule = "constant"
-    config.log_every = 500
-    config.eval_every = 5000
-    config.checkpoint_every = 10000
-    config.eval_batches = 4
-    config.eval_batch_size = 4096
-    config.histogram_every = 0
+    set_fields(
+        config, train_steps=int(arg) if arg else 40000, batch_size=256, learning_rate=1e-3,
+        optimizer="adam", schedule="constant",
+    )
+    set_fields(
+        config, log_every=500, eval_every=5000, checkpoint_every=10000, eval_batches=4,
+        eval_batch_size=4096, histogram_every=0,
+    )
     return config

@@ -27,7 +27,7 @@ the runner's shared keys (``train_steps``, ``learning_rate``, ...).
 
 import ml_collections
 
-from configs.common import base_config, model_config, parse_tokens, tiny
+from configs.common import base_config, model_config, parse_tokens, set_fields, tiny
 
 TOKENS = ("64", "128", "256", "cpu", "tiny")
 SIZES = {"64": (64, 4), "128": (128, 8), "256": (256, 16)}
@@ -67,36 +67,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         implementation="",  # jattn.attention implementation ("" = best for the platform)
     )
     # --- optimizer -------------------------------------------------------------------------------
-    config.optimizer = "adamw"
-    config.learning_rate = 1e-3
-    config.weight_decay = 0.1
-    config.schedule = "cosine"
-    config.warmup_steps = 200
-    config.grad_clip_norm = 1.0
-    config.batch_size = 64
-    config.train_steps = 10_000
+    set_fields(
+        config, optimizer="adamw", learning_rate=1e-3, weight_decay=0.1, schedule="cosine",
+        warmup_steps=200, grad_clip_norm=1.0, batch_size=64, train_steps=10_000,
+    )
     # --- logging ---------------------------------------------------------------------------------
-    config.eval_at_start = False
-    config.log_every = 100
-    config.eval_every = 500
-    config.eval_batches = 4
-    config.eval_batch_size = 256
-    config.checkpoint_every = 2000
-    config.histogram_every = 5000
+    set_fields(
+        config, eval_at_start=False, log_every=100, eval_every=500, eval_batches=4,
+        eval_batch_size=256, checkpoint_every=2000, histogram_every=5000,
+    )
 
     if "cpu" in tokens:
-        config.vocab_size = 256
-        config.model.d_model = 64
-        config.batch_size = 64
-        config.train_steps = 1500
-        config.learning_rate = 3e-3
-        config.warmup_steps = 50
-        config.log_every = 50
-        config.eval_every = 250
-        config.eval_batch_size = 128
-        config.eval_batches = 4
-        config.checkpoint_every = 1500
-        config.histogram_every = 1500
+        set_fields(
+            config, vocab_size=256, batch_size=64, train_steps=1500, learning_rate=3e-3,
+            warmup_steps=50, log_every=50, eval_every=250, eval_batch_size=128, eval_batches=4,
+            checkpoint_every=1500, histogram_every=1500, **{"model.d_model": 64},
+        )
     if "tiny" in tokens:
         config.train_mix = ""
         config.seq_len, config.num_kv_pairs = 16, 2

@@ -12,7 +12,7 @@
 
 import ml_collections
 
-from configs.common import base_config, model_config
+from configs.common import adamw_cosine_run, base_config, model_config
 
 SIZES = {
     # name: (ViT size, patch, batch, steps, lr)
@@ -43,17 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         positions="learned",  # learned | sincos2d | none
         mechanism="softmax",
     )
-    config.train_steps = steps
-    config.batch_size = batch
-    config.learning_rate = lr
-    config.optimizer = "adamw"
-    config.weight_decay = 0.05
-    config.schedule = "cosine"
-    config.warmup_steps = max(steps // 20, 1)
-    config.grad_clip_norm = 1.0
-    config.log_every = max(steps // 40, 1)
-    config.eval_every = max(steps // 8, 1)
-    config.checkpoint_every = max(steps // 4, 1)
-    config.eval_batches = 5
-    config.eval_batch_size = 64
+    adamw_cosine_run(
+        config, steps=steps, batch_size=batch, learning_rate=lr, weight_decay=0.05, logs=40,
+        evals=8, checkpoints=4, eval_batches=5, eval_batch_size=64,
+    )
     return config

@@ -94,13 +94,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         _require(
             config.schedule in SCHEDULES, "schedule", f"must be one of {SCHEDULES}", config.schedule
         )
-    if "warmup_steps" in config:
-        _require(
-            _is_int(config.warmup_steps) and 0 <= config.warmup_steps,
-            "warmup_steps",
-            "must be an int >= 0",
-            config.warmup_steps,
-        )
+    for key, note in (
+        ("warmup_steps", ""),
+        ("eval_batches", ""),
+        ("eval_batch_size", " (0 = batch_size)"),
+    ):
+        if key in config:
+            v = config[key]
+            _require(_is_int(v) and v >= 0, key, f"must be an int >= 0{note}", v)
     for key in ("weight_decay", "grad_clip_norm", "min_lr_ratio"):
         if key in config:
             v = config[key]
@@ -110,20 +111,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 "must be a number >= 0",
                 v,
             )
-    if "eval_batches" in config:
-        _require(
-            _is_int(config.eval_batches) and config.eval_batches >= 0,
-            "eval_batches",
-            "must be an int >= 0",
-            config.eval_batches,
-        )
-    if "eval_batch_size" in config:
-        _require(
-            _is_int(config.eval_batch_size) and config.eval_batch_size >= 0,
-            "eval_batch_size",
-            "must be an int >= 0 (0 = batch_size)",
-            config.eval_batch_size,
-        )
     mesh = config.mesh
     _require(
         isinstance(mesh, Mapping | ml_collections.ConfigDict),

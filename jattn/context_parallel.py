@@ -32,25 +32,44 @@ same work (contiguous shards give the last device ``~2n - 1`` times the first on
 ``ppermute``s of ``T / 2n`` tokens per tensor each way: q, k, v, segment ids in, output and lse
 out; the same again in the backward). Models can permute once with :func:`zigzag_permute` at the
 embedding and :func:`zigzag_unpermute` at the head and pass ``inputs_permuted=True``.
+
+Modules: the layout and static plan in :mod:`jattn._context_parallel_layout`, one hop and the
+merge in :mod:`jattn._context_parallel_hop`; the ring, the all-gather and the entry point here.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jattn import _blocked
-from jattn import masks as masks_lib
-from jattn._common import Spec, split_heads
+from jattn._context_parallel_hop import (
+    F32,
+    _empty_acc,
+    _finish,
+    _hop,
+    _hop_backward,
+    _hop_forward,
+    _merge,
+)
+from jattn._context_parallel_layout import (
+    LAYOUTS,
+    _device_chunks,
+    _from_zigzag,
+    _global_block_map,
+    _make_plan,
+    _Plan,
+    _to_zigzag,
+    hop_work,
+    zigzag_indices,
+    zigzag_permute,
+    zigzag_unpermute,
+)
 from jattn.masks import Mask
-from pallas_kernels import block_map as block_map_lib
 
 __all__ = [
     "attention",
@@ -63,300 +82,6 @@ __all__ = [
 ]
 
 STRATEGIES = ("ring", "allgather")
-LAYOUTS = ("zigzag", "contiguous")
-F32 = jnp.float32
-_MAX_BLOCK = 512
-
-
-# ------------------------------------------------------------------------------------------------
-# Layouts: which global chunks each device holds.
-# ------------------------------------------------------------------------------------------------
-def _device_chunks(layout: str, n: int) -> np.ndarray:
-    """int ``[n, c]``: the global chunk ids device ``i`` holds, in local order (``c`` = 2 or 1)."""
-    if layout == "zigzag":
-        return np.array([[i, 2 * n - 1 - i] for i in range(n)], np.int32)
-    return np.arange(n, dtype=np.int32)[:, None]
-
-
-def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
-    """Token order of the zigzag layout: ``x[:, zigzag_indices(T, n)]`` puts chunks ``i`` and
-    ``2n - 1 - i`` (of ``2n`` chunks of ``T / 2n`` tokens) next to each other, in shard ``i``."""
-    if seq_len % (2 * num_shards):
-        raise ValueError(f"seq_len={seq_len} must be divisible by 2 * num_shards = "
-                         f"{2 * num_shards} for the zigzag layout")
-    c = seq_len // (2 * num_shards)
-    chunks = _device_chunks("zigzag", num_shards).reshape(-1)
-    return (chunks[:, None] * c + np.arange(c)[None, :]).reshape(-1).astype(np.int32)
-
-
-def zigzag_permute(x, num_shards: int, axis: int = 1):
-    """Natural token order -> zigzag layout along ``axis`` (e.g. once, at the embedding)."""
-    return jnp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
-
-
-def zigzag_unpermute(x, num_shards: int, axis: int = 1):
-    """Zigzag layout -> natural token order along ``axis`` (the inverse of zigzag_permute)."""
-    inverse = np.argsort(zigzag_indices(x.shape[axis], num_shards))
-    return jnp.take(x, inverse, axis=axis)
-
-
-def _zigzag_dest(c: int, n: int) -> int:
-    return c if c < n else 2 * n - 1 - c
-
-
-def _to_zigzag(x, axis_name, n: int, seq_axis: int):
-    """Inside shard_map: natural shards (chunks 2i, 2i+1) -> zigzag shards (chunks i, 2n-1-i).
-
-    Each device holds one even and one odd chunk in both layouts, so this is two ppermutes.
-    """
-    even, odd = jnp.split(x, 2, axis=seq_axis)
-    even = lax.ppermute(even, axis_name, [(i, _zigzag_dest(2 * i, n)) for i in range(n)])
-    odd = lax.ppermute(odd, axis_name, [(i, _zigzag_dest(2 * i + 1, n)) for i in range(n)])
-    first_is_even = lax.axis_index(axis_name) % 2 == 0
-    return jnp.where(first_is_even, jnp.concatenate([even, odd], seq_axis),
-                     jnp.concatenate([odd, even], seq_axis))
-
-
-def _from_zigzag(x, axis_name, n: int, seq_axis: int):
-    """Inverse of :func:`_to_zigzag`."""
-    first, second = jnp.split(x, 2, axis=seq_axis)
-    first_is_even = lax.axis_index(axis_name) % 2 == 0
-    even = jnp.where(first_is_even, first, second)
-    odd = jnp.where(first_is_even, second, first)
-    even = lax.ppermute(even, axis_name, [(_zigzag_dest(2 * i, n), i) for i in range(n)])
-    odd = lax.ppermute(odd, axis_name, [(_zigzag_dest(2 * i + 1, n), i) for i in range(n)])
-    return jnp.concatenate([even, odd], seq_axis)
-
-
-# ------------------------------------------------------------------------------------------------
-# The static plan of one call.
-# ------------------------------------------------------------------------------------------------
-class _Plan(NamedTuple):
-    """Static (hashable) description of a context-parallel call."""
-
-    spec: Spec  # the GLOBAL spec: q_len/kv_len are the global lengths, mask the user's mask
-    axis: str
-    n: int
-    layout: str
-    q_chunk: int  # tokens per chunk (a device holds len(chunks[i]) chunks)
-    kv_chunk: int
-    block_q: int
-    block_kv: int
-
-
-def _largest_divisor_at_most(x: int, cap: int) -> int:
-    return max(d for d in range(1, min(x, cap) + 1) if x % d == 0)
-
-
-def _global_block_map(plan: _Plan) -> np.ndarray:
-    """int8 ``[NQ, NK]`` block map of the user's mask over the global sequence, reduced over
-    heads (empty only if empty for every head, full only if full for every head)."""
-    spec = plan.spec
-    mask = spec.mask if spec.mask is not None else masks_lib.full()
-    m = np.asarray(mask.block_map(spec.q_len, spec.kv_len, plan.block_q, plan.block_kv))
-    if m.ndim == 3:
-        hi, lo = m.max(0), m.min(0)
-        m = np.where(hi == masks_lib.EMPTY, masks_lib.EMPTY,
-                     np.where(lo == masks_lib.FULL, masks_lib.FULL, masks_lib.PARTIAL))
-    return m.astype(np.int8)
-
-
-def _block_ids(chunks, chunk: int, block: int):
-    """Global block ids of a device's local blocks: chunks ``[c]`` -> ``[c * chunk / block]``."""
-    per = chunk // block
-    return (chunks[:, None] * per + jnp.arange(per, dtype=jnp.int32)[None, :]).reshape(-1)
-
-
-def hop_work(mask: Mask | None, q_len: int, kv_len: int, num_shards: int, *,
-             layout: str = "zigzag", block_q: int | None = None,
-             block_kv: int | None = None) -> np.ndarray:
-    """Visited (non-empty) tiles per device and ring hop, from the static block map.
-
-    Returns int ``[n, n]``: entry ``[i, s]`` is the number of ``block_q x block_kv`` tiles device
-    ``i`` computes at hop ``s`` (when it holds the K/V of device ``(i - s) mod n``); 0 means the
-    hop is skipped. ``sum(axis=1)`` is each device's attention work (FLOPs up to a constant).
-    """
-    plan = _make_plan(_spec_for(mask, q_len, kv_len), "context", num_shards, layout,
-                      block_q, block_kv)
-    gmap = _global_block_map(plan) != masks_lib.EMPTY
-    chunks = _device_chunks(layout, num_shards)
-    work = np.zeros((num_shards, num_shards), np.int64)
-    ids = lambda c, chunk, block: (c[:, None] * (chunk // block)
-                                   + np.arange(chunk // block)[None, :]).reshape(-1)
-    for i in range(num_shards):
-        rows = ids(chunks[i], plan.q_chunk, plan.block_q)
-        for s in range(num_shards):
-            cols = ids(chunks[(i - s) % num_shards], plan.kv_chunk, plan.block_kv)
-            work[i, s] = gmap[np.ix_(rows, cols)].sum()
-    return work
-
-
-def _spec_for(mask, q_len, kv_len) -> Spec:
-    from jattn import normalizers
-
-    return Spec(mask=mask, normalizer=normalizers.get("softmax"), scale=1.0, soft_cap=None,
-                q_len=q_len, kv_len=kv_len, num_kv_heads=1, group=1, has_bias=False,
-                has_dense_mask=False, has_segments=False, has_sinks=False)
-
-
-def _make_plan(spec: Spec, axis: str, n: int, layout: str, block_q, block_kv) -> _Plan:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    per_device = 2 if layout == "zigzag" else 1
-    for name, t in (("q", spec.q_len), ("k/v", spec.kv_len)):
-        if t % (per_device * n):
-            what = f"2 * {n} = {2 * n} (zigzag layout)" if per_device == 2 else f"{n}"
-            raise ValueError(
-                f"{name} sequence length {t} must be divisible by {what} for context "
-                f"parallelism over axis {axis!r} of size {n}; pad the sequence to a multiple "
-                f"of {per_device * n}" + (" or pass layout='contiguous'" if per_device == 2
-                                          else ""))
-    q_chunk, kv_chunk = spec.q_len // (per_device * n), spec.kv_len // (per_device * n)
-    bq = block_q or _largest_divisor_at_most(q_chunk, _MAX_BLOCK)
-    bk = block_kv or _largest_divisor_at_most(kv_chunk, _MAX_BLOCK)
-    if q_chunk % bq or kv_chunk % bk:
-        raise ValueError(f"block sizes ({bq}, {bk}) must divide the chunk lengths "
-                         f"({q_chunk}, {kv_chunk})")
-    return _Plan(spec, axis, n, layout, q_chunk, kv_chunk, bq, bk)
-
-
-# ------------------------------------------------------------------------------------------------
-# One device, one hop: the blocked kernel at global positions.
-# ------------------------------------------------------------------------------------------------
-class _AtPositions(Mask):
-    """The user's mask evaluated at global token positions of a device's local tokens.
-
-    Local index ``i`` of a side with chunk ids ``chunks`` (traced) and chunk length ``c`` sits at
-    global position ``chunks[i // c] * c + i % c``. Holds traced chunk ids, so it is built inside
-    the traced computation and never hashed (the kernel receives it in a Spec it does not hash).
-    """
-
-    def __init__(self, base: Mask | None, q_chunks, kv_chunks, q_chunk: int, kv_chunk: int,
-                 q_len: int, kv_len: int):
-        self.base, self.q_chunks, self.kv_chunks = base, q_chunks, kv_chunks
-        self.q_chunk, self.kv_chunk, self.q_len, self.kv_len = q_chunk, kv_chunk, q_len, kv_len
-
-    @property
-    def num_heads(self):
-        return None if self.base is None else self.base.num_heads
-
-    @staticmethod
-    def _global(idx, chunks, c: int):
-        which = jnp.clip(idx // c, 0, chunks.shape[0] - 1)
-        return jnp.take(chunks, which) * c + idx % c
-
-    def _visible(self, q, k, h, q_len, kv_len):
-        qg = self._global(q, self.q_chunks, self.q_chunk)
-        kg = self._global(k, self.kv_chunks, self.kv_chunk)
-        if self.base is None:
-            return jnp.ones(jnp.broadcast_shapes(jnp.shape(q), jnp.shape(k)), bool)
-        return self.base._visible(qg, kg, h, self.q_len, self.kv_len)
-
-
-class _Hop(NamedTuple):
-    spec: Spec  # local spec with an _AtPositions mask
-    entries: jax.Array  # compacted block lists (pallas_kernels.block_map.compact)
-    counts: jax.Array
-
-
-def _hop(plan: _Plan, gmap, q_chunks, kv_chunks, seg_q, seg_k, q_len: int, kv_len: int) -> _Hop:
-    """Local spec and block table for local queries (chunks ``q_chunks``) against K/V
-    (chunks ``kv_chunks``); ``q_len``/``kv_len`` are the local lengths."""
-    g = plan.spec
-    mask = _AtPositions(g.mask, q_chunks, kv_chunks, plan.q_chunk, plan.kv_chunk,
-                        g.q_len, g.kv_len)
-    spec = g._replace(mask=mask, q_len=q_len, kv_len=kv_len, has_sinks=False)
-    rows = _block_ids(q_chunks, plan.q_chunk, plan.block_q)
-    cols = _block_ids(kv_chunks, plan.kv_chunk, plan.block_kv)
-    table = jnp.take(jnp.take(gmap, rows, axis=0), cols, axis=1)
-    if seg_q is not None:  # AND with the documents' block map, one map over the batch
-        seg = block_map_lib.segment_block_map(seg_q, seg_k, plan.block_q, plan.block_kv)
-        table = block_map_lib.collapse(block_map_lib.intersect(table[None], seg), (0,))
-    # The hop's table depends on the device index (traced): compacted with jnp on device.
-    entries, counts = block_map_lib.compact_traced(table.astype(jnp.int8), table.shape[-1])
-    return _Hop(spec, entries, counts)
-
-
-def _hop_forward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k):
-    """``(out fp32 [B, tq, Hq, Dv], stat [B, Hq, tq])`` of one hop, or the identity of the merge
-    when the hop's block table is empty (then nothing is computed)."""
-    b, tq, hq, _ = q.shape
-    norm = plan.spec.normalizer
-
-    def compute(_):
-        return _blocked._forward(hop.spec, plan.block_q, plan.block_kv, q, k, v, None, None,
-                                 None, seg_q, seg_k, hop.entries, hop.counts)[:2]
-
-    def skip(_):
-        empty_stat = -jnp.inf if norm.softmax else 0.0
-        return (jnp.zeros((b, tq, hq, v.shape[-1]), F32), jnp.full((b, hq, tq), empty_stat, F32))
-
-    return lax.cond(jnp.any(hop.counts > 0), compute, skip, None)
-
-
-def _max_and_log_sum(plan: _Plan, stat):
-    """The blocked backward's ``(m, log_l)`` rows from the merged global lse: ``m = lse``,
-    ``log_l = 0`` (``m = +inf`` where a row sees nothing, so its weights recompute to 0). Only the
-    merged lse crosses the ring, so the recompute is ``exp(s - lse)``: exact except for rows whose
-    logits are so large that ``lse`` rounds ``log l`` away (the single-device path keeps them)."""
-    if not plan.spec.normalizer.softmax:
-        return None
-    rows = split_heads(stat.astype(F32), plan.spec.num_kv_heads, plan.spec.group)
-    return jnp.where(rows == -jnp.inf, jnp.inf, rows), jnp.zeros_like(rows)
-
-
-def _hop_backward(plan: _Plan, hop: _Hop, q, k, v, seg_q, seg_k, out, stat, d_out, d_stat):
-    """``(dq, dk, dv)`` (fp32) of one hop given the GLOBAL ``out`` and row statistic."""
-
-    def compute(_):
-        # fp32 operands so the kernel returns fp32 gradients: hops add up without rounding
-        # to q's dtype in between (a transient fp32 copy of the local shards).
-        q32, k32, v32 = (x.astype(F32) for x in (q, k, v))
-        res = (q32, k32, v32, None, None, None, seg_q, seg_k, hop.entries, hop.counts,
-               out, stat, _max_and_log_sum(plan, stat))
-        return _blocked._core_bwd(hop.spec, plan.block_q, plan.block_kv, res,
-                                  (d_out, d_stat))[:3]
-
-    def skip(_):
-        return (jnp.zeros(q.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32))
-
-    return lax.cond(jnp.any(hop.counts > 0), compute, skip, None)
-
-
-class _Acc(NamedTuple):
-    # out: fp32 [B, tq, Hq, Dv], normalized (softmax), a sum (sigmoid), un-normalized (relu);
-    # stat: [B, Hq, tq], the lse (softmax), zeros (sigmoid), the visible-key count (relu).
-    out: jax.Array
-    stat: jax.Array
-
-
-def _merge(norm, acc: _Acc, out, stat) -> _Acc:
-    """Fold one hop's ``(out, stat)`` into the running accumulator."""
-    if norm.softmax:
-        m = jnp.maximum(acc.stat, stat)
-        m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-        wa, wb = jnp.exp(acc.stat - m_safe), jnp.exp(stat - m_safe)
-        total = wa + wb
-        lse = jnp.where(total > 0, m_safe + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-        col = lambda w: jnp.swapaxes(w, 1, 2)[..., None]  # [B, Hq, tq] -> [B, tq, Hq, 1]
-        inv = 1.0 / jnp.where(total > 0, total, 1.0)
-        return _Acc(acc.out * col(wa * inv) + out * col(wb * inv), lse)
-    if norm.divide_by_count:  # un-normalize this hop's rows, add the counts
-        return _Acc(acc.out + out * jnp.swapaxes(jnp.maximum(stat, 1.0), 1, 2)[..., None],
-                    acc.stat + stat)
-    return _Acc(acc.out + out, acc.stat)
-
-
-def _finish(norm, acc: _Acc):
-    if norm.divide_by_count:
-        return acc.out / jnp.swapaxes(jnp.maximum(acc.stat, 1.0), 1, 2)[..., None], acc.stat
-    return acc.out, acc.stat
-
-
-def _empty_acc(norm, q, v) -> _Acc:
-    b, tq, hq, _ = q.shape
-    stat = jnp.full((b, hq, tq), -jnp.inf if norm.softmax else 0.0, F32)
-    return _Acc(jnp.zeros((b, tq, hq, v.shape[-1]), F32), stat)
 
 
 # ------------------------------------------------------------------------------------------------

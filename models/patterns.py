@@ -22,16 +22,23 @@ PatternFactory = Callable[[AttentionConfig, str | None], masks.Mask]
 PATTERNS: dict[str, PatternFactory] = {}
 
 
-def register_pattern(name: str) -> Callable[[PatternFactory], PatternFactory]:
-    """Decorator: ``fn(cfg, arg) -> Mask`` under ``name`` (used as ``"name:arg"``)."""
+def registrar(kind: str, table: dict[str, Any], name: str, *taken: dict[str, Any]):
+    """Decorator that stores its function in ``table[name]``; ValueError if ``name`` is already
+    in ``table`` or in any of `taken` (tables sharing the namespace). ``kind`` names the table in
+    the message. Shared by the pattern and the mechanism registries."""
 
     def deco(fn):
-        if name in PATTERNS:
-            raise ValueError(f"pattern {name!r} is already registered")
-        PATTERNS[name] = fn
+        if name in table or any(name in t for t in taken):
+            raise ValueError(f"{kind} {name!r} is already registered")
+        table[name] = fn
         return fn
 
     return deco
+
+
+def register_pattern(name: str) -> Callable[[PatternFactory], PatternFactory]:
+    """Decorator: ``fn(cfg, arg) -> Mask`` under ``name`` (used as ``"name:arg"``)."""
+    return registrar("pattern", PATTERNS, name)
 
 
 def pattern_names() -> list[str]:
@@ -63,28 +70,15 @@ def _causal(cfg, arg):
     return masks.causal()
 
 
-@register_pattern("sliding_window")
-def _sliding(cfg, arg):
-    (w,) = _ints(arg, 1, "sliding_window")
-    return masks.sliding_window(w)
+def _register_int_pattern(name: str, n: int, constructor: Callable[..., masks.Mask]) -> None:
+    """``"name:a[,b]"`` -> ``constructor(a[, b])``: a pattern of `n` int arguments."""
+    register_pattern(name)(lambda cfg, arg: constructor(*_ints(arg, n, name)))
 
 
-@register_pattern("local")
-def _local(cfg, arg):
-    left, right = _ints(arg, 2, "local")
-    return masks.local(left, right)
-
-
-@register_pattern("chunked")
-def _chunked(cfg, arg):
-    (c,) = _ints(arg, 1, "chunked")
-    return masks.chunked(c)
-
-
-@register_pattern("prefix_lm")
-def _prefix_lm(cfg, arg):
-    (p,) = _ints(arg, 1, "prefix_lm")
-    return masks.prefix_lm(p)
+_register_int_pattern("sliding_window", 1, masks.sliding_window)
+_register_int_pattern("local", 2, masks.local)
+_register_int_pattern("chunked", 1, masks.chunked)
+_register_int_pattern("prefix_lm", 1, masks.prefix_lm)
 
 
 @register_pattern("strided")

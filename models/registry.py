@@ -27,7 +27,7 @@ from flax import nnx
 
 from models.config import AttentionConfig
 from models.cores.base import Core
-from models.patterns import PATTERNS, build_mask, pattern_names
+from models.patterns import PATTERNS, build_mask, pattern_names, registrar
 
 __all__ = [
     "MECHANISMS",
@@ -48,13 +48,7 @@ def register_mechanism(name: str) -> Callable[[Factory], Factory]:
     if not isinstance(name, str) or not name or ":" in name:
         raise ValueError(f"mechanism name must be a non-empty str without ':', got {name!r}")
 
-    def deco(factory: Factory) -> Factory:
-        if name in MECHANISMS or name in PATTERNS:
-            raise ValueError(f"mechanism {name!r} is already registered")
-        MECHANISMS[name] = factory
-        return factory
-
-    return deco
+    return registrar("mechanism", MECHANISMS, name, PATTERNS)
 
 
 def mechanism_names() -> list[str]:

@@ -7,6 +7,7 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -17,3 +18,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile("repeatable")
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """Skip XLA optimizations for a module: interpret-mode Pallas kernels are XLA while-loops
+    whose compile time dominates. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jattn import analysis
+from tests.icl_patterns import assert_ideal_patterns
 
 
 def _uniform_causal(b, h, t):
@@ -200,13 +201,7 @@ def test_icl_patterns_ideal_model():
     kq = omega[:, None, None] * np.eye(d)
     ov = np.zeros((h, d + 1, d + 1))
     ov[:, -1, -1] = mu
-    out = analysis.icl_patterns(kq, ov, scale=1.0)
-    np.testing.assert_allclose(out["kq_diagonal_ratio"], 1.0, rtol=1e-6)
-    np.testing.assert_allclose(out["kq_homogeneity"], 1.0, rtol=1e-6)
-    np.testing.assert_allclose(out["ov_last_entry_ratio"], 1.0, rtol=1e-6)
-    np.testing.assert_allclose(out["ov_zero_sum_ratio"], 0.0, atol=1e-7)
-    np.testing.assert_allclose(out["omega"], omega, rtol=1e-6)
-    np.testing.assert_allclose(out["mu"], mu, rtol=1e-6)
+    assert_ideal_patterns(analysis.icl_patterns(kq, ov, scale=1.0), omega, mu)
     np.testing.assert_allclose(analysis.head_omega(kq, scale=0.5), omega / 2, rtol=1e-6)
     np.testing.assert_allclose(analysis.ov_last_entry_ratio(ov[:, -1:, :]), 1.0)
 

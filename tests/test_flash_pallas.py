@@ -21,14 +21,8 @@ from pallas_kernels import block_map as bsp
 from pallas_kernels import flash_attention
 from pallas_kernels.flash import block_sizes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    # Interpret-mode kernels are XLA while-loops: compile time dominates; skip optimizations.
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# Interpret-mode kernels are XLA while-loops: compile time dominates; skip optimizations.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 BLK = 16

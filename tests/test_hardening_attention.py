@@ -18,14 +18,8 @@ from jattn.attention import attention
 from jattn.testing import assert_close
 from pallas_kernels import flash_attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-    # Interpret-mode kernels are XLA while-loops: compile time dominates; skip optimizations.
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# Interpret-mode kernels are XLA while-loops: compile time dominates; skip optimizations.
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _grads(fn, *args):

@@ -15,7 +15,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import jax
 import pytest
 
 from experiments.checkpoint import CheckpointIncompatible, WorkdirBusy
@@ -28,18 +27,8 @@ CFG = {"train_steps": 20, "eval_every": 0, "checkpoint_every": 10, "data_threads
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A persistent XLA cache shared by this module's runs and subprocesses."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
+    with T.persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 def _snapshot(root: Path) -> dict[str, str]:

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from experiments.tasks import icl_regression as icl
+from tests.icl_patterns import assert_ideal_patterns
 
 D, L, S2 = 5, 40, 0.1
 # jitted: eager per-op dispatch would dominate these tests' time
@@ -109,12 +110,7 @@ def _ideal_model(omega, mu, attention="softmax"):
 def test_pattern_metrics_on_ideal_model():
     omega, mu = [-0.13, 0.13], [-3.2, 3.2]
     pat = nnx.jit(icl.patterns)(_ideal_model(omega, mu))
-    np.testing.assert_allclose(pat["kq_diagonal_ratio"], 1.0, rtol=1e-6)
-    np.testing.assert_allclose(pat["kq_homogeneity"], 1.0, rtol=1e-6)
-    np.testing.assert_allclose(pat["ov_last_entry_ratio"], 1.0, rtol=1e-6)
-    np.testing.assert_allclose(pat["ov_zero_sum_ratio"], 0.0, atol=1e-6)
-    np.testing.assert_allclose(pat["omega"], omega, rtol=1e-5)
-    np.testing.assert_allclose(pat["mu"], mu, rtol=1e-6)
+    assert_ideal_patterns(pat, omega, mu, zero_sum_atol=1e-6, omega_rtol=1e-5)
 
 
 @pytest.mark.parametrize("attention", ["softmax", "linear"])

@@ -7,6 +7,7 @@ import pytest
 
 import jattn.linear as L
 from jattn.testing import assert_close
+from tests.linear_inputs import gate_shape, random_log_decay, random_qkv
 
 
 def np_l2norm(x):
@@ -34,17 +35,22 @@ def np_delta(q, k, v, beta, g, scale, S0=None, l2norm=False):
     return o, S
 
 
+def delta_rule_with_state(q, k, v, beta, g, S0, **kw):
+    """``L.delta_rule`` with gate ``g``, initial state ``S0``, the final state returned and
+    l2-normalized q/k: the call most tests here make."""
+    return L.delta_rule(
+        q, k, v, beta, g=g, initial_state=S0, output_final_state=True, use_qk_l2norm=True, **kw
+    )
+
+
 def make(seed, B, T, H, K, V, gate, strength, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
-    q, k = rng.standard_normal((2, B, T, H, K))
-    v = rng.standard_normal((B, T, H, V))
+    q, k, v = random_qkv(rng, B, T, H, K, V)
     beta = rng.uniform(0.05, 0.95, (B, T, H))
     if gate is None:
         g = None
     else:
-        shape = (B, T, H, K) if gate == "channel" else (B, T, H)
-        g = np.full(shape, -30.0) if strength == "const30" else -strength * rng.uniform(size=shape)
-        g = jnp.asarray(g, dtype)
+        g = jnp.asarray(random_log_decay(rng, gate_shape(gate, B, T, H, K), strength), dtype)
     S0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
     return (*(jnp.asarray(x, dtype) for x in (q, k, v, beta)), g, S0)
 
@@ -72,18 +78,7 @@ CASES = [  # (T, chunk_size, gate, strength)
 @pytest.mark.parametrize("T,chunk,gate,strength", CASES)
 def test_chunk_matches_loop(T, chunk, gate, strength):
     q, k, v, beta, g, S0 = make(1, 1, T, 2, 16, 8, gate, strength)
-    o, S = L.delta_rule(
-        q,
-        k,
-        v,
-        beta,
-        g=g,
-        initial_state=S0,
-        output_final_state=True,
-        use_qk_l2norm=True,
-        chunk_size=chunk,
-        implementation="chunk",
-    )
+    o, S = delta_rule_with_state(q, k, v, beta, g, S0, chunk_size=chunk, implementation="chunk")
     o_np, S_np = np_delta(q, k, v, beta, g, 0.25, S0, l2norm=True)
     assert_close(o, o_np, name="o")
     assert_close(S, S_np, name="S")
@@ -105,18 +100,7 @@ def test_gradients_match_reference():
 
     def grads(impl):
         def f(q, k, v, beta, g, S0):
-            o, S = L.delta_rule(
-                q,
-                k,
-                v,
-                beta,
-                g=g,
-                initial_state=S0,
-                output_final_state=True,
-                use_qk_l2norm=True,
-                chunk_size=16,
-                implementation=impl,
-            )
+            o, S = delta_rule_with_state(q, k, v, beta, g, S0, chunk_size=16, implementation=impl)
             return jnp.sum(o * w_o) + jnp.sum(S * w_S)
 
         return jax.jit(jax.grad(f, argnums=tuple(range(6))))(q, k, v, beta, g, S0)
@@ -128,17 +112,7 @@ def test_gradients_match_reference():
 
 def test_bf16_inputs_fp32_state():
     q, k, v, beta, g, S0 = make(5, 2, 100, 2, 16, 16, "scalar", 1.0, dtype=jnp.bfloat16)
-    o, S = L.delta_rule(
-        q,
-        k,
-        v,
-        beta,
-        g=g,
-        initial_state=S0,
-        output_final_state=True,
-        use_qk_l2norm=True,
-        chunk_size=32,
-    )
+    o, S = delta_rule_with_state(q, k, v, beta, g, S0, chunk_size=32)
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
     o_np, S_np = np_delta(q, k, v, beta, g, 0.25, S0, l2norm=True)
     assert_close(o, o_np, dtype=jnp.bfloat16, name="o")
@@ -147,17 +121,7 @@ def test_bf16_inputs_fp32_state():
 
 def test_step_reproduces_sequence_token_by_token():
     q, k, v, beta, g, S0 = make(6, 2, 12, 2, 8, 8, "scalar", 0.5)
-    o_seq, S_seq = L.delta_rule(
-        q,
-        k,
-        v,
-        beta,
-        g=g,
-        initial_state=S0,
-        output_final_state=True,
-        use_qk_l2norm=True,
-        chunk_size=16,
-    )
+    o_seq, S_seq = delta_rule_with_state(q, k, v, beta, g, S0, chunk_size=16)
     step = jax.jit(
         lambda q, k, v, b, g, S: L.delta_rule_step(q, k, v, b, S, g_t=g, use_qk_l2norm=True)
     )
@@ -211,18 +175,7 @@ def test_pallas_interpret_matches_loop():
         pytest.skip("pallas_kernels.chunk_delta_rule not available")
     for gate in (None, "scalar", "channel"):
         q, k, v, beta, g, S0 = make(10, 1, 40, 2, 16, 8, gate, 3.0)
-        o, S = L.delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            g=g,
-            initial_state=S0,
-            output_final_state=True,
-            use_qk_l2norm=True,
-            chunk_size=16,
-            implementation="pallas",
-        )
+        o, S = delta_rule_with_state(q, k, v, beta, g, S0, chunk_size=16, implementation="pallas")
         o_np, S_np = np_delta(q, k, v, beta, g, 0.25, S0, l2norm=True)
         assert_close(o, o_np, rtol=1e-4, name="pallas o")
         assert_close(S, S_np, rtol=1e-4, name="pallas S")

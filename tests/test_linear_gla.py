@@ -7,6 +7,7 @@ import pytest
 
 import jattn.linear as L
 from jattn.testing import assert_close
+from tests.linear_inputs import gate_shape, random_log_decay, random_qkv
 
 
 def np_gla(q, k, v, g, scale, S0=None):
@@ -28,13 +29,8 @@ def np_gla(q, k, v, g, scale, S0=None):
 def make(seed, B, T, H, K, V, gate, strength, dtype=jnp.float32):
     """Inputs from numpy's RNG (jax.random would compile a sampler per shape)."""
     rng = np.random.default_rng(seed)
-    q, k = rng.standard_normal((2, B, T, H, K))
-    v = rng.standard_normal((B, T, H, V))
-    shape = (B, T, H, K) if gate == "channel" else (B, T, H)
-    if strength == "const30":
-        g = np.full(shape, -30.0)
-    else:  # log-decays spread over [-strength, 0]: weak and strong channels side by side
-        g = -strength * rng.uniform(size=shape)
+    q, k, v = random_qkv(rng, B, T, H, K, V)
+    g = random_log_decay(rng, gate_shape(gate, B, T, H, K), strength)
     S0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
     return (*(jnp.asarray(x, dtype) for x in (q, k, v, g)), S0)
 

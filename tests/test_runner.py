@@ -28,18 +28,8 @@ from tests import testing as T
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     """A persistent XLA cache shared by this module's runs (restored afterwards)."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
+    with T.persistent_compilation_cache(tmp_path_factory.mktemp("xla_cache")):
+        yield
 
 
 def test_trains_logs_and_summarizes(tmp_path):
@@ -308,6 +298,9 @@ def test_unknown_config_key_is_rejected_by_the_cli(tmp_path):
         ({"mesh.data": 8, "batch_size": 12}, "config.batch_size"),
         ({"task": "no_such_task"}, "config.task"),
         ({"schedule": "exp"}, "config.schedule"),
+        ({"warmup_steps": -1}, "config.warmup_steps"),
+        ({"eval_batches": -1}, "config.eval_batches"),
+        ({"eval_batch_size": -1}, "config.eval_batch_size"),
         ({"logical_axis_rules": (("embed", "model"),)}, "config.logical_axis_rules"),
         ({"model.hidden": 0}, "config.model.hidden"),
     ],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -89,3 +91,23 @@ def read_scalars(workdir: str | Path, tag: str) -> list[tuple[int, float]]:
     acc = ea.EventAccumulator(str(workdir), size_guidance={ea.SCALARS: 0})
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str | os.PathLike) -> Iterator[None]:
+    """A persistent XLA cache in `directory` for every compile while inside (subprocesses
+    started with :func:`env` share it); the previous settings come back on exit."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {n: getattr(jax.config, n) for n in names}
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    try:
+        yield
+    finally:
+        for n, v in old.items():
+            jax.config.update(n, v)

@@ -132,6 +132,14 @@ def _final_state(S_n_per_device: jax.Array) -> jax.Array:
     return S_n_per_device[0]
 
 
+def _run_state_passing(body: Callable, xs: dict, initial_state, names: tuple):
+    """Runs ``body(xs, S0) -> (o, S_T[None])`` per device on the sequence-sharded inputs ``xs``
+    (``initial_state`` replicated); returns ``(o, S_T)`` (every device holds the same S_T)."""
+    specs = _seq_specs(xs, names)
+    o, S_n = _shard_map(body, names, (specs, P()), (P(None, names), P(names)))(xs, initial_state)
+    return o, _final_state(S_n)
+
+
 @partial(jax.jit, static_argnames=("scale", "chunk_size", "implementation", "names"))
 def _gla_cp(q, k, v, g, initial_state, *, scale, chunk_size, implementation, names):
     from jattn.linear.gla import gla  # the local (unsplit) call; lazy: gla imports this module
@@ -156,10 +164,7 @@ def _gla_cp(q, k, v, g, initial_state, *, scale, chunk_size, implementation, nam
         o = o0.astype(f32) + scale * jnp.einsum("bthk,bhkv->bthv", q_dec, S_in)
         return o.astype(o0.dtype), S_n[None]
 
-    xs = {"q": q, "k": k, "v": v, "g": g}
-    specs = _seq_specs(xs, names)
-    o, S_n = _shard_map(body, names, (specs, P()), (P(None, names), P(names)))(xs, initial_state)
-    return o, _final_state(S_n)
+    return _run_state_passing(body, {"q": q, "k": k, "v": v, "g": g}, initial_state, names)
 
 
 def gla_context_parallel(
@@ -230,9 +235,7 @@ def _delta_cp(xs, initial_state, *, scale, chunk_size, implementation, use_qk_l2
         o = o_aug[..., :V].astype(f32) + jnp.einsum("bthk,bhkv->bthv", read_out, S_in)
         return o.astype(o_aug.dtype), S_n[None]
 
-    specs = _seq_specs(xs, names)
-    o, S_n = _shard_map(body, names, (specs, P()), (P(None, names), P(names)))(xs, initial_state)
-    return o, _final_state(S_n)
+    return _run_state_passing(body, xs, initial_state, names)
 
 
 def delta_rule_context_parallel(
