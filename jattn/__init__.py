@@ -1,11 +1,19 @@
 """jattn: attention mechanisms for research in JAX.
 
 Pure functions, no state: ``attention`` (softmax family), ``masks``, ``position``,
-``normalizers``, ``linear`` (linear / recurrent attention), ``analysis``,
-``context_parallel`` (the sequence split over a mesh axis).
+``normalizers``, ``score_mods`` (programmable scores), ``linear`` (linear / recurrent
+attention), ``analysis``, ``context_parallel`` (the sequence split over a mesh axis).
 """
 
-from jattn import analysis, context_parallel, linear, masks, normalizers, position
+from jattn import (
+    analysis,
+    context_parallel,
+    linear,
+    masks,
+    normalizers,
+    position,
+    score_mods,
+)
 from jattn.attention import attention, attention_weights
 
 __all__ = [
@@ -17,5 +25,6 @@ __all__ = [
     "masks",
     "normalizers",
     "position",
+    "score_mods",
 ]
 __version__ = "0.1.0"

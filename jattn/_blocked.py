@@ -31,7 +31,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn import masks as masks_lib
-from jattn._common import Spec, merge_heads, scores, soft_cap_grad, split_heads, visible
+from jattn._common import (
+    Spec,
+    merge_heads,
+    raw_scores,
+    score_mod_fn,
+    score_mod_indices,
+    scores,
+    soft_cap,
+    soft_cap_grad,
+    split_heads,
+    visible,
+)
 
 F32 = jnp.float32
 
@@ -81,7 +92,8 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     """Blocked attention. Returns ``out [B, Tq, Hq, Dv]`` (fp32) and the row stat ``[B, Hq, Tq]``.
 
     ``bias`` is ``[Bb, Hb, Tq, Tk]`` and ``dense_mask`` ``[Bm, Hm, Tq, Tk]`` (leading dims 1 or
-    full), ``seg_q``/``seg_k`` ``[B, Tq]``/``[B, Tk]``; all optional.
+    full), ``seg_q``/``seg_k`` ``[B, Tq]``/``[B, Tk]``; all optional. ``spec.score_mod`` is the
+    user's function; it is closure-converted here (see :func:`_convert_score_mod`).
     """
     dq, dk = default_block_sizes(spec.q_len, spec.kv_len)
     bq, bk = block_q or dq, block_kv or dk
@@ -96,8 +108,9 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     bias = _pad_to(_pad_to(bias, 2, tq), 3, tk)
     dense_mask = _pad_to(_pad_to(dense_mask, 2, tq, False), 3, tk, False)
     seg_q, seg_k = _pad_to(seg_q, 1, tq), _pad_to(seg_k, 1, tk)
+    spec, mod_consts = _convert_score_mod(spec, q.shape[0], bq, bk)
     out, stat = _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                      table, kv_ids, counts)
+                      table, kv_ids, counts, mod_consts)
     return out[:, : spec.q_len], stat[..., : spec.q_len]
 
 
@@ -126,15 +139,45 @@ def _tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk, seg_k, batch):
     return visible(spec, q_idx, k_idx, dense_blk, seg_q_blk, seg_k_blk)
 
 
+def _convert_score_mod(spec: Spec, batch: int, bq: int, bk: int):
+    """``(spec', consts)``: the score_mod traced at the tile shape with the traced arrays it
+    closes over hoisted into ``consts`` (:func:`jax.closure_convert`), so the custom VJP below
+    takes them as operands and returns their cotangents. Traced at the tile's exact shapes so
+    the converted function is the user's broadcasting code, not a per-scalar map."""
+    if spec.score_mod is None:
+        return spec, ()
+    s = jax.ShapeDtypeStruct((batch, spec.num_kv_heads, spec.group, bq, bk), F32)
+    q_idx, k_idx = jnp.arange(bq), jnp.arange(bk)
+    apply = score_mod_fn(spec, batch, q_idx, k_idx)
+    jax.eval_shape(lambda s: apply(s, ()), s)  # a non-elementwise function fails here, named
+    idx = [jax.ShapeDtypeStruct(x.shape, x.dtype)
+           for x in score_mod_indices(spec, batch, q_idx, k_idx)]
+    mod, consts = jax.closure_convert(spec.score_mod, s, *idx)
+    return spec._replace(score_mod=mod), tuple(consts)
+
+
+def _tile_score_mod(spec, batch, i0, j0, bq, bk, mod_consts):
+    """``s0 -> score_mod(s0, ...)`` on the tile at ``(i0, j0)`` (None without a score_mod)."""
+    apply = score_mod_fn(spec, batch, i0 + jnp.arange(bq, dtype=jnp.int32),
+                         j0 + jnp.arange(bk, dtype=jnp.int32))
+    return None if apply is None else (lambda s0: apply(s0, mod_consts))
+
+
+def _differentiable(mod_consts):
+    """Positions of the floating score_mod operands (the others get no cotangent)."""
+    return tuple(n for n, c in enumerate(mod_consts) if jnp.issubdtype(c.dtype, jnp.inexact))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts):
+def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts,
+          mod_consts):
     out, stat, _ = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                            table, kv_ids, counts)
+                            table, kv_ids, counts, mod_consts)
     return out, stat
 
 
 def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids,
-             counts):
+             counts, mod_consts=()):
     """``out [B, Tq, Hq, Dv]``, the public row stat ``[B, Hq, Tq]`` and, for softmax, the
     backward's ``(m, log_l)`` (each ``[B, Hkv, G, Tq]``; ``m = +inf``, ``log_l = 0`` on rows that
     see nothing, so every recomputed weight is exactly 0 there)."""
@@ -164,7 +207,8 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
-            _, s = scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk))
+            _, s = scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk),
+                          _tile_score_mod(spec, b, i0, j0, bq, bk, mod_consts))
 
             def update(vis):
                 m, l, acc = carry
@@ -213,17 +257,24 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
 
 
 def _core_fwd(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids,
-              counts):
+              counts, mod_consts):
     out, stat, max_and_log_sum = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q,
-                                          seg_k, table, kv_ids, counts)
+                                          seg_k, table, kv_ids, counts, mod_consts)
     res = (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat,
-           max_and_log_sum)
+           max_and_log_sum, mod_consts)
     return (out, stat), res
 
 
 def _core_bwd(spec, bq, bk, res, cotangents):
+    """Cotangents of ``_core``'s operands. ``res`` may omit the trailing ``mod_consts`` (callers
+    without a score_mod, e.g. the context-parallel hops); the result then ends at ``counts``."""
     (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table, kv_ids, counts, out, stat,
-     max_and_log_sum) = res
+     max_and_log_sum, *rest) = res
+    mod_consts = rest[0] if rest else ()
+    # Floating operands of the score_mod: their cotangent is the tile VJP of the score_mod,
+    # summed over tiles in the loops' fixed order (no scatter across tiles: deterministic).
+    diff_pos = _differentiable(mod_consts)
+    diff_consts = tuple(mod_consts[n] for n in diff_pos)
     d_out, d_stat = cotangents
     b, tq, hq, d = q.shape
     dv_dim = v.shape[-1]
@@ -240,7 +291,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
     m_r, log_l_r = max_and_log_sum if norm.softmax else (None, None)
 
     def one_query_block(carry, i):
-        dk_acc, dv_acc, dbias_acc = carry
+        dk_acc, dv_acc, dbias_acc, dmod_acc = carry
         i0 = i * bq
         q_blk = _slice(q, i0, bq, 1).astype(F32).reshape(b, bq, hkv, g, d)
         do_blk = _slice(d_out, i0, bq, 1).reshape(b, bq, hkv, g, dv_dim)
@@ -250,12 +301,22 @@ def _core_bwd(spec, bq, bk, res, cotangents):
         m_blk, log_l_blk = rows(m_r), rows(log_l_r)
 
         def visit(n, c):
-            dq_blk, dk_acc, dv_acc, dbias_acc = c
+            dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc = c
             j = kv_ids[i, n]
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
-            _, s = scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk))
+            s_raw = raw_scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk))
+            mod_vjp = None
+            if spec.score_mod is not None:
+                def modded(s_in, diff):
+                    consts = list(mod_consts)
+                    for n_, x in zip(diff_pos, diff, strict=True):
+                        consts[n_] = x
+                    return _tile_score_mod(spec, b, i0, j0, bq, bk, tuple(consts))(s_in)
+
+                s_raw, mod_vjp = jax.vjp(modded, s_raw, diff_consts)
+            s = soft_cap(spec, s_raw)
             dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk)
 
             def weights_and_ds(vis):
@@ -281,6 +342,9 @@ def _core_bwd(spec, bq, bk, res, cotangents):
 
             p, ds = lax.cond(table[i, j] == masks_lib.FULL, lambda _: weights_and_ds(None),
                              partial, None)
+            if mod_vjp is not None:  # ds is d/d(score_mod output): pull it back to s_raw
+                ds, dmod_blk = mod_vjp(ds)
+                dmod_acc = jax.tree.map(jnp.add, dmod_acc, dmod_blk)
             dq_blk = dq_blk + spec.scale * jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_blk)
             dk_blk = spec.scale * jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_blk)
             dv_blk = jnp.einsum("bhgqk,bqhgd->bkhd", p, do_blk)
@@ -296,26 +360,33 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                     db = db.sum(1, keepdims=True)
                 cur = _bias_block(dbias_acc, i0, j0, bq, bk)
                 dbias_acc = lax.dynamic_update_slice(dbias_acc, cur + db, (0, 0, i0, j0))
-            return dq_blk, dk_acc, dv_acc, dbias_acc
+            return dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc
 
         dq0 = jnp.zeros((b, bq, hkv, g, d), F32)
-        dq_blk, dk_acc, dv_acc, dbias_acc = lax.fori_loop(
-            0, counts[i], visit, (dq0, dk_acc, dv_acc, dbias_acc))
+        dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc = lax.fori_loop(
+            0, counts[i], visit, (dq0, dk_acc, dv_acc, dbias_acc, dmod_acc))
         dsink_blk = None
         if sinks is not None:  # d out / d sink = -p_sink * out, d lse / d sink = p_sink
             p_sink = jnp.exp((_sink_logits(spec, sinks) - m_blk) - log_l_blk)
             dsink_blk = jnp.sum(p_sink * (dstat_blk - di_blk), axis=(0, 3)).reshape(hq)
-        return (dk_acc, dv_acc, dbias_acc), (dq_blk, dsink_blk)
+        return (dk_acc, dv_acc, dbias_acc, dmod_acc), (dq_blk, dsink_blk)
 
     init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32),
-            None if bias is None else jnp.zeros(bias.shape, F32))
-    (dk, dv, dbias), (dq, dsinks) = lax.scan(one_query_block, init,
-                                             jnp.arange(nq, dtype=jnp.int32))
+            None if bias is None else jnp.zeros(bias.shape, F32),
+            tuple(jnp.zeros_like(x) for x in diff_consts))
+    (dk, dv, dbias, dmod), (dq, dsinks) = lax.scan(one_query_block, init,
+                                                   jnp.arange(nq, dtype=jnp.int32))
     dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(b, tq, hq, d).astype(q.dtype)
     dsinks = None if sinks is None else dsinks.sum(0).astype(sinks.dtype)
     dbias = None if bias is None else dbias.astype(bias.dtype)
-    return (dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks,
-            None, None, None, None, None, None)
+    grads = (dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks,
+             None, None, None, None, None, None)
+    if not rest:
+        return grads
+    dconsts = [None] * len(mod_consts)
+    for n_, x in zip(diff_pos, dmod, strict=True):
+        dconsts[n_] = x
+    return grads + (tuple(dconsts),)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

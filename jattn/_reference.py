@@ -5,17 +5,23 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn._common import Spec, merge_heads, scores, split_heads, visible
+from jattn._common import Spec, merge_heads, score_mod_fn, scores, split_heads, visible
 
 
 def weights(spec: Spec, q, k, bias, sinks, dense_mask, seg_q, seg_k):
-    """Weights ``p [B, Hkv, G, Tq, Tk]`` and the row statistic (lse / count / zeros)."""
+    """Weights ``p [B, Hkv, G, Tq, Tk]`` and the row statistic (lse / count / zeros).
+
+    ``spec.score_mod`` is the user's function, applied to the whole score matrix: plain autodiff
+    differentiates the arrays it closes over.
+    """
     norm = spec.normalizer
     q32 = q.astype(jnp.float32).reshape(q.shape[:2] + (spec.num_kv_heads, spec.group,
                                                        q.shape[-1]))
-    _, s = scores(spec, q32, k.astype(jnp.float32), bias)
     q_idx = jnp.arange(spec.q_len, dtype=jnp.int32)
     k_idx = jnp.arange(spec.kv_len, dtype=jnp.int32)
+    mod = score_mod_fn(spec, q.shape[0], q_idx, k_idx)
+    _, s = scores(spec, q32, k.astype(jnp.float32), bias,
+                  None if mod is None else (lambda s0: mod(s0, ())))
     vis = jnp.broadcast_to(visible(spec, q_idx, k_idx, dense_mask, seg_q, seg_k), s.shape)
     if norm.softmax:
         masked = jnp.where(vis, s, -jnp.inf)

@@ -4,6 +4,7 @@
 ``h // (Hq // Hkv)``)::
 
     s_ij = scale * q_i . k_j (+ bias_ij)          scale defaults to 1 / sqrt(Dk)
+    s_ij <- score_mod(s_ij, b, h, i, j)           if given (jattn.score_mods; FlexAttention)
     s_ij <- c * tanh(s_ij / c)                    if logits_soft_cap = c (Gemma 2)
     p_ij = normalizer(s_i)_j  over visible j      mask & segment ids & bool mask
     o_i  = sum_j p_ij v_j
@@ -30,6 +31,7 @@ import numpy as np
 from jattn import _blocked, _reference
 from jattn import masks as masks_lib
 from jattn import normalizers as normalizers_lib
+from jattn import score_mods as score_mods_lib
 from jattn._common import Spec, merge_heads
 from jattn.masks import Mask
 
@@ -145,7 +147,7 @@ def _check_segments(segment_ids, b: int, tq: int, tk: int):
 
 
 def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, segment_ids,
-             return_lse, implementation):
+             return_lse, implementation, score_mod=None):
     """Validate everything; return (spec, bias4, sinks, dense_mask4, seg_q, seg_k)."""
     _check_qkv(q, k, v)
     b, tq, hq, dk = q.shape
@@ -172,10 +174,11 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
             raise ValueError(f"logits_soft_cap must be a positive float, got {logits_soft_cap!r}")
     scale = 1.0 / math.sqrt(dk) if scale is None else _static_float(scale, "scale")
     seg_q, seg_k = _check_segments(segment_ids, b, tq, tk)
+    mod = None if score_mod is None else score_mods_lib.check(score_mod)
     spec = Spec(mask=mask_obj, normalizer=norm, scale=float(scale), soft_cap=logits_soft_cap,
                 q_len=tq, kv_len=tk, num_kv_heads=hkv, group=hq // hkv,
                 has_bias=bias4 is not None, has_dense_mask=dense is not None,
-                has_segments=seg_q is not None, has_sinks=sinks is not None)
+                has_segments=seg_q is not None, has_sinks=sinks is not None, score_mod=mod)
     if mask_obj is not None:  # surface mask/length mismatches (e.g. neighborhood grids) here
         mask_obj.visible(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), 0,
                          q_len=tq, kv_len=tk)
@@ -187,6 +190,9 @@ def _platform() -> str:
 
 
 def _pallas(q, k, v, spec, *, mask, bias, sinks, segment_ids, dense, return_lse):
+    if spec.score_mod is not None:
+        raise NotImplementedError("score_mod is not supported by the Pallas flash kernel yet "
+                                  "(implementation=None falls back to xla)")
     try:
         from jattn._pallas_dispatch import attention_pallas
     except ImportError as e:  # pragma: no cover - depends on the kernel package being present
@@ -200,7 +206,7 @@ def _pallas(q, k, v, spec, *, mask, bias, sinks, segment_ids, dense, return_lse)
 
 def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax", sinks=None,
               logits_soft_cap=None, segment_ids=None, return_lse=False, implementation=None,
-              context_axis=None, context_strategy="ring"):
+              context_axis=None, context_strategy="ring", score_mod=None):
     """Scaled dot-product attention with masks, sinks, soft-capping and other normalizers.
 
     Args:
@@ -222,6 +228,12 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       context_axis: a mesh axis of the current mesh (``jax.set_mesh``) splitting ``T``: context
         parallelism, see :func:`jattn.context_parallel.attention` (zigzag load balance inside).
       context_strategy: ``"ring"`` (K/V rotate, O(T / n) memory) or ``"allgather"``.
+      score_mod: ``score_mod(s, b, h, q_idx, kv_idx) -> s'``, elementwise jnp code on
+        scalars-as-arrays (fp32 ``s``; int32 batch, query head, query and key positions),
+        applied after ``scale * q.k + bias`` and before the soft-cap, mask and normalizer (see
+        :mod:`jattn.score_mods`). Arrays it closes over receive gradients, deterministically,
+        in every implementation. It is traced once on scalars; a wrong output shape/dtype or a
+        non-elementwise function is a TypeError naming it.
 
     Returns:
       ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested. Empty
@@ -230,6 +242,8 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       (output 0, ``lse`` = the sink or -inf). Heads and head dims must be >= 1.
     """
     if context_axis is not None:
+        if score_mod is not None:
+            raise NotImplementedError("score_mod with context_axis is not supported yet")
         from jattn import context_parallel
 
         return context_parallel.attention(
@@ -239,7 +253,7 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=return_lse,
-        implementation=implementation)
+        implementation=implementation, score_mod=score_mod)
     impl = implementation
     if impl is None or impl == "pallas":
         if impl == "pallas" or _platform() in ("gpu", "tpu"):
@@ -261,7 +275,7 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
 
 def attention_weights(q, k, v=None, *, mask=None, bias=None, scale=None, normalizer="softmax",
                       sinks=None, logits_soft_cap=None, segment_ids=None, return_lse=False,
-                      implementation=None):
+                      implementation=None, score_mod=None):
     """The normalized weights ``p [B, Hq, Tq, Tk]`` (fp32, reference path), for analysis.
 
     Takes the same arguments as :func:`attention`; ``v`` (only its shape matters) and
@@ -273,6 +287,6 @@ def attention_weights(q, k, v=None, *, mask=None, bias=None, scale=None, normali
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=False,
-        implementation=None)
+        implementation=None, score_mod=score_mod)
     p, _ = _reference.weights(spec, q, k, bias4, sinks, dense, seg_q, seg_k)
     return merge_heads(p)
