@@ -190,9 +190,6 @@ def _platform() -> str:
 
 
 def _pallas(q, k, v, spec, *, mask, bias, sinks, segment_ids, dense, return_lse):
-    if spec.score_mod is not None:
-        raise NotImplementedError("score_mod is not supported by the Pallas flash kernel yet "
-                                  "(implementation=None falls back to xla)")
     try:
         from jattn._pallas_dispatch import attention_pallas
     except ImportError as e:  # pragma: no cover - depends on the kernel package being present
@@ -201,7 +198,7 @@ def _pallas(q, k, v, spec, *, mask, bias, sinks, segment_ids, dense, return_lse)
                             dense_mask=dense, bias=bias, scale=spec.scale,
                             normalizer=spec.normalizer.name, sinks=sinks,
                             logits_soft_cap=spec.soft_cap, segment_ids=segment_ids,
-                            return_lse=return_lse)
+                            return_lse=return_lse, score_mod=spec.score_mod)
 
 
 def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax", sinks=None,
