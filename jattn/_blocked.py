@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn import masks as masks_lib
+from jattn import normalizers as normalizers_lib
 from jattn._common import (
     Spec,
     merge_heads,
@@ -220,6 +221,17 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
                     alpha = jnp.exp(m - m_safe)
                     l_new = alpha * l + p.sum(-1)
                     acc = alpha[..., None] * acc
+                elif norm.rowwise == "softpick":
+                    # e^s - 1 = e^m (e^{s-m} - e^{-m}) with a running max m >= 0 (m0 = 0)
+                    sm = s if vis is None else jnp.where(vis, s, -jnp.inf)
+                    m_new = jnp.maximum(m, sm.max(-1))
+                    diff = jnp.exp(sm - m_new[..., None]) - jnp.exp(-m_new)[..., None]
+                    if vis is not None:
+                        diff = jnp.where(vis, diff, 0.0)
+                    alpha = jnp.exp(m - m_new)
+                    p = jax.nn.relu(diff)
+                    l_new = alpha * l + jnp.abs(diff).sum(-1)
+                    acc = alpha[..., None] * acc
                 else:
                     p = norm.fn(s)
                     if vis is None:
@@ -244,6 +256,9 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
             out = acc / jnp.where(seen, l, 1.0)[..., None]
             stat = jnp.where(seen, m + log_l, -jnp.inf)
             return out, stat, (jnp.where(seen, m, jnp.inf), log_l)
+        if norm.rowwise == "softpick":  # z = (sum |e^s - 1| + eps) / e^m
+            z = l + normalizers_lib.SOFTPICK_EPS * jnp.exp(-m)
+            return acc / z[..., None], jnp.zeros_like(l), (m, z)
         if norm.divide_by_count:
             return acc / jnp.maximum(l, 1.0)[..., None], l, None
         return acc, jnp.zeros_like(l), None
@@ -288,7 +303,8 @@ def _core_bwd(spec, bq, bk, res, cotangents):
     stat_r = to_rows(stat)
     d_stat_r = to_rows(d_stat.astype(F32)) if norm.softmax else None
     # p = exp((s - m) - log l): see the module docstring for why not exp(s - lse).
-    m_r, log_l_r = max_and_log_sum if norm.softmax else (None, None)
+    # softmax: (m, log l); softpick: (m, z), see _forward
+    m_r, log_l_r = max_and_log_sum if max_and_log_sum is not None else (None, None)
 
     def one_query_block(carry, i):
         dk_acc, dv_acc, dbias_acc, dmod_acc = carry
@@ -325,6 +341,15 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                     if vis is not None:
                         p = jnp.where(vis, p, 0.0)
                     ds = p * (dp - di_blk[..., None] + dstat_blk[..., None])
+                elif norm.rowwise == "softpick":
+                    # p = relu(e^s - 1) / Z, Z = sum |e^s - 1| + eps, and sum_j p dp = di:
+                    # ds = e^s / Z * ([s > 0] dp - sign(s) di), with e^s / Z = e^{s-m} / z
+                    m_, z_ = m_blk[..., None], log_l_blk[..., None]
+                    e = jnp.exp(s - m_) / z_
+                    p = jax.nn.relu(jnp.exp(s - m_) - jnp.exp(-m_)) / z_
+                    ds = e * (jnp.where(s > 0, dp, 0.0) - jnp.sign(s) * di_blk[..., None])
+                    if vis is not None:
+                        p, ds = jnp.where(vis, p, 0.0), jnp.where(vis, ds, 0.0)
                 else:
                     p, dfds = norm.fn(s), norm.grad(s)
                     if vis is not None:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn._common import Spec, merge_heads, score_mod_fn, scores, split_heads, visible
+from jattn.normalizers import SOFTPICK_EPS
 
 
 def weights(spec: Spec, q, k, bias, sinks, dense_mask, seg_q, seg_k):
@@ -39,12 +40,24 @@ def weights(spec: Spec, q, k, bias, sinks, dense_mask, seg_q, seg_k):
         p = e / jnp.where(z > 0, z, 1.0)[..., None]
         lse = jnp.where(z > 0, m + jnp.log(jnp.where(z > 0, z, 1.0)), -jnp.inf)
         return p, lse
+    if norm.rowwise == "softpick":
+        return _softpick(s, vis), jnp.zeros(s.shape[:-1], jnp.float32)
     p = jnp.where(vis, norm.fn(jnp.where(vis, s, 0.0)), 0.0)
     if norm.divide_by_count:
         count = jnp.sum(vis, axis=-1).astype(jnp.float32)
         p = p / jnp.maximum(count, 1.0)[..., None]
         return p, count
     return p, jnp.zeros(p.shape[:-1], jnp.float32)
+
+
+def _softpick(s, vis):
+    """``relu(e^s - 1) / (sum_visible |e^s - 1| + eps)``, scaled by ``e^{-m}``, ``m >= 0``."""
+    m = jnp.max(jnp.where(vis, s, -jnp.inf), axis=-1, initial=-jnp.inf)
+    m = jax.lax.stop_gradient(jnp.maximum(m, 0.0))
+    m = m[..., None]
+    diff = jnp.where(vis, jnp.exp(jnp.where(vis, s, m) - m) - jnp.exp(-m), 0.0)
+    z = jnp.sum(jnp.abs(diff), axis=-1, keepdims=True) + SOFTPICK_EPS * jnp.exp(-m)
+    return jax.nn.relu(diff) / z
 
 
 def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k):
