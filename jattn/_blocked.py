@@ -157,6 +157,35 @@ def _convert_score_mod(spec: Spec, batch: int, bq: int, bk: int):
     return spec._replace(score_mod=mod), tuple(consts)
 
 
+def _visit_order(norm, n, count):
+    """Index into the compacted key-block list: ascending, except stick-breaking, which
+    breaks the stick from the nearest key backwards (descending)."""
+    return count - 1 - n if norm.rowwise == "stick_breaking" else n
+
+
+def _reverse_cumsum(x):
+    """``y_j = sum_{k >= j} x_k`` along the last axis."""
+    return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
+
+
+def _stick_breaking_tile(s, vis, right):
+    """Stick-breaking weights of a tile visited right to left (Tan et al. 2024).
+
+    ``p_ij = sigmoid(s_ij) prod_{k > j visible} (1 - sigmoid(s_ik))`` in log space:
+    ``log p_ij = log sigmoid(s_ij) + right_i + sum_{k > j in tile} log sigmoid(-s_ik)``, where
+    ``right [.., tq]`` sums ``log sigmoid(-s)`` over the visible keys in blocks to the right.
+    Returns ``(p, log_keep)`` with ``log_keep = log sigmoid(-s)`` (0 where invisible).
+    """
+    log_keep = jax.nn.log_sigmoid(-s)
+    if vis is not None:
+        log_keep = jnp.where(vis, log_keep, 0.0)
+    after = right[..., None] + _reverse_cumsum(log_keep) - log_keep
+    p = jnp.exp(jax.nn.log_sigmoid(s) + after)
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+    return p, log_keep
+
+
 def _tile_score_mod(spec, batch, i0, j0, bq, bk, mod_consts):
     """``s0 -> score_mod(s0, ...)`` on the tile at ``(i0, j0)`` (None without a score_mod)."""
     apply = score_mod_fn(spec, batch, i0 + jnp.arange(bq, dtype=jnp.int32),
@@ -204,7 +233,7 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
         acc0 = jnp.zeros(row + (dv,), F32)
 
         def visit(n, carry):
-            j = kv_ids[i, n]
+            j = kv_ids[i, _visit_order(norm, n, counts[i])]
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
@@ -232,6 +261,9 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
                     p = jax.nn.relu(diff)
                     l_new = alpha * l + jnp.abs(diff).sum(-1)
                     acc = alpha[..., None] * acc
+                elif norm.rowwise == "stick_breaking":  # l: sum of log(1 - beta) to the right
+                    p, log_keep = _stick_breaking_tile(s, vis, l)
+                    l_new, m_new = l + log_keep.sum(-1), m
                 else:
                     p = norm.fn(s)
                     if vis is None:
@@ -256,6 +288,8 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
             out = acc / jnp.where(seen, l, 1.0)[..., None]
             stat = jnp.where(seen, m + log_l, -jnp.inf)
             return out, stat, (jnp.where(seen, m, jnp.inf), log_l)
+        if norm.rowwise == "stick_breaking":
+            return acc, jnp.zeros_like(l), None
         if norm.rowwise == "softpick":  # z = (sum |e^s - 1| + eps) / e^m
             z = l + normalizers_lib.SOFTPICK_EPS * jnp.exp(-m)
             return acc / z[..., None], jnp.zeros_like(l), (m, z)
@@ -317,8 +351,8 @@ def _core_bwd(spec, bq, bk, res, cotangents):
         m_blk, log_l_blk = rows(m_r), rows(log_l_r)
 
         def visit(n, c):
-            dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc = c
-            j = kv_ids[i, n]
+            dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc, right = c
+            j = kv_ids[i, _visit_order(norm, n, counts[i])]
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
@@ -350,6 +384,21 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                     ds = e * (jnp.where(s > 0, dp, 0.0) - jnp.sign(s) * di_blk[..., None])
                     if vis is not None:
                         p, ds = jnp.where(vis, p, 0.0), jnp.where(vis, ds, 0.0)
+                elif norm.rowwise == "stick_breaking":
+                    # right = (sum of log(1 - beta), sum of g = p dp) over keys to the right.
+                    # d log p_ij / d s_ik = (1 - beta_ik) [k = j] - beta_ik [j < k], so
+                    # ds_ik = g_ik (1 - beta_ik) - beta_ik sum_{j < k} g_ij, and
+                    # sum_{j < k} g_ij = di_i - sum_{j >= k} g_ij (sum_j g_ij = do . o = di).
+                    right_keep, right_g = right
+                    p, log_keep = _stick_breaking_tile(s, vis, right_keep)
+                    gp = p * dp
+                    before = di_blk[..., None] - (right_g[..., None] + _reverse_cumsum(gp))
+                    ds = gp * jax.nn.sigmoid(-s) - jax.nn.sigmoid(s) * before
+                    if vis is not None:
+                        ds = jnp.where(vis, ds, 0.0)
+                    cap = soft_cap_grad(spec, s)
+                    return p, ds if cap is None else ds * cap, (
+                        right_keep + log_keep.sum(-1), right_g + gp.sum(-1))
                 else:
                     p, dfds = norm.fn(s), norm.grad(s)
                     if vis is not None:
@@ -359,14 +408,14 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                         p, dfds = p * inv, dfds * inv
                     ds = dp * dfds
                 cap = soft_cap_grad(spec, s)
-                return p, ds if cap is None else ds * cap
+                return p, ds if cap is None else ds * cap, right
 
             def partial(_):
                 return weights_and_ds(_tile_visibility(spec, i0, j0, bq, bk, dense_mask,
                                                        seg_q_blk, seg_k, b))
 
-            p, ds = lax.cond(table[i, j] == masks_lib.FULL, lambda _: weights_and_ds(None),
-                             partial, None)
+            p, ds, right = lax.cond(table[i, j] == masks_lib.FULL,
+                                    lambda _: weights_and_ds(None), partial, None)
             if mod_vjp is not None:  # ds is d/d(score_mod output): pull it back to s_raw
                 ds, dmod_blk = mod_vjp(ds)
                 dmod_acc = jax.tree.map(jnp.add, dmod_acc, dmod_blk)
@@ -385,11 +434,14 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                     db = db.sum(1, keepdims=True)
                 cur = _bias_block(dbias_acc, i0, j0, bq, bk)
                 dbias_acc = lax.dynamic_update_slice(dbias_acc, cur + db, (0, 0, i0, j0))
-            return dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc
+            return dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc, right
 
         dq0 = jnp.zeros((b, bq, hkv, g, d), F32)
-        dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc = lax.fori_loop(
-            0, counts[i], visit, (dq0, dk_acc, dv_acc, dbias_acc, dmod_acc))
+        right0 = ()  # per-row sums over the blocks already visited (stick-breaking)
+        if norm.rowwise == "stick_breaking":
+            right0 = (jnp.zeros((b, hkv, g, bq), F32), jnp.zeros((b, hkv, g, bq), F32))
+        dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc, _ = lax.fori_loop(
+            0, counts[i], visit, (dq0, dk_acc, dv_acc, dbias_acc, dmod_acc, right0))
         dsink_blk = None
         if sinks is not None:  # d out / d sink = -p_sink * out, d lse / d sink = p_sink
             p_sink = jnp.exp((_sink_logits(spec, sinks) - m_blk) - log_l_blk)

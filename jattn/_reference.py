@@ -42,6 +42,8 @@ def weights(spec: Spec, q, k, bias, sinks, dense_mask, seg_q, seg_k):
         return p, lse
     if norm.rowwise == "softpick":
         return _softpick(s, vis), jnp.zeros(s.shape[:-1], jnp.float32)
+    if norm.rowwise == "stick_breaking":
+        return _stick_breaking(s, vis), jnp.zeros(s.shape[:-1], jnp.float32)
     p = jnp.where(vis, norm.fn(jnp.where(vis, s, 0.0)), 0.0)
     if norm.divide_by_count:
         count = jnp.sum(vis, axis=-1).astype(jnp.float32)
@@ -58,6 +60,14 @@ def _softpick(s, vis):
     diff = jnp.where(vis, jnp.exp(jnp.where(vis, s, m) - m) - jnp.exp(-m), 0.0)
     z = jnp.sum(jnp.abs(diff), axis=-1, keepdims=True) + SOFTPICK_EPS * jnp.exp(-m)
     return jax.nn.relu(diff) / z
+
+
+def _stick_breaking(s, vis):
+    """``p_ij = sigmoid(s_ij) prod_{k > j visible} (1 - sigmoid(s_ik))``, in log space."""
+    s = jnp.where(vis, s, 0.0)
+    log_keep = jnp.where(vis, jax.nn.log_sigmoid(-s), 0.0)
+    after = jnp.sum(log_keep, axis=-1, keepdims=True) - jnp.cumsum(log_keep, axis=-1)
+    return jnp.where(vis, jnp.exp(jax.nn.log_sigmoid(s) + after), 0.0)
 
 
 def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k):

@@ -12,8 +12,9 @@
 Normalizers (``jattn.normalizers``): ``softmax`` (optionally with a per-head ``sinks`` logit in
 the denominator, "attend to nothing", as in gpt-oss and Xiao et al.'s StreamingLLM),
 ``sigmoid`` (unnormalized; Gu et al. 2024), ``relu`` (``relu(s) / n_visible``; Guo et al.
-2024) and ``softpick`` (``relu(e^s - 1) / (sum |e^s - 1| + eps)``; Zuhri et al. 2025). A
-query row with no visible key returns 0, with finite gradients, in every implementation.
+2024), ``softpick`` (``relu(e^s - 1) / (sum |e^s - 1| + eps)``; Zuhri et al. 2025) and
+``stick_breaking`` (Tan et al. 2024). A query row with no visible key returns 0, with finite
+gradients, in every implementation.
 
 Implementations: ``"reference"`` materializes fp32 scores (the oracle); ``"xla"`` is the blocked,
 memory-efficient, block-sparse form (:mod:`jattn._blocked`); ``"pallas"`` calls
@@ -214,8 +215,8 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       bias: float, broadcastable to ``[B, Hq, Tq, Tk]``; added to the scaled scores.
       scale: static finite float (a Python or NumPy scalar), default ``1 / sqrt(Dk)``. NaN/inf
         are a ValueError; a traced value cannot be checked and is a TypeError.
-      normalizer: ``"softmax"``, ``"sigmoid"``, ``"relu"``, ``"softpick"`` or any registered
-        name.
+      normalizer: ``"softmax"``, ``"sigmoid"``, ``"relu"``, ``"softpick"``,
+        ``"stick_breaking"`` or any registered name.
       sinks: float ``[Hq]`` per-head sink logits (softmax only), differentiable.
       logits_soft_cap: ``c`` for ``s <- c tanh(s / c)``: static, finite and positive (checked
         like ``scale``).

@@ -1,4 +1,5 @@
-"""The row-wise normalizers softpick (Zuhri et al. 2025) vs an independent dense formula."""
+"""Row-wise normalizers softpick (Zuhri et al. 2025) and stick-breaking (Tan et al. 2024) vs
+independent dense formulas of the papers."""
 
 import contextlib
 
@@ -88,3 +89,67 @@ def test_softpick_weights_can_sum_below_one_and_ignore_negative_scores():
     assert np.all(sums <= 1 + 1e-5) and np.any(sums < 0.9)
     s = jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, 2, axis=2)) / np.sqrt(D)
     assert np.all(np.asarray(p)[np.asarray(s) <= 0] == 0)
+
+
+def _naive_stick_breaking(q, k, v, visible):
+    """Tan et al.'s definition as a literal product: p_ij = b_ij prod_{k > j visible} (1 - b_ik)."""
+    k, v = jnp.repeat(k, HQ // HKV, axis=2), jnp.repeat(v, HQ // HKV, axis=2)
+    beta = jax.nn.sigmoid(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D))  # [B, H, i, k]
+    j, kk = np.arange(T)[:, None], np.arange(T)[None, :]
+    later = (kk > j)[None] & np.asarray(visible)[:, None, :]  # [i, j, k]
+    factors = jnp.where(later[None, None], 1.0 - beta[:, :, :, None, :], 1.0)
+    p = jnp.where(visible, beta * jnp.prod(factors, axis=-1), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("mask", [M.causal(), M.sliding_window(5)], ids=["causal", "window5"])
+def test_stick_breaking_matches_the_paper_formula(impl, mask):
+    q, k, v = _qkv(4, scale=2.0)
+    i = jnp.arange(T)
+    visible = mask.visible(i[:, None], i[None, :], 0, q_len=T, kv_len=T)
+    w = jax.random.normal(jax.random.PRNGKey(5), q.shape)
+
+    def ours(q, k, v):
+        return jnp.sum(w * jattn.attention(q, k, v, mask=mask, normalizer="stick_breaking",
+                                           implementation=impl))
+
+    def want(q, k, v):
+        return jnp.sum(w * _naive_stick_breaking(q, k, v, visible))
+
+    with small_blocks():
+        got, g_got = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(q, k, v)
+    ref, g_ref = jax.value_and_grad(want, (0, 1, 2))(q, k, v)
+    assert_close(got, ref, rtol=1e-5)
+    for a, e, n in zip(g_got, g_ref, ("dq", "dk", "dv"), strict=True):
+        assert_close(a, e, rtol=1e-4, name=n)
+
+
+def test_stick_breaking_weights_sum_to_at_most_one_and_favor_the_nearest_key():
+    q, k, _ = _qkv(6)
+    p = np.asarray(jattn.attention_weights(q, k, mask=M.causal(), normalizer="stick_breaking"))
+    assert np.all(p.sum(-1) <= 1 + 1e-5)
+    # equal scores: beta = 1/2 everywhere, p_ij = 2^-(i - j + 1)
+    p0 = np.asarray(jattn.attention_weights(jnp.zeros_like(q), k, mask=M.causal(),
+                                            normalizer="stick_breaking"))
+    i, j = np.tril_indices(T)
+    np.testing.assert_allclose(p0[0, 0, i, j], 0.5 ** (i - j + 1), rtol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_stick_breaking_empty_rows_are_zero_with_finite_gradients(impl):
+    q, k, v = _qkv(7, scale=50.0)
+    dense = jnp.tril(jnp.ones((T, T), bool)).at[0].set(False).at[9].set(False)
+
+    def run(q):
+        with small_blocks():
+            return jattn.attention(q, k, v, mask=dense, normalizer="stick_breaking",
+                                   implementation=impl)
+
+    out = run(q)
+    assert np.all(np.asarray(out[:, 0]) == 0) and np.all(np.asarray(out[:, 9]) == 0)
+    grads = jax.grad(lambda q: jnp.sum(run(q) ** 2))(q)
+    assert np.all(np.isfinite(np.asarray(grads)))
+    if impl == "xla":
+        assert_close(out, jattn.attention(q, k, v, mask=dense, normalizer="stick_breaking",
+                                          implementation="reference"))
