@@ -153,3 +153,14 @@ def test_stick_breaking_empty_rows_are_zero_with_finite_gradients(impl):
     if impl == "xla":
         assert_close(out, jattn.attention(q, k, v, mask=dense, normalizer="stick_breaking",
                                           implementation="reference"))
+
+
+@pytest.mark.parametrize("normalizer", ["softpick", "stick_breaking"])
+def test_rowwise_normalizers_refuse_context_parallelism(normalizer):
+    """A hop merge for them does not exist: the ring would silently sum partial rows."""
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((2, 4), ("context", "data"), axis_types=(AxisType.Auto,) * 2)
+    q = jnp.zeros((1, 16, 2, 8))
+    with jax.set_mesh(mesh), pytest.raises(NotImplementedError, match=normalizer):
+        jattn.attention(q, q, q, mask=M.causal(), normalizer=normalizer, context_axis="context")
