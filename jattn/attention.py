@@ -176,7 +176,13 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
             raise ValueError(f"logits_soft_cap must be a positive float, got {logits_soft_cap!r}")
     scale = 1.0 / math.sqrt(dk) if scale is None else _static_float(scale, "scale")
     seg_q, seg_k = _check_segments(segment_ids, b, tq, tk)
-    mod = None if score_mod is None else score_mods_lib.check(score_mod)
+    mod = None
+    if score_mod is not None:
+        if 0 in (b, tq, tk):  # no score exists; a function gathering by position cannot trace
+            if not callable(score_mod):
+                raise TypeError(f"score_mod must be callable, got {type(score_mod).__name__}")
+        else:
+            mod = score_mods_lib.check(score_mod)
     spec = Spec(mask=mask_obj, normalizer=norm, scale=float(scale), soft_cap=logits_soft_cap,
                 q_len=tq, kv_len=tk, num_kv_heads=hkv, group=hq // hkv,
                 has_bias=bias4 is not None, has_dense_mask=dense is not None,

@@ -346,3 +346,17 @@ def test_gathers_and_unit_reshapes_of_scores_are_allowed():
     q, k, v = _qkv()
     with small_blocks():
         jattn.attention(q, k, v, mask=M.causal(), score_mod=mod, implementation="xla")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("b,t", [(0, 8), (2, 0)])
+def test_empty_sizes_with_a_gathering_score_mod(impl, b, t):
+    """No score exists, so the score_mod is never traced (it would index an empty array)."""
+    q, k = jnp.ones((b, t, HQ, D)), jnp.ones((b, t, HKV, D))
+
+    def loss(log_f):
+        return jattn.attention(q, k, k, mask=M.causal(), implementation=impl,
+                               score_mod=score_mods.forgetting(log_f)).sum()
+
+    log_f = jnp.zeros((b, t, HQ))
+    assert jax.grad(loss)(log_f).shape == log_f.shape
