@@ -11,6 +11,14 @@ implementation, accumulated in a fixed order (the same bits every run).
 
 The blocked ``"xla"`` path evaluates ``f`` per tile with the tile's global indices, so the
 ``[Tq, Tk]`` bias never exists; ``bias=`` with a dense array costs ``O(Tq Tk)`` memory instead.
+Its backward takes each tile's VJP of ``f`` and sums the captured arrays' cotangents over tiles
+in the loops' fixed order. Within a tile, the cotangent of a gather (``table[bucket, h]``) is
+XLA's scatter-add: deterministic on CPU and TPU; on GPU, indices repeated within a tile (T5
+buckets) may be summed with atomics unless XLA runs with ``--xla_gpu_deterministic_ops=true``.
+Per-head and per-position gathers (ALiBi slopes, FoX cumsums) have unique indices per tile.
+
+The Pallas kernel takes score_mods that capture no arrays (Python numbers are fine); one that
+captures arrays raises ``NotImplementedError`` there, and ``implementation=None`` uses xla.
 
 Library (each returns a score_mod; compose them with :func:`compose`):
 

@@ -189,7 +189,8 @@ def test_compose_applies_left_to_right_and_weights_agree():
     assert "alibi" in mod.__name__ and "soft_cap" in mod.__name__
 
 
-def test_captured_array_gradients_are_bitwise_deterministic():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_captured_array_gradients_are_bitwise_deterministic(impl):
     q, k, v = _qkv(5)
     log_f = jax.nn.log_sigmoid(jax.random.normal(jax.random.PRNGKey(6), (B, T, HQ)))
     table = jax.random.normal(jax.random.PRNGKey(7), (8, HQ))
@@ -197,7 +198,7 @@ def test_captured_array_gradients_are_bitwise_deterministic():
     def loss(log_f, table, q):
         mod = score_mods.compose(score_mods.forgetting(log_f),
                                  score_mods.relative_bias(table, 8, 16, bidirectional=False))
-        o = jattn.attention(q, k, v, mask=M.causal(), score_mod=mod, implementation="xla")
+        o = jattn.attention(q, k, v, mask=M.causal(), score_mod=mod, implementation=impl)
         return jnp.sum(o ** 2)
 
     with small_blocks():
