@@ -239,7 +239,9 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
         applied after ``scale * q.k + bias`` and before the soft-cap, mask and normalizer (see
         :mod:`jattn.score_mods`). Arrays it closes over receive gradients, deterministically,
         in every implementation. It is traced once on scalars; a wrong output shape/dtype or a
-        non-elementwise function is a TypeError naming it.
+        non-elementwise function is a TypeError naming it. The Pallas kernel takes only
+        score_mods capturing no arrays (else NotImplementedError; ``None`` falls back to
+        xla); not yet with ``context_axis`` (NotImplementedError).
 
     Returns:
       ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested. Empty
@@ -284,9 +286,9 @@ def attention_weights(q, k, v=None, *, mask=None, bias=None, scale=None, normali
                       implementation=None, score_mod=None):
     """The normalized weights ``p [B, Hq, Tq, Tk]`` (fp32, reference path), for analysis.
 
-    Takes the same arguments as :func:`attention`; ``v`` (only its shape matters) and
-    ``implementation``/``return_lse`` are accepted for symmetry and ignored. With sinks, a row
-    sums to less than one: the remainder went to the sink.
+    Takes the same arguments as :func:`attention` (``score_mod`` included); ``v`` (only its
+    shape matters) and ``implementation``/``return_lse`` are accepted for symmetry and ignored.
+    With sinks, a row sums to less than one: the remainder went to the sink.
     """
     if v is None:
         v = k
