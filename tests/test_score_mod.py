@@ -175,6 +175,20 @@ def test_soft_cap_score_mod_equals_logits_soft_cap_and_order(impl):
                                    segment_ids=seg, logits_soft_cap=3.0, implementation="reference")
     assert_close(shifted, want_shifted)
 
+    # gradients through bias -> score_mod (with a captured per-head shift) -> cap -> sinks
+    def loss(shift, q, bias, impl):
+        o = jattn.attention(q, k, v, mask=M.causal(), bias=bias, sinks=sinks, segment_ids=seg,
+                            logits_soft_cap=3.0, implementation=impl,
+                            score_mod=lambda s, b, h, i, j: s * 1.5 + shift[h])
+        return jnp.sum(jnp.sin(o))
+
+    shift = jnp.linspace(-0.5, 0.5, HQ)
+    with small_blocks():
+        got = jax.jit(jax.grad(loss, (0, 1, 2)), static_argnums=3)(shift, q, bias, impl)
+    want = jax.grad(loss, (0, 1, 2))(shift, q, bias, "reference")
+    for a, e, n in zip(got, want, ("dshift", "dq", "dbias"), strict=True):
+        assert_close(a, e, rtol=1e-4, name=n)
+
 
 def test_compose_applies_left_to_right_and_weights_agree():
     slopes = position.alibi_slopes(HQ)
