@@ -16,6 +16,11 @@ e.g. a bias of -1e9 masking a row, or logits of 1e7) the fp32 sum ``lse = m + lo
 ``log l`` away, and ``exp(s - lse)`` of ``l`` tied keys would be ``1`` instead of ``1 / l``. For
 ``relu`` the saved statistic is the visible-key count.
 
+A ``score_mod`` is evaluated per tile with the tile's global indices (after the bias, before
+the cap). The arrays it closes over are hoisted into explicit operands of the custom VJP with
+``jax.closure_convert``; the backward pulls each tile's ``ds`` back through the score_mod with
+``jax.vjp`` and adds those cotangents in the loops' fixed order (deterministic, no atomics).
+
 Block maps from the mask object, an explicit bool mask and segment ids are ANDed (elementwise
 min of the 0/1/2 codes) and reduced over batch and heads: a block is skipped when it is empty for
 every (batch, head) and treated as full when full for every one of them. Per-head sparsity is
@@ -210,7 +215,8 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, table
              counts, mod_consts=()):
     """``out [B, Tq, Hq, Dv]``, the public row stat ``[B, Hq, Tq]`` and, for softmax, the
     backward's ``(m, log_l)`` (each ``[B, Hkv, G, Tq]``; ``m = +inf``, ``log_l = 0`` on rows that
-    see nothing, so every recomputed weight is exactly 0 there)."""
+    see nothing, so every recomputed weight is exactly 0 there); for softpick ``(m, z)`` (the
+    running max ``m >= 0`` and ``z = (sum |e^s - 1| + eps) e^{-m}``); else None."""
     b, tq, hq, d = q.shape
     dv = v.shape[-1]
     hkv, g = spec.num_kv_heads, spec.group
