@@ -12,7 +12,7 @@ and compiled temp memory. B=1, H=8, D=64, fp32 by default.
 instead times ALiBi (Press et al. 2022) three ways under a causal mask, all blocked xla: plain
 causal (no ALiBi), ``score_mod=score_mods.alibi(slopes)`` (evaluated per tile; gradients also to
 the slopes) and ``bias=`` with the dense ``[1, H, T, T]`` ALiBi array; time ratios to plain
-causal and compiled temp memory.
+causal and compiled temp memory; plus FoX (``score_mods.forgetting``, gradients to the gates).
 """
 
 from __future__ import annotations
@@ -103,20 +103,27 @@ def run_score_mod(lengths, batch, heads, head_dim, dtype, with_backward, rounds=
         q, k, v = (jax.random.normal(kk, (batch, t, heads, head_dim), dtype)
                    for kk in jax.random.split(key, 3))
         bias = jattn.position.alibi_bias(heads, t, t)[None]  # [1, H, T, T] fp32
+        log_f = jax.nn.log_sigmoid(jax.random.normal(key, (batch, t, heads)) + 3.0)  # FoX gates
+        args = (q, k, v, slopes, bias, log_f)
 
-        def plain(q, k, v, slopes, bias):
+        def plain(q, k, v, slopes, bias, log_f):
             return jattn.attention(q, k, v, mask=causal, implementation="xla")
 
-        def score_mod(q, k, v, slopes, bias):
+        def score_mod(q, k, v, slopes, bias, log_f):
             return jattn.attention(q, k, v, mask=causal, implementation="xla",
                                    score_mod=jattn.score_mods.alibi(slopes))
 
-        def dense_bias(q, k, v, slopes, bias):
+        def dense_bias(q, k, v, slopes, bias, log_f):
             return jattn.attention(q, k, v, mask=causal, bias=bias, implementation="xla")
 
-        # (name, function, arguments differentiated: q, k, v and the slopes / the dense bias)
+        def forgetting(q, k, v, slopes, bias, log_f):
+            return jattn.attention(q, k, v, mask=causal, implementation="xla",
+                                   score_mod=jattn.score_mods.forgetting(log_f))
+
+        # (name, function, arguments differentiated: q, k, v and the slopes / dense bias / gates)
         variants = (("causal", plain, (0, 1, 2)), ("alibi score_mod", score_mod, (0, 1, 2, 3)),
-                    ("alibi bias=", dense_bias, (0, 1, 2, 4)))
+                    ("alibi bias=", dense_bias, (0, 1, 2, 4)),
+                    ("FoX score_mod", forgetting, (0, 1, 2, 5)))
         passes = ["fwd", "fwd+bwd"] if with_backward else ["fwd"]
         new_rows = [{"variant": name, "T": t} for name, _, _ in variants]
         for pname in passes:
@@ -124,7 +131,7 @@ def run_score_mod(lengths, batch, heads, head_dim, dtype, with_backward, rounds=
             for row, (_, fn, argnums) in zip(new_rows, variants, strict=True):
                 f = fn if pname == "fwd" else jax.grad(
                     lambda *a, fn=fn: fn(*a).astype("float32").sum(), argnums=argnums)
-                c = harness.compile_fn(f, q, k, v, slopes, bias)
+                c = harness.compile_fn(f, *args)
                 compiled.append(c)
                 row[f"{pname} mem MiB"] = harness.temp_bytes(c) / 2**20
                 # the dense bias is an argument (and its gradient an output), not a temporary
@@ -132,7 +139,7 @@ def run_score_mod(lengths, batch, heads, head_dim, dtype, with_backward, rounds=
                 row[f"{pname} args+out MiB"] = (mem.argument_size_in_bytes
                                                 + mem.output_size_in_bytes) / 2**20
             # interleaved rounds, median per variant: load on a shared host hits all alike
-            times = _interleaved_times(compiled, (q, k, v, slopes, bias), rounds)
+            times = _interleaved_times(compiled, args, rounds)
             for row, sec in zip(new_rows, times, strict=True):
                 row[f"{pname} ms"] = 1e3 * sec
                 row[f"{pname} / causal"] = sec / times[0]
