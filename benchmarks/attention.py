@@ -6,11 +6,20 @@ For each mask (causal; sliding window 512) and length: forward and forward+backw
 ``jattn.attention(implementation="xla")`` and of ``jax.nn.dot_product_attention`` (which
 computes the full square and masks it), their ratio, the ratio expected from FLOPs (1/density),
 and compiled temp memory. B=1, H=8, D=64, fp32 by default.
+
+    python -m benchmarks.attention --score-mod [--lengths 4096] [--out benchmarks/score_mod.json]
+
+instead times ALiBi (Press et al. 2022) three ways under a causal mask, all blocked xla: plain
+causal (no ALiBi), ``score_mod=score_mods.alibi(slopes)`` (evaluated per tile; gradients also to
+the slopes) and ``bias=`` with the dense ``[1, H, T, T]`` ALiBi array; time ratios to plain
+causal and compiled temp memory; plus FoX (``score_mods.forgetting``, gradients to the gates).
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -70,20 +79,101 @@ def run(lengths, batch, heads, head_dim, window, dtype, with_backward, mem_lengt
     return rows
 
 
+def _interleaved_times(compiled, args, rounds: int) -> list[float]:
+    """Median seconds per call of each compiled function, timed round-robin after a warm-up."""
+    for c in compiled:
+        jax.block_until_ready(c(*args))
+    samples = [[] for _ in compiled]
+    for _ in range(rounds):
+        for c, out in zip(compiled, samples, strict=True):
+            t0 = time.perf_counter()
+            jax.block_until_ready(c(*args))
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(x) for x in samples]
+
+
+def run_score_mod(lengths, batch, heads, head_dim, dtype, with_backward, rounds=7):
+    """ALiBi via score_mod vs dense ``bias=`` vs plain causal (blocked xla): ms, ratio, MiB."""
+    rows = []
+    causal = masks.causal()
+    slopes = jattn.position.alibi_slopes(heads)
+    for t in lengths:
+        key = jax.random.PRNGKey(t)
+        q, k, v = (jax.random.normal(kk, (batch, t, heads, head_dim), dtype)
+                   for kk in jax.random.split(key, 3))
+        bias = jattn.position.alibi_bias(heads, t, t)[None]  # [1, H, T, T] fp32
+        log_f = jax.nn.log_sigmoid(jax.random.normal(key, (batch, t, heads)) + 3.0)  # FoX gates
+        args = (q, k, v, slopes, bias, log_f)
+
+        def plain(q, k, v, slopes, bias, log_f):
+            return jattn.attention(q, k, v, mask=causal, implementation="xla")
+
+        def score_mod(q, k, v, slopes, bias, log_f):
+            return jattn.attention(q, k, v, mask=causal, implementation="xla",
+                                   score_mod=jattn.score_mods.alibi(slopes))
+
+        def dense_bias(q, k, v, slopes, bias, log_f):
+            return jattn.attention(q, k, v, mask=causal, bias=bias, implementation="xla")
+
+        def forgetting(q, k, v, slopes, bias, log_f):
+            return jattn.attention(q, k, v, mask=causal, implementation="xla",
+                                   score_mod=jattn.score_mods.forgetting(log_f))
+
+        # (name, function, arguments differentiated: q, k, v and the slopes / dense bias / gates)
+        variants = (("causal", plain, (0, 1, 2)), ("alibi score_mod", score_mod, (0, 1, 2, 3)),
+                    ("alibi bias=", dense_bias, (0, 1, 2, 4)),
+                    ("FoX score_mod", forgetting, (0, 1, 2, 5)))
+        passes = ["fwd", "fwd+bwd"] if with_backward else ["fwd"]
+        new_rows = [{"variant": name, "T": t} for name, _, _ in variants]
+        for pname in passes:
+            compiled = []
+            for row, (_, fn, argnums) in zip(new_rows, variants, strict=True):
+                f = fn if pname == "fwd" else jax.grad(
+                    lambda *a, fn=fn: fn(*a).astype("float32").sum(), argnums=argnums)
+                c = harness.compile_fn(f, *args)
+                compiled.append(c)
+                row[f"{pname} mem MiB"] = harness.temp_bytes(c) / 2**20
+                # the dense bias is an argument (and its gradient an output), not a temporary
+                mem = c.memory_analysis()
+                row[f"{pname} args+out MiB"] = (mem.argument_size_in_bytes
+                                                + mem.output_size_in_bytes) / 2**20
+            # interleaved rounds, median per variant: load on a shared host hits all alike
+            times = _interleaved_times(compiled, args, rounds)
+            for row, sec in zip(new_rows, times, strict=True):
+                row[f"{pname} ms"] = 1e3 * sec
+                row[f"{pname} / causal"] = sec / times[0]
+        for row in new_rows:
+            print(row, flush=True)
+        rows += new_rows
+    return rows
+
+
 def main(argv=None):
     p = harness.arguments(__doc__, lengths=[1024, 4096, 8192], heads=8, head_dim=64, window=512,
-                          dtype="float32", backward=True, out="benchmarks/attention.json")
+                          dtype="float32", backward=True, out=None)
     p.add_argument("--memory-lengths", type=int, nargs="*", default=[16384],
                    help="lengths at which only compiled memory is reported")
+    p.add_argument("--score-mod", action="store_true",
+                   help="ALiBi via score_mod vs dense bias= vs plain causal instead "
+                   "(JSON default benchmarks/score_mod.json)")
     args = p.parse_args(argv)
+    if args.score_mod:
+        rows = run_score_mod(args.lengths, args.batch, args.heads, args.head_dim,
+                             jnp.dtype(args.dtype), not args.no_backward)
+        cols = ["variant", "T", "fwd ms", "fwd / causal", "fwd+bwd ms", "fwd+bwd / causal",
+                "fwd mem MiB", "fwd+bwd mem MiB", "fwd args+out MiB", "fwd+bwd args+out MiB"]
+        print(harness.table(rows, cols))
+        harness.write_json(args.out or "benchmarks/score_mod.json",
+                           {"machine": harness.machine(), "args": vars(args), "rows": rows})
+        return rows
     rows = run(args.lengths, args.batch, args.heads, args.head_dim, args.window,
                jnp.dtype(args.dtype), not args.no_backward, args.memory_lengths)
     cols = ["mask", "T", "density", "1/density", "fwd jattn ms", "fwd dpa ms", "fwd speedup",
             "fwd+bwd jattn ms", "fwd+bwd dpa ms", "fwd+bwd speedup", "fwd mem jattn MiB",
             "fwd mem dpa MiB", "fwd+bwd mem jattn MiB", "fwd+bwd mem dpa MiB"]
     print(harness.table(rows, cols))
-    harness.write_json(args.out, {"machine": harness.machine(), "args": vars(args),
-                                  "rows": rows})
+    harness.write_json(args.out or "benchmarks/attention.json",
+                       {"machine": harness.machine(), "args": vars(args), "rows": rows})
     return rows
 
 

@@ -1,11 +1,19 @@
 """jattn: attention mechanisms for research in JAX.
 
 Pure functions, no state: ``attention`` (softmax family), ``masks``, ``position``,
-``normalizers``, ``linear`` (linear / recurrent attention), ``analysis``,
-``context_parallel`` (the sequence split over a mesh axis).
+``normalizers``, ``score_mods`` (programmable scores), ``linear`` (linear / recurrent
+attention), ``analysis``, ``context_parallel`` (the sequence split over a mesh axis).
 """
 
-from jattn import analysis, context_parallel, linear, masks, normalizers, position
+from jattn import (
+    analysis,
+    context_parallel,
+    linear,
+    masks,
+    normalizers,
+    position,
+    score_mods,
+)
 from jattn.attention import attention, attention_weights
 
 # One version for jattn and its kernels distribution (see pallas_kernels/_version.py).
@@ -20,4 +28,5 @@ __all__ = [
     "masks",
     "normalizers",
     "position",
+    "score_mods",
 ]

@@ -16,6 +16,11 @@ e.g. a bias of -1e9 masking a row, or logits of 1e7) the fp32 sum ``lse = m + lo
 ``log l`` away, and ``exp(s - lse)`` of ``l`` tied keys would be ``1`` instead of ``1 / l``. For
 ``relu`` the saved statistic is the visible-key count.
 
+A ``score_mod`` is evaluated per tile with the tile's global indices (after the bias, before
+the cap). The arrays it closes over are hoisted into explicit operands of the custom VJP with
+``jax.closure_convert``; the backward pulls each tile's ``ds`` back through the score_mod with
+``jax.vjp`` and adds those cotangents in the loops' fixed order (deterministic, no atomics).
+
 Block maps (:mod:`pallas_kernels.block_map`) from the mask object, an explicit bool mask and
 segment ids are ANDed (elementwise min of the 0/1/2 codes) and reduced over batch and heads: a
 block is skipped when it is empty for every (batch, head) and treated as full when full for every
@@ -33,7 +38,19 @@ import numpy as np
 from jax import lax
 
 from jattn import masks as masks_lib
-from jattn._common import Spec, merge_heads, scores, soft_cap_grad, split_heads, visible
+from jattn import normalizers as normalizers_lib
+from jattn._common import (
+    Spec,
+    merge_heads,
+    raw_scores,
+    score_mod_fn,
+    score_mod_indices,
+    scores,
+    soft_cap,
+    soft_cap_grad,
+    split_heads,
+    visible,
+)
 from pallas_kernels import block_map as block_map_lib
 from pallas_kernels.block_map import FULL
 
@@ -88,7 +105,8 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     """Blocked attention. Returns ``out [B, Tq, Hq, Dv]`` (fp32) and the row stat ``[B, Hq, Tq]``.
 
     ``bias`` is ``[Bb, Hb, Tq, Tk]`` and ``dense_mask`` ``[Bm, Hm, Tq, Tk]`` (leading dims 1 or
-    full), ``seg_q``/``seg_k`` ``[B, Tq]``/``[B, Tk]``; all optional.
+    full), ``seg_q``/``seg_k`` ``[B, Tq]``/``[B, Tk]``; all optional. ``spec.score_mod`` is the
+    user's function; it is closure-converted here (see :func:`_convert_score_mod`).
     """
     dq, dk = default_block_sizes(spec.q_len, spec.kv_len)
     bq, bk = block_q or dq, block_kv or dk
@@ -103,8 +121,9 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     bias = _pad_to(_pad_to(bias, 2, tq), 3, tk)
     dense_mask = _pad_to(_pad_to(dense_mask, 2, tq, False), 3, tk, False)
     seg_q, seg_k = _pad_to(seg_q, 1, tq), _pad_to(seg_k, 1, tk)
+    spec, mod_consts = _convert_score_mod(spec, q.shape[0], bq, bk)
     out, stat = _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                      entries, counts)
+                      entries, counts, mod_consts)
     return out[:, : spec.q_len], stat[..., : spec.q_len]
 
 
@@ -138,17 +157,78 @@ def _tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk, seg_k, batch):
     return visible(spec, q_idx, k_idx, dense_blk, seg_q_blk, seg_k_blk)
 
 
+def _convert_score_mod(spec: Spec, batch: int, bq: int, bk: int):
+    """``(spec', consts)``: the score_mod traced at the tile shape with the traced arrays it
+    closes over hoisted into ``consts`` (:func:`jax.closure_convert`), so the custom VJP below
+    takes them as operands and returns their cotangents. Traced at the tile's exact shapes so
+    the converted function is the user's broadcasting code, not a per-scalar map."""
+    if spec.score_mod is None:
+        return spec, ()
+    s = jax.ShapeDtypeStruct((batch, spec.num_kv_heads, spec.group, bq, bk), F32)
+    q_idx, k_idx = jnp.arange(bq), jnp.arange(bk)
+    apply = score_mod_fn(spec, batch, q_idx, k_idx)
+    jax.eval_shape(lambda s: apply(s, ()), s)  # a non-elementwise function fails here, named
+    idx = [jax.ShapeDtypeStruct(x.shape, x.dtype)
+           for x in score_mod_indices(spec, batch, q_idx, k_idx)]
+    mod, consts = jax.closure_convert(spec.score_mod, s, *idx)
+    return spec._replace(score_mod=mod), tuple(consts)
+
+
+def _visit_order(norm, n, count):
+    """Index into the compacted key-block list: ascending, except stick-breaking, which
+    breaks the stick from the nearest key backwards (descending)."""
+    return count - 1 - n if norm.rowwise == "stick_breaking" else n
+
+
+def _reverse_cumsum(x):
+    """``y_j = sum_{k >= j} x_k`` along the last axis."""
+    return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
+
+
+def _stick_breaking_tile(s, vis, right):
+    """Stick-breaking weights of a tile visited right to left (Tan et al. 2024).
+
+    ``p_ij = sigmoid(s_ij) prod_{k > j visible} (1 - sigmoid(s_ik))`` in log space:
+    ``log p_ij = log sigmoid(s_ij) + right_i + sum_{k > j in tile} log sigmoid(-s_ik)``, where
+    ``right [.., tq]`` sums ``log sigmoid(-s)`` over the visible keys in blocks to the right.
+    Returns ``(p, log_keep)`` with ``log_keep = log sigmoid(-s)`` (0 where invisible).
+    """
+    log_keep = jax.nn.log_sigmoid(-s)
+    if vis is not None:
+        log_keep = jnp.where(vis, log_keep, 0.0)
+    after = right[..., None] + _reverse_cumsum(log_keep) - log_keep
+    p = jnp.exp(jax.nn.log_sigmoid(s) + after)
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+    return p, log_keep
+
+
+def _tile_score_mod(spec, batch, i0, j0, bq, bk, mod_consts):
+    """``s0 -> score_mod(s0, ...)`` on the tile at ``(i0, j0)`` (None without a score_mod)."""
+    apply = score_mod_fn(spec, batch, i0 + jnp.arange(bq, dtype=jnp.int32),
+                         j0 + jnp.arange(bk, dtype=jnp.int32))
+    return None if apply is None else (lambda s0: apply(s0, mod_consts))
+
+
+def _differentiable(mod_consts):
+    """Positions of the floating score_mod operands (the others get no cotangent)."""
+    return tuple(n for n, c in enumerate(mod_consts) if jnp.issubdtype(c.dtype, jnp.inexact))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts):
+def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts,
+          mod_consts):
     out, stat, _ = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                            entries, counts)
+                            entries, counts, mod_consts)
     return out, stat
 
 
-def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts):
+def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts,
+             mod_consts=()):
     """``out [B, Tq, Hq, Dv]``, the public row stat ``[B, Hq, Tq]`` and, for softmax, the
     backward's ``(m, log_l)`` (each ``[B, Hkv, G, Tq]``; ``m = +inf``, ``log_l = 0`` on rows that
-    see nothing, so every recomputed weight is exactly 0 there)."""
+    see nothing, so every recomputed weight is exactly 0 there); for softpick ``(m, z)`` (the
+    running max ``m >= 0`` and ``z = (sum |e^s - 1| + eps) e^{-m}``); else None."""
     b, tq, hq, d = q.shape
     dv = v.shape[-1]
     hkv, g = spec.num_kv_heads, spec.group
@@ -171,11 +251,12 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entri
         acc0 = jnp.zeros(row + (dv,), F32)
 
         def visit(n, carry):
-            j, kind = _decode(entries[i, n])
+            j, kind = _decode(entries[i, _visit_order(norm, n, counts[i])])
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
-            _, s = scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk))
+            _, s = scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk),
+                          _tile_score_mod(spec, b, i0, j0, bq, bk, mod_consts))
 
             def update(vis):
                 m, l, acc = carry
@@ -187,6 +268,20 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entri
                     alpha = jnp.exp(m - m_safe)
                     l_new = alpha * l + p.sum(-1)
                     acc = alpha[..., None] * acc
+                elif norm.rowwise == "softpick":
+                    # e^s - 1 = e^m (e^{s-m} - e^{-m}) with a running max m >= 0 (m0 = 0)
+                    sm = s if vis is None else jnp.where(vis, s, -jnp.inf)
+                    m_new = jnp.maximum(m, sm.max(-1))
+                    diff = jnp.exp(sm - m_new[..., None]) - jnp.exp(-m_new)[..., None]
+                    if vis is not None:
+                        diff = jnp.where(vis, diff, 0.0)
+                    alpha = jnp.exp(m - m_new)
+                    p = jax.nn.relu(diff)
+                    l_new = alpha * l + jnp.abs(diff).sum(-1)
+                    acc = alpha[..., None] * acc
+                elif norm.rowwise == "stick_breaking":  # l: sum of log(1 - beta) to the right
+                    p, log_keep = _stick_breaking_tile(s, vis, l)
+                    l_new, m_new = l + log_keep.sum(-1), m
                 else:
                     p = norm.fn(s)
                     if vis is None:
@@ -211,6 +306,11 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entri
             out = acc / jnp.where(seen, l, 1.0)[..., None]
             stat = jnp.where(seen, m + log_l, -jnp.inf)
             return out, stat, (jnp.where(seen, m, jnp.inf), log_l)
+        if norm.rowwise == "stick_breaking":
+            return acc, jnp.zeros_like(l), None
+        if norm.rowwise == "softpick":  # z = (sum |e^s - 1| + eps) / e^m
+            z = l + normalizers_lib.SOFTPICK_EPS * jnp.exp(-m)
+            return acc / z[..., None], jnp.zeros_like(l), (m, z)
         if norm.divide_by_count:
             return acc / jnp.maximum(l, 1.0)[..., None], l, None
         return acc, jnp.zeros_like(l), None
@@ -223,18 +323,25 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entri
     return out, stat, jax.tree.map(rows, max_and_log_sum)
 
 
-def _core_fwd(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries,
-              counts):
+def _core_fwd(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts,
+              mod_consts):
     out, stat, max_and_log_sum = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q,
-                                          seg_k, entries, counts)
+                                          seg_k, entries, counts, mod_consts)
     res = (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts, out, stat,
-           max_and_log_sum)
+           max_and_log_sum, mod_consts)
     return (out, stat), res
 
 
 def _core_bwd(spec, bq, bk, res, cotangents):
+    """Cotangents of ``_core``'s operands. ``res`` may omit the trailing ``mod_consts`` (callers
+    without a score_mod, e.g. the context-parallel hops); the result then ends at ``counts``."""
     (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts, out, stat,
-     max_and_log_sum) = res
+     max_and_log_sum, *rest) = res
+    mod_consts = rest[0] if rest else ()
+    # Floating operands of the score_mod: their cotangent is the tile VJP of the score_mod,
+    # summed over tiles in the loops' fixed order (no scatter across tiles: deterministic).
+    diff_pos = _differentiable(mod_consts)
+    diff_consts = tuple(mod_consts[n] for n in diff_pos)
     d_out, d_stat = cotangents
     b, tq, hq, d = q.shape
     dv_dim = v.shape[-1]
@@ -248,10 +355,11 @@ def _core_bwd(spec, bq, bk, res, cotangents):
     stat_r = to_rows(stat)
     d_stat_r = to_rows(d_stat.astype(F32)) if norm.softmax else None
     # p = exp((s - m) - log l): see the module docstring for why not exp(s - lse).
-    m_r, log_l_r = max_and_log_sum if norm.softmax else (None, None)
+    # softmax: (m, log l); softpick: (m, z), see _forward
+    m_r, log_l_r = max_and_log_sum if max_and_log_sum is not None else (None, None)
 
     def one_query_block(carry, i):
-        dk_acc, dv_acc, dbias_acc = carry
+        dk_acc, dv_acc, dbias_acc, dmod_acc = carry
         i0 = i * bq
         q_blk = _slice(q, i0, bq, 1).astype(F32).reshape(b, bq, hkv, g, d)
         do_blk = _slice(d_out, i0, bq, 1).reshape(b, bq, hkv, g, dv_dim)
@@ -261,12 +369,22 @@ def _core_bwd(spec, bq, bk, res, cotangents):
         m_blk, log_l_blk = rows(m_r), rows(log_l_r)
 
         def visit(n, c):
-            dq_blk, dk_acc, dv_acc, dbias_acc = c
-            j, kind = _decode(entries[i, n])
+            dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc, right = c
+            j, kind = _decode(entries[i, _visit_order(norm, n, counts[i])])
             j0 = j * bk
             k_blk = _slice(k, j0, bk, 1).astype(F32)
             v_blk = _slice(v, j0, bk, 1).astype(F32)
-            _, s = scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk))
+            s_raw = raw_scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk))
+            mod_vjp = None
+            if spec.score_mod is not None:
+                def modded(s_in, diff):
+                    consts = list(mod_consts)
+                    for n_, x in zip(diff_pos, diff, strict=True):
+                        consts[n_] = x
+                    return _tile_score_mod(spec, b, i0, j0, bq, bk, tuple(consts))(s_in)
+
+                s_raw, mod_vjp = jax.vjp(modded, s_raw, diff_consts)
+            s = soft_cap(spec, s_raw)
             dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk)
 
             def weights_and_ds(vis):
@@ -275,6 +393,30 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                     if vis is not None:
                         p = jnp.where(vis, p, 0.0)
                     ds = p * (dp - di_blk[..., None] + dstat_blk[..., None])
+                elif norm.rowwise == "softpick":
+                    # p = relu(e^s - 1) / Z, Z = sum |e^s - 1| + eps, and sum_j p dp = di:
+                    # ds = e^s / Z * ([s > 0] dp - sign(s) di), with e^s / Z = e^{s-m} / z
+                    m_, z_ = m_blk[..., None], log_l_blk[..., None]
+                    e = jnp.exp(s - m_) / z_
+                    p = jax.nn.relu(jnp.exp(s - m_) - jnp.exp(-m_)) / z_
+                    ds = e * (jnp.where(s > 0, dp, 0.0) - jnp.sign(s) * di_blk[..., None])
+                    if vis is not None:
+                        p, ds = jnp.where(vis, p, 0.0), jnp.where(vis, ds, 0.0)
+                elif norm.rowwise == "stick_breaking":
+                    # right = (sum of log(1 - beta), sum of g = p dp) over keys to the right.
+                    # d log p_ij / d s_ik = (1 - beta_ik) [k = j] - beta_ik [j < k], so
+                    # ds_ik = g_ik (1 - beta_ik) - beta_ik sum_{j < k} g_ij, and
+                    # sum_{j < k} g_ij = di_i - sum_{j >= k} g_ij (sum_j g_ij = do . o = di).
+                    right_keep, right_g = right
+                    p, log_keep = _stick_breaking_tile(s, vis, right_keep)
+                    gp = p * dp
+                    before = di_blk[..., None] - (right_g[..., None] + _reverse_cumsum(gp))
+                    ds = gp * jax.nn.sigmoid(-s) - jax.nn.sigmoid(s) * before
+                    if vis is not None:
+                        ds = jnp.where(vis, ds, 0.0)
+                    cap = soft_cap_grad(spec, s)
+                    return p, ds if cap is None else ds * cap, (
+                        right_keep + log_keep.sum(-1), right_g + gp.sum(-1))
                 else:
                     p, dfds = norm.fn(s), norm.grad(s)
                     if vis is not None:
@@ -284,14 +426,17 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                         p, dfds = p * inv, dfds * inv
                     ds = dp * dfds
                 cap = soft_cap_grad(spec, s)
-                return p, ds if cap is None else ds * cap
+                return p, ds if cap is None else ds * cap, right
 
             def partial(_):
                 return weights_and_ds(_tile_visibility(spec, i0, j0, bq, bk, dense_mask,
                                                        seg_q_blk, seg_k, b))
 
-            p, ds = lax.cond(kind == FULL, lambda _: weights_and_ds(None),
-                             partial, None)
+            p, ds, right = lax.cond(kind == FULL,
+                                    lambda _: weights_and_ds(None), partial, None)
+            if mod_vjp is not None:  # ds is d/d(score_mod output): pull it back to s_raw
+                ds, dmod_blk = mod_vjp(ds)
+                dmod_acc = jax.tree.map(jnp.add, dmod_acc, dmod_blk)
             dq_blk = dq_blk + spec.scale * jnp.einsum("bhgqk,bkhd->bqhgd", ds, k_blk)
             dk_blk = spec.scale * jnp.einsum("bhgqk,bqhgd->bkhd", ds, q_blk)
             dv_blk = jnp.einsum("bhgqk,bqhgd->bkhd", p, do_blk)
@@ -307,26 +452,36 @@ def _core_bwd(spec, bq, bk, res, cotangents):
                     db = db.sum(1, keepdims=True)
                 cur = _bias_block(dbias_acc, i0, j0, bq, bk)
                 dbias_acc = lax.dynamic_update_slice(dbias_acc, cur + db, (0, 0, i0, j0))
-            return dq_blk, dk_acc, dv_acc, dbias_acc
+            return dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc, right
 
         dq0 = jnp.zeros((b, bq, hkv, g, d), F32)
-        dq_blk, dk_acc, dv_acc, dbias_acc = lax.fori_loop(
-            0, counts[i], visit, (dq0, dk_acc, dv_acc, dbias_acc))
+        right0 = ()  # per-row sums over the blocks already visited (stick-breaking)
+        if norm.rowwise == "stick_breaking":
+            right0 = (jnp.zeros((b, hkv, g, bq), F32), jnp.zeros((b, hkv, g, bq), F32))
+        dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc, _ = lax.fori_loop(
+            0, counts[i], visit, (dq0, dk_acc, dv_acc, dbias_acc, dmod_acc, right0))
         dsink_blk = None
         if sinks is not None:  # d out / d sink = -p_sink * out, d lse / d sink = p_sink
             p_sink = jnp.exp((_sink_logits(spec, sinks) - m_blk) - log_l_blk)
             dsink_blk = jnp.sum(p_sink * (dstat_blk - di_blk), axis=(0, 3)).reshape(hq)
-        return (dk_acc, dv_acc, dbias_acc), (dq_blk, dsink_blk)
+        return (dk_acc, dv_acc, dbias_acc, dmod_acc), (dq_blk, dsink_blk)
 
     init = (jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32),
-            None if bias is None else jnp.zeros(bias.shape, F32))
-    (dk, dv, dbias), (dq, dsinks) = lax.scan(one_query_block, init,
-                                             jnp.arange(nq, dtype=jnp.int32))
+            None if bias is None else jnp.zeros(bias.shape, F32),
+            tuple(jnp.zeros_like(x) for x in diff_consts))
+    (dk, dv, dbias, dmod), (dq, dsinks) = lax.scan(one_query_block, init,
+                                                   jnp.arange(nq, dtype=jnp.int32))
     dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(b, tq, hq, d).astype(q.dtype)
     dsinks = None if sinks is None else dsinks.sum(0).astype(sinks.dtype)
     dbias = None if bias is None else dbias.astype(bias.dtype)
-    return (dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks,
-            None, None, None, None, None)
+    grads = (dq, dk.astype(k.dtype), dv.astype(v.dtype), dbias, dsinks,
+             None, None, None, None, None)
+    if not rest:
+        return grads
+    dconsts = [None] * len(mod_consts)
+    for n_, x in zip(diff_pos, dmod, strict=True):
+        dconsts[n_] = x
+    return grads + (tuple(dconsts),)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jattn.masks import Mask
+from jattn.score_mods import check_elementwise
 from pallas_kernels import flash as flash_lib
 
 __all__ = ["attention_pallas", "pallas_supported", "unsupported_reason"]
@@ -64,14 +65,35 @@ def pallas_supported(q=None, k=None, v=None, **kwargs) -> bool:
     return unsupported_reason(**kwargs) is None
 
 
+def score_mod_captures(score_mod, block_q: int, block_kv: int) -> bool:
+    """True if ``score_mod`` closes over arrays (traced or concrete): the kernel would bake them
+    in as constants and could not return their gradients."""
+    f32, i32 = jax.numpy.float32, jax.numpy.int32
+    tile = jax.ShapeDtypeStruct((block_q, block_kv), f32)
+    scalar = jax.ShapeDtypeStruct((), i32)
+    _, consts = jax.closure_convert(score_mod, tile, scalar, scalar,
+                                    jax.ShapeDtypeStruct((block_q, block_kv), i32),
+                                    jax.ShapeDtypeStruct((block_q, block_kv), i32))
+    if consts:
+        return True
+    idx = jax.ShapeDtypeStruct((block_q, block_kv), i32)
+    check_elementwise(score_mod, tile, scalar, scalar, idx, idx)
+    out = jax.eval_shape(score_mod, tile, scalar, scalar, idx, idx)
+    if getattr(out, "shape", None) != tile.shape:
+        raise TypeError(f"score_mod {getattr(score_mod, '__qualname__', score_mod)} must be "
+                        f"elementwise: on a [{block_q}, {block_kv}] tile it returned {out}")
+    return bool(jax.make_jaxpr(score_mod)(tile, scalar, scalar, idx, idx).consts)
+
+
 def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sinks,
                      logits_soft_cap, segment_ids, return_lse, block_q=None, block_kv=None,
-                     interpret=None, backend=None):
+                     interpret=None, backend=None, score_mod=None):
     """Softmax attention through :func:`pallas_kernels.flash_attention`.
 
     ``mask`` is a :class:`jattn.masks.Mask` or None; ``dense_mask``/``bias`` must be None and
     ``normalizer`` ``"softmax"`` (else ``NotImplementedError``). Shapes as in
-    :func:`jattn.attention`.
+    :func:`jattn.attention`. ``score_mod`` must capture no arrays (else
+    ``NotImplementedError``): scalars and Python numbers are fine.
     """
     reason = unsupported_reason(mask=mask, dense_mask=dense_mask, bias=bias,
                                 normalizer=normalizer)
@@ -81,6 +103,11 @@ def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sink
     tk = k.shape[1]
     bq, bk = flash_lib.block_sizes(tq, tk, block_q or DEFAULT_BLOCK_Q,
                                    block_kv or DEFAULT_BLOCK_KV, backend)
+    if score_mod is not None and score_mod_captures(score_mod, bq, bk):
+        raise NotImplementedError(
+            "score_mod with captured arrays (e.g. alibi slopes, a bias table, gate cumsums) is "
+            "not supported by the Pallas flash kernel yet: their gradients would need kernel "
+            "operands; use implementation='xla' (implementation=None falls back to it)")
     block_map = mask_fn = None
     if mask is not None:
         if mask.num_heads is not None and mask.num_heads not in (1, hq):
@@ -92,4 +119,4 @@ def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sink
     return flash_lib.flash_attention(
         q, k, v, block_map=block_map, mask_fn=mask_fn, scale=scale, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, block_q=bq, block_kv=bk,
-        return_lse=return_lse, interpret=interpret, backend=backend)
+        return_lse=return_lse, interpret=interpret, backend=backend, score_mod=score_mod)

@@ -5,17 +5,24 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jattn._common import Spec, merge_heads, scores, split_heads, visible
+from jattn._common import Spec, merge_heads, score_mod_fn, scores, split_heads, visible
+from jattn.normalizers import SOFTPICK_EPS
 
 
 def weights(spec: Spec, q, k, bias, sinks, dense_mask, seg_q, seg_k):
-    """Weights ``p [B, Hkv, G, Tq, Tk]`` and the row statistic (lse / count / zeros)."""
+    """Weights ``p [B, Hkv, G, Tq, Tk]`` and the row statistic (lse / count / zeros).
+
+    ``spec.score_mod`` is the user's function, applied to the whole score matrix: plain autodiff
+    differentiates the arrays it closes over.
+    """
     norm = spec.normalizer
     q32 = q.astype(jnp.float32).reshape(q.shape[:2] + (spec.num_kv_heads, spec.group,
                                                        q.shape[-1]))
-    _, s = scores(spec, q32, k.astype(jnp.float32), bias)
     q_idx = jnp.arange(spec.q_len, dtype=jnp.int32)
     k_idx = jnp.arange(spec.kv_len, dtype=jnp.int32)
+    mod = score_mod_fn(spec, q.shape[0], q_idx, k_idx)
+    _, s = scores(spec, q32, k.astype(jnp.float32), bias,
+                  None if mod is None else (lambda s0: mod(s0, ())))
     vis = jnp.broadcast_to(visible(spec, q_idx, k_idx, dense_mask, seg_q, seg_k), s.shape)
     if norm.softmax:
         masked = jnp.where(vis, s, -jnp.inf)
@@ -33,12 +40,34 @@ def weights(spec: Spec, q, k, bias, sinks, dense_mask, seg_q, seg_k):
         p = e / jnp.where(z > 0, z, 1.0)[..., None]
         lse = jnp.where(z > 0, m + jnp.log(jnp.where(z > 0, z, 1.0)), -jnp.inf)
         return p, lse
+    if norm.rowwise == "softpick":
+        return _softpick(s, vis), jnp.zeros(s.shape[:-1], jnp.float32)
+    if norm.rowwise == "stick_breaking":
+        return _stick_breaking(s, vis), jnp.zeros(s.shape[:-1], jnp.float32)
     p = jnp.where(vis, norm.fn(jnp.where(vis, s, 0.0)), 0.0)
     if norm.divide_by_count:
         count = jnp.sum(vis, axis=-1).astype(jnp.float32)
         p = p / jnp.maximum(count, 1.0)[..., None]
         return p, count
     return p, jnp.zeros(p.shape[:-1], jnp.float32)
+
+
+def _softpick(s, vis):
+    """``relu(e^s - 1) / (sum_visible |e^s - 1| + eps)``, scaled by ``e^{-m}``, ``m >= 0``."""
+    m = jnp.max(jnp.where(vis, s, -jnp.inf), axis=-1, initial=-jnp.inf)
+    m = jax.lax.stop_gradient(jnp.maximum(m, 0.0))
+    m = m[..., None]
+    diff = jnp.where(vis, jnp.exp(jnp.where(vis, s, m) - m) - jnp.exp(-m), 0.0)
+    z = jnp.sum(jnp.abs(diff), axis=-1, keepdims=True) + SOFTPICK_EPS * jnp.exp(-m)
+    return jax.nn.relu(diff) / z
+
+
+def _stick_breaking(s, vis):
+    """``p_ij = sigmoid(s_ij) prod_{k > j visible} (1 - sigmoid(s_ik))``, in log space."""
+    s = jnp.where(vis, s, 0.0)
+    log_keep = jnp.where(vis, jax.nn.log_sigmoid(-s), 0.0)
+    after = jnp.sum(log_keep, axis=-1, keepdims=True) - jnp.cumsum(log_keep, axis=-1)
+    return jnp.where(vis, jnp.exp(jax.nn.log_sigmoid(s) + after), 0.0)
 
 
 def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k):

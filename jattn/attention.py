@@ -4,14 +4,17 @@
 ``h // (Hq // Hkv)``)::
 
     s_ij = scale * q_i . k_j (+ bias_ij)          scale defaults to 1 / sqrt(Dk)
+    s_ij <- score_mod(s_ij, b, h, i, j)           if given (jattn.score_mods; FlexAttention)
     s_ij <- c * tanh(s_ij / c)                    if logits_soft_cap = c (Gemma 2)
     p_ij = normalizer(s_i)_j  over visible j      mask & segment ids & bool mask
     o_i  = sum_j p_ij v_j
 
 Normalizers (``jattn.normalizers``): ``softmax`` (optionally with a per-head ``sinks`` logit in
 the denominator, "attend to nothing", as in gpt-oss and Xiao et al.'s StreamingLLM),
-``sigmoid`` (unnormalized; Gu et al. 2024) and ``relu`` (``relu(s) / n_visible``; Guo et al.
-2024). A query row with no visible key returns 0, with finite gradients, in every implementation.
+``sigmoid`` (unnormalized; Gu et al. 2024), ``relu`` (``relu(s) / n_visible``; Guo et al.
+2024), ``softpick`` (``relu(e^s - 1) / (sum |e^s - 1| + eps)``; Zuhri et al. 2025) and
+``stick_breaking`` (Tan et al. 2024). A query row with no visible key returns 0, with finite
+gradients, in every implementation.
 
 Implementations: ``"reference"`` materializes fp32 scores (the oracle); ``"xla"`` is the blocked,
 memory-efficient, block-sparse form (:mod:`jattn._blocked`); ``"pallas"`` calls
@@ -29,6 +32,7 @@ import numpy as np
 from jattn import _blocked, _dispatch, _pallas_dispatch, _reference
 from jattn import masks as masks_lib
 from jattn import normalizers as normalizers_lib
+from jattn import score_mods as score_mods_lib
 from jattn._common import Spec, merge_heads
 from jattn.masks import Mask
 
@@ -144,7 +148,7 @@ def _check_segments(segment_ids, b: int, tq: int, tk: int):
 
 
 def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, segment_ids,
-             return_lse, implementation):
+             return_lse, implementation, score_mod=None):
     """Validate everything; return (spec, bias4, sinks, dense_mask4, seg_q, seg_k)."""
     _check_qkv(q, k, v)
     b, tq, hq, dk = q.shape
@@ -171,10 +175,17 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
             raise ValueError(f"logits_soft_cap must be a positive float, got {logits_soft_cap!r}")
     scale = 1.0 / math.sqrt(dk) if scale is None else _static_float(scale, "scale")
     seg_q, seg_k = _check_segments(segment_ids, b, tq, tk)
+    mod = None
+    if score_mod is not None:
+        if 0 in (b, tq, tk):  # no score exists; a function gathering by position cannot trace
+            if not callable(score_mod):
+                raise TypeError(f"score_mod must be callable, got {type(score_mod).__name__}")
+        else:
+            mod = score_mods_lib.check(score_mod)
     spec = Spec(mask=mask_obj, normalizer=norm, scale=float(scale), soft_cap=logits_soft_cap,
                 q_len=tq, kv_len=tk, num_kv_heads=hkv, group=hq // hkv,
                 has_bias=bias4 is not None, has_dense_mask=dense is not None,
-                has_segments=seg_q is not None, has_sinks=sinks is not None)
+                has_segments=seg_q is not None, has_sinks=sinks is not None, score_mod=mod)
     if mask_obj is not None:  # surface mask/length mismatches (e.g. neighborhood grids) here
         mask_obj.visible(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), 0,
                          q_len=tq, kv_len=tk)
@@ -183,7 +194,7 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
 
 def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax", sinks=None,
               logits_soft_cap=None, segment_ids=None, return_lse=False, implementation=None,
-              context_axis=None, context_strategy="ring"):
+              context_axis=None, context_strategy="ring", score_mod=None):
     """Scaled dot-product attention with masks, sinks, soft-capping and other normalizers.
 
     Args:
@@ -193,7 +204,8 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       bias: float, broadcastable to ``[B, Hq, Tq, Tk]``; added to the scaled scores.
       scale: static finite float (a Python or NumPy scalar), default ``1 / sqrt(Dk)``. NaN/inf
         are a ValueError; a traced value cannot be checked and is a TypeError.
-      normalizer: ``"softmax"``, ``"sigmoid"``, ``"relu"`` or any registered name.
+      normalizer: ``"softmax"``, ``"sigmoid"``, ``"relu"``, ``"softpick"``,
+        ``"stick_breaking"`` or any registered name.
       sinks: float ``[Hq]`` per-head sink logits (softmax only), differentiable.
       logits_soft_cap: ``c`` for ``s <- c tanh(s / c)``: static, finite and positive (checked
         like ``scale``).
@@ -205,6 +217,14 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       context_axis: a mesh axis of the current mesh (``jax.set_mesh``) splitting ``T``: context
         parallelism, see :func:`jattn.context_parallel.attention` (zigzag load balance inside).
       context_strategy: ``"ring"`` (K/V rotate, O(T / n) memory) or ``"allgather"``.
+      score_mod: ``score_mod(s, b, h, q_idx, kv_idx) -> s'``, elementwise jnp code on
+        scalars-as-arrays (fp32 ``s``; int32 batch, query head, query and key positions),
+        applied after ``scale * q.k + bias`` and before the soft-cap, mask and normalizer (see
+        :mod:`jattn.score_mods`). Arrays it closes over receive gradients, deterministically,
+        in every implementation. It is traced once on scalars; a wrong output shape/dtype or a
+        non-elementwise function is a TypeError naming it. The Pallas kernel takes only
+        score_mods capturing no arrays (else NotImplementedError; ``None`` falls back to
+        xla); not yet with ``context_axis`` (NotImplementedError).
 
     Returns:
       ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested. Empty
@@ -213,6 +233,8 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       (output 0, ``lse`` = the sink or -inf). Heads and head dims must be >= 1.
     """
     if context_axis is not None:
+        if score_mod is not None:
+            raise NotImplementedError("score_mod with context_axis is not supported yet")
         from jattn import context_parallel
 
         return context_parallel.attention(
@@ -222,7 +244,7 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=return_lse,
-        implementation=implementation)
+        implementation=implementation, score_mod=score_mod)
     choice = _dispatch.choose(
         implementation, IMPLEMENTATIONS, fallback="xla",
         unsupported=lambda: _pallas_dispatch.unsupported_reason(
@@ -232,7 +254,7 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
         return _pallas_dispatch.attention_pallas(
             q, k, v, mask=spec.mask, dense_mask=dense, bias=bias4, scale=spec.scale,
             normalizer=spec.normalizer.name, sinks=sinks, logits_soft_cap=spec.soft_cap,
-            segment_ids=segment_ids, return_lse=return_lse)
+            segment_ids=segment_ids, return_lse=return_lse, score_mod=spec.score_mod)
 
     def xla_or_reference(choice):
         args = (spec, q, k, v, bias4, sinks, dense, seg_q, seg_k)
@@ -246,18 +268,18 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
 
 def attention_weights(q, k, v=None, *, mask=None, bias=None, scale=None, normalizer="softmax",
                       sinks=None, logits_soft_cap=None, segment_ids=None, return_lse=False,
-                      implementation=None):
+                      implementation=None, score_mod=None):
     """The normalized weights ``p [B, Hq, Tq, Tk]`` (fp32, reference path), for analysis.
 
-    Takes the same arguments as :func:`attention`; ``v`` (only its shape matters) and
-    ``implementation``/``return_lse`` are accepted for symmetry and ignored. With sinks, a row
-    sums to less than one: the remainder went to the sink.
+    Takes the same arguments as :func:`attention` (``score_mod`` included); ``v`` (only its
+    shape matters) and ``implementation``/``return_lse`` are accepted for symmetry and ignored.
+    With sinks, a row sums to less than one: the remainder went to the sink.
     """
     if v is None:
         v = k
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=False,
-        implementation=None)
+        implementation=None, score_mod=score_mod)
     p, _ = _reference.weights(spec, q, k, bias4, sinks, dense, seg_q, seg_k)
     return merge_heads(p)

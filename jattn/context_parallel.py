@@ -267,6 +267,9 @@ def attention(q, k, v, *, axis: str, strategy: str = "ring", layout: str = "zigz
         q, k, v, mask=mask, bias=None, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=return_lse,
         implementation=None)
+    if spec.normalizer.rowwise is not None:  # neither an lse merge nor a sum across hops
+        raise NotImplementedError(f"normalizer={spec.normalizer.name!r} is not supported with "
+                                  "context_axis (softmax, sigmoid, relu are)")
     plan = _make_plan(spec._replace(has_sinks=False), axis, n, layout, block_q, block_kv)
     zigzag = layout == "zigzag" and not inputs_permuted
     # The mask's block map over the global sequence, a trace-time constant (evaluated out here:

@@ -14,6 +14,21 @@ Two families cover the research this library serves:
 
 The blocked XLA path differentiates elementwise maps with ``jax.jvp``, so a registered ``f``
 only needs to be differentiable.
+
+Two row-wise normalizers that are neither family have their own streaming forms
+(``Normalizer.rowwise``), in the reference and the blocked XLA paths:
+
+* ``softpick`` (Zuhri et al., "Softpick: No Attention Sink, No Massive Activations with Rectified
+  Softmax", 2025): ``p_ij = relu(e^{s_ij} - 1) / (sum_{j visible} |e^{s_ij} - 1| + eps)``,
+  ``eps = 1e-6``. Computed stably with a running max ``m >= 0``:
+  ``e^s - 1 = e^m (e^{s - m} - e^{-m})``, and ``eps`` becomes ``eps e^{-m}``. Rows may sum to
+  less than one (negative scores take weight from the denominator only); a row with no visible
+  key gets 0.
+* ``stick_breaking`` (Tan et al., "Scaling Stick-Breaking Attention", 2024): with
+  ``beta_ij = sigmoid(s_ij)``, ``p_ij = beta_ij prod_{k > j visible} (1 - beta_ik)``, i.e. under
+  a causal mask ``prod_{j < k <= i}``: the nearest key takes its share of the stick first.
+  Computed in log space; the blocked path visits key blocks right to left carrying
+  ``sum log(1 - beta)``. Rows sum to at most one (the remainder is "attend to nothing").
 """
 
 from __future__ import annotations
@@ -36,12 +51,15 @@ class Normalizer:
       softmax: True for the softmax family (online-softmax streaming, log-sum-exp, sinks).
       fn: elementwise ``f(s)`` for the non-softmax family (None for softmax).
       divide_by_count: divide each row by its number of visible keys.
+      rowwise: the name of a row-wise normalizer with its own implementation (``"softpick"``,
+        ``"stick_breaking"``); None for the two families.
     """
 
     name: str
     softmax: bool = False
     fn: Callable[[jax.Array], jax.Array] | None = None
     divide_by_count: bool = False
+    rowwise: str | None = None
 
     def grad(self, s: jax.Array) -> jax.Array:
         """Elementwise derivative ``f'(s)`` (elementwise family only)."""
@@ -79,6 +97,10 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+SOFTPICK_EPS = 1e-6
+
 register("softmax", softmax=True)
 register("sigmoid", jax.nn.sigmoid)
 register("relu", jax.nn.relu, divide_by_count=True)
+_REGISTRY["softpick"] = Normalizer("softpick", rowwise="softpick")
+_REGISTRY["stick_breaking"] = Normalizer("stick_breaking", rowwise="stick_breaking")

@@ -64,6 +64,9 @@ class Config:
     mask_fn: Callable | None
     has_sinks: bool
     has_segments: bool
+    # score_mod(s, b, h, q_idx, kv_idx) capturing no arrays (jattn checks), applied to the
+    # scaled logits before the soft-cap; scalars b, h and [bq, bk] iota indices.
+    score_mod: Callable | None = None
 
     @property
     def group(self) -> int:
@@ -81,13 +84,27 @@ class Config:
 # ------------------------------------------------------------------------------------------
 # Tile math shared by both drivers.
 # ------------------------------------------------------------------------------------------
-def _logits(q, k, cfg: Config):
-    """``s = cap(scale * q k^T)`` in fp32 and ``tanh(.)`` (for the cap's derivative)."""
+def _logits(q, k, cfg: Config, pos):
+    """``s = cap(score_mod(scale * q k^T))`` in fp32 and ``ds / d(scale q k^T)`` (None if 1).
+
+    ``pos = (b, h, q0, k0)``: the tile's batch, query head and first row/column (score_mod).
+    """
     s = lax.dot_general(q, k, _NT, preferred_element_type=f32) * cfg.scale
+    grad = None
+    if cfg.score_mod is not None:
+        b, h, q0, k0 = pos
+        shape = (cfg.block_q, cfg.block_kv)
+        # clamp padding rows/columns into the sequence, as the xla path does
+        qi = jnp.minimum(q0 + lax.broadcasted_iota(jnp.int32, shape, 0), cfg.q_len - 1)
+        ki = jnp.minimum(k0 + lax.broadcasted_iota(jnp.int32, shape, 1), cfg.kv_len - 1)
+        # elementwise in s, so the JVP with a tangent of ones is the derivative
+        s, grad = jax.jvp(lambda x: cfg.score_mod(x, b, h, qi, ki).astype(f32), (s,),
+                          (jnp.ones_like(s),))
     if cfg.soft_cap is None:
-        return s, None
+        return s, grad
     t = jnp.tanh(s * (1.0 / cfg.soft_cap))
-    return t * cfg.soft_cap, t
+    cap_grad = 1.0 - t * t
+    return t * cfg.soft_cap, cap_grad if grad is None else cap_grad * grad
 
 
 def _visible(cfg: Config, q0, k0, head, q_seg, k_seg):
@@ -103,9 +120,9 @@ def _visible(cfg: Config, q0, k0, head, q_seg, k_seg):
     return vis
 
 
-def _fwd_update(q, k, v, m_prev, l_prev, acc_prev, vis, cfg: Config):
+def _fwd_update(q, k, v, m_prev, l_prev, acc_prev, vis, cfg: Config, pos):
     """One online-softmax step; ``m, l`` are ``[bq]``, ``acc`` is ``[bq, Dv]`` (fp32)."""
-    s, _ = _logits(q, k, cfg)
+    s, _ = _logits(q, k, cfg, pos)
     if vis is not None:
         s = jnp.where(vis, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -128,16 +145,16 @@ def _finalize(m, l, acc):
     return o, jnp.where(empty, jnp.inf, m), jnp.log(l_safe)
 
 
-def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config):
+def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config, pos):
     """``p`` and ``ds = dL/ds`` (before ``scale``) of a tile; m, log_l, di are ``[bq]``."""
-    s, t = _logits(q, k, cfg)
+    s, grad = _logits(q, k, cfg, pos)
     p = jnp.exp((s - m[:, None]) - log_l[:, None])  # s - m first: exact for tied maxima
     if vis is not None:
         p = jnp.where(vis, p, 0.0)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
     ds = p * (dp - di[:, None])
-    if t is not None:
-        ds = ds * (1.0 - t * t)
+    if grad is not None:
+        ds = ds * grad
     return p, ds
 
 
@@ -225,7 +242,8 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
                 q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
                 vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
             m, l, acc = _fwd_update(q_ref[...], k_ref[...], v_ref[...], _row_stat(m_sc),
-                                    _row_stat(l_sc), acc_sc[...], vis, cfg)
+                                    _row_stat(l_sc), acc_sc[...], vis, cfg,
+                                    (b, h, i * bq, kb * bk))
             m_sc[...] = _lanes(m, m_sc.shape)
             l_sc[...] = _lanes(l, l_sc.shape)
             acc_sc[...] = acc
@@ -309,7 +327,8 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
                 vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
             k_blk = k_ref[...]
             _, ds = _bwd_tile(q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(m_ref),
-                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg)
+                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
+                              (b, h, i * bq, kb * bk))
             dq_sc[...] += _mm(ds.astype(k_blk.dtype), k_blk)
 
         pl.when(kind == 1)(lambda: step(True))
@@ -372,7 +391,8 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
                 vis = _visible(cfg, qb * bq, c * bk, h, q_seg, k_seg)
             q_blk, do_blk = q_ref[...], do_ref[...]
             p, ds = _bwd_tile(q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref),
-                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg)
+                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
+                              (b, h, qb * bq, c * bk))
             dv_sc[...] += _mm(p.T.astype(do_blk.dtype), do_blk)
             dk_sc[...] += _mm(ds.T.astype(q_blk.dtype), q_blk)
 
@@ -470,10 +490,10 @@ def gpu_forward(cfg: Config, ents, cnts, q, k, v, sinks, seg_q, seg_k):
             def masked(c):
                 k_seg = kseg_ref[sl][None, :] if has_seg else None
                 vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
-                return _fwd_update(q_blk, k_blk, v_blk, *c, vis, cfg)
+                return _fwd_update(q_blk, k_blk, v_blk, *c, vis, cfg, (b, h, i * bq, kb * bk))
 
             def full(c):
-                return _fwd_update(q_blk, k_blk, v_blk, *c, None, cfg)
+                return _fwd_update(q_blk, k_blk, v_blk, *c, None, cfg, (b, h, i * bq, kb * bk))
 
             return lax.cond(kind == 1, masked, full, carry)
 
@@ -538,7 +558,8 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, m, log_l,
             k_blk, v_blk = k_ref[sl, :], v_ref[sl, :]
 
             def tile(vis):
-                _, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg)
+                _, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg,
+                                  (b, h, i * bq, kb * bk))
                 return acc + _mm(ds.astype(k_blk.dtype), k_blk)
 
             def masked():
@@ -583,7 +604,8 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, m, log_l,
             m_r, log_l_r, di_r = m_ref[sl], log_l_ref[sl], di_ref[sl]
 
             def tile(vis):
-                p, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg)
+                p, ds = _bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg,
+                                  (b, h, qb * bq, c * bk))
                 return (dk_acc + _mm(ds.T.astype(q_blk.dtype), q_blk),
                         dv_acc + _mm(p.T.astype(do_blk.dtype), do_blk))
 

@@ -122,6 +122,7 @@ def flash_attention(
     return_lse: bool = False,
     interpret: bool | None = None,
     backend: str | None = None,
+    score_mod: Callable | None = None,
 ):
     """Block-sparse flash attention. Differentiable in q, k, v and sinks (custom VJP).
 
@@ -140,6 +141,10 @@ def flash_attention(
       block_q, block_kv: tile sizes (clamped for short sequences, see :func:`block_sizes`).
       return_lse: also return ``lse [B, Hq, Tq]`` (fp32; ``-inf`` for rows seeing nothing).
       interpret: None = interpret mode on CPU only. backend: None / "tpu" / "cuda" / "gpu".
+      score_mod: ``f(s, b, h, q_idx, kv_idx) -> s'`` elementwise on fp32 logits (after
+        ``scale``, before the cap), with scalar ``b``, ``h`` and ``[block_q, block_kv]`` int32
+        positions; it must capture no arrays (they would be kernel constants without
+        gradients): :func:`jattn.attention` checks that and falls back to xla otherwise.
 
     Returns:
       ``o [B, Tq, Hq, Dv]`` in ``q.dtype`` (and ``lse`` when ``return_lse``). ``B``, ``Tq`` or
@@ -168,6 +173,8 @@ def flash_attention(
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if mask_fn is not None and not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable(q_idx, kv_idx, head) -> bool, got {mask_fn!r}")
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"score_mod must be callable(s, b, h, q_idx, kv_idx), got {score_mod!r}")
 
     backend = resolve_backend(backend)
     if interpret is None:
@@ -231,7 +238,7 @@ def flash_attention(
         num_q_heads=hq, num_kv_heads=hkv, block_q=bq, block_kv=bk, nq=nq, nk=nk,
         width=width, width_t=width_t, map_batch=bm.shape[0], map_heads=bm.shape[1],
         scale=scale, soft_cap=cap, mask_fn=mask_fn, has_sinks=has_sinks,
-        has_segments=seg_q is not None,
+        has_segments=seg_q is not None, score_mod=score_mod,
     )
     o, lse = _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t)
     return (o, lse) if return_lse else o
