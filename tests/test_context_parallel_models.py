@@ -139,6 +139,14 @@ def test_runner_rejects_a_model_that_cannot_split(tmp_path):
                 str(tmp_path))
 
 
+def test_runner_length_not_divisible_raises(tmp_path, no_end_of_run_extras):
+    """char_lm with seq_len 36 on context=4 (T = 36, not a multiple of 2 * 4): the first step
+    raises the Decoder's message, naming the axis, its size and a length that works."""
+    config = char_lm_config(**{"data.seq_len": 36, "mesh.context": 4, "train_steps": 1})
+    with pytest.raises(ValueError, match="over 4 devices.*multiple of 8.*T=36.*e.g. 40"):
+        train(config, str(tmp_path))
+
+
 def test_runner_leaves_other_models_alone(tmp_path):
     """The runner makes only Decoders context-parallel (a ViT's class token makes T odd; an
     MLP has no sequence); their batches are still split, XLA partitions the rest."""
@@ -265,3 +273,15 @@ def test_checkpoint_from_context4_resumes_on_other_meshes(tmp_path, no_end_of_ru
         assert summary["mesh"]["context"] == 1
         np.testing.assert_allclose(summary["final"]["train_loss"], want, rtol=1e-4,
                                    err_msg=name)
+
+
+def test_char_lm_attention_images_of_a_split_model(tmp_path):
+    """The attention-map images read a prefix of the sequence that the split divides (32 image
+    tokens over context=3: 30, a multiple of 2 * 3)."""
+    config = char_lm_config(**{"data.seq_len": 36, "image_tokens": 32, "mesh.context": 3})
+    trainer = Trainer(config, str(tmp_path))
+    model = trainer._with_context_axis(trainer.task.build_model(nnx.Rngs(0)))
+    tokens = jnp.zeros((2, 37), jnp.int32)
+    with jax.set_mesh(trainer.mesh):
+        images = nnx.jit(lambda m, b: trainer.task.eval_images(m, b))(model, {"tokens": tokens})
+    assert images["attention/layer1"].shape == (30, 30)
