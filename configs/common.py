@@ -79,6 +79,7 @@ def base_config(task: str = "") -> ml_collections.ConfigDict:
     c.progress_bar = True
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "context": 1, "tensor": 1})
+    c.context_strategy = "ring"  # with mesh.context > 1: "ring" or "allgather" (jattn.attention)
     c.logical_axis_rules = DEFAULT_RULES
     c.data_threads = 2  # grain prefetch threads per host (0 = read in the main thread)
     return c

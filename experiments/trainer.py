@@ -9,6 +9,19 @@ Determinism: data example `i` depends on `(seed, i)`; the step's PRNG key is
 `fold_in(key(seed), step)`; the partial window of train metrics is checkpointed. A run
 resumed from a checkpoint therefore produces bitwise the same losses on CPU as an
 uninterrupted run.
+
+Context parallelism: with `config.mesh.context > 1` the batch's sequence dimension is split
+over the `context` mesh axis, and a task model that is a `models.Decoder` gets
+`context_axis="context"` automatically (`models.decoder.set_context_parallel`, strategy
+`config.context_strategy`, default "ring"): every attention layer then runs split along the
+sequence. It is set on the built model, not in `config.model`, so the model config (and the
+checkpoint's compatibility check) is the same on every mesh. A Decoder whose mechanism cannot
+run split raises a ConfigError; other models (ViT, MLPs) are left as they are (XLA partitions
+them automatically around the split batch).
+
+Checkpoints hold global arrays and are restored into the shardings of the current mesh
+(`abstract_state`), so a run saved on one mesh shape resumes on another (e.g. saved with
+`mesh.context=4`, resumed with `mesh.fsdp=8`).
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ from experiments.workdir import (
     summary_of_step,
     write_json_atomic,
 )
+from models.decoder import Decoder, set_context_parallel
 from models.sharding import DEFAULT_RULES, axis_rules, partition_specs
 
 
@@ -89,6 +103,8 @@ class Trainer:
                 f"data-parallel size {dp}"
             )
         self.replicated = NamedSharding(self.mesh, P())
+        # the mesh axis that splits the sequence inside Decoder models (None: not split)
+        self.context_axis = "context" if self.mesh.shape["context"] > 1 else None
         self._build()  # outside jax.set_mesh: nnx.eval_shape would apply logical names raw
 
     # ------------------------------------------------------------------ building
@@ -97,7 +113,7 @@ class Trainer:
 
         def build() -> nnx.Module:
             with nnx.use_eager_sharding(False):
-                return task.build_model(nnx.Rngs(config.seed))
+                return self._with_context_axis(task.build_model(nnx.Rngs(config.seed)))
 
         abstract = nnx.eval_shape(build)
         self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
@@ -170,6 +186,22 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(task, model_of), out_shardings=self.replicated)
         self.images_fn = jax.jit(make_eval_images(task, model_of), out_shardings=self.replicated)
         self.histograms_fn = jax.jit(param_histograms, out_shardings=self.replicated)
+
+    def _with_context_axis(self, model: nnx.Module) -> nnx.Module:
+        """`model` with the sequence split over `context` in its attention (a Decoder on a
+        mesh with context > 1 that does not name a context axis itself); see the module
+        docstring."""
+        if self.context_axis is None or not isinstance(model, Decoder):
+            return model
+        if model.cfg.context_axis is not None:  # the task chose (e.g. another strategy)
+            return model
+        strategy = self.config.get("context_strategy", "ring")
+        try:
+            return set_context_parallel(model, self.context_axis, strategy)
+        except ValueError as e:
+            raise ConfigError(
+                f"config.mesh.context={self.mesh.shape['context']}: the model cannot run "
+                f"context-parallel: {e}") from None
 
     # ------------------------------------------------------------------ helpers
     @property

@@ -13,9 +13,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-__all__ = ["AttentionConfig", "POSITIONS", "SHARED_FIELDS"]
+__all__ = ["AttentionConfig", "POSITIONS", "SHARED_FIELDS", "CONTEXT_STRATEGIES"]
 
 POSITIONS = ("none", "rope", "alibi")
+CONTEXT_STRATEGIES = ("ring", "allgather")  # of jattn.context_parallel.attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,17 @@ class AttentionConfig:
       num_prefix_tokens: leading tokens (class token) that see and are seen by every token
         under a grid mask.
       dtype: compute dtype (parameters stay fp32).
+      context_axis: None, or the mesh axis (of the mesh set by ``jax.set_mesh``) that splits
+        the sequence: context parallelism. Softmax-family cores call
+        ``jattn.attention(..., context_axis=)`` and recurrent cores the ``jattn.linear``
+        functions with it, on global ``[B, T, ...]`` arrays in natural token order; the result
+        equals the unsplit block. Only the full-sequence call is split (decoding is not).
+        Mechanisms that cannot run split (a core with ``context_parallel = False``, ALiBi's
+        dense bias, a softmax ``implementation`` other than None / ``"xla"``) raise a
+        ValueError when the block is built (:func:`models.registry.check_mechanism`).
+      context_strategy: ``"ring"`` (K/V rotate over the axis, O(T / n) memory per device) or
+        ``"allgather"`` (K/V gathered once) for softmax-family cores; recurrent cores always
+        pass per-device state summaries (LASP-2).
       options: options of the mechanism's core as ``(name, value)`` pairs; each core declares
         its own in an ``Options`` dataclass (e.g. ``models.cores.softmax.MoH.Options``:
         ``moh_top_k``, ``moh_shared_heads``). They may also be passed as keywords:
@@ -74,6 +86,8 @@ class AttentionConfig:
     grid_shape: tuple[int, ...] | None = None
     num_prefix_tokens: int = 0
     dtype: Any = jnp.float32
+    context_axis: str | None = None
+    context_strategy: str = "ring"
     options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
@@ -93,6 +107,13 @@ class AttentionConfig:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
         if not isinstance(self.mechanism, str) or not self.mechanism:
             raise ValueError(f"mechanism must be a non-empty str, got {self.mechanism!r}")
+        if self.context_axis is not None and (not isinstance(self.context_axis, str)
+                                              or not self.context_axis):
+            raise ValueError(f"context_axis must be None or a mesh axis name (str), got "
+                             f"{self.context_axis!r}")
+        if self.context_strategy not in CONTEXT_STRATEGIES:
+            raise ValueError(f"context_strategy must be one of {CONTEXT_STRATEGIES}, got "
+                             f"{self.context_strategy!r}")
         if self.grid_shape is not None:
             object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
         try:

@@ -24,6 +24,14 @@ the prediction at the last position)::
                         num_heads=H, head_dim=d + 1, mlp="none", norm="none", final_norm=False,
                         positions="none", mechanism="softmax")
     y_hat = Decoder(cfg, rngs=nnx.Rngs(0))(z, last_only=True)    # z [B, T, d + 1] -> [B, 1]
+
+Context parallelism (``context_axis="context"``, under ``jax.set_mesh`` with that axis): every
+layer's attention runs with the sequence split over the axis, softmax layers through
+``jattn.attention(..., context_axis=)`` (ring or all-gather), recurrent layers through the
+``jattn.linear`` functions (LASP-2 state passing); everything else (embeddings, norms, MLPs, the
+head) is per token and follows the ``("batch", "length", "embed")`` constraints (sequence over
+``context``). :func:`set_context_parallel` turns it on for a built model (the runner does so when
+``mesh.context > 1``).
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.block import TransformerBlock
-from models.config import AttentionConfig
+from models.config import CONTEXT_STRATEGIES, AttentionConfig
 from models.cores.base import AuxLoss
 from models.kv_cache import CachePolicy
 from models.layers import MLPS, NORMS, Dense, Embed, make_norm
@@ -44,7 +52,7 @@ from models.registry import check_mechanism, mechanism_kind, option_names
 from models.sharding import constrain, param
 from models.validation import check_ids, is_concrete, require_int, take_or_nan
 
-__all__ = ["DecoderConfig", "Decoder"]
+__all__ = ["DecoderConfig", "Decoder", "set_context_parallel"]
 
 POSITIONS = ("rope", "alibi", "learned", "none")
 
@@ -75,6 +83,22 @@ class DecoderConfig:
       input_dim: real-valued inputs ``[B, T, input_dim]`` through a linear embedding.
       output_dim: output width (default ``vocab_size``; untied head).
       dtype: compute dtype (parameters fp32).
+      context_axis: None, or the mesh axis that splits the sequence (context parallelism): every
+        layer's full-sequence attention runs split over it (``AttentionConfig.context_axis``),
+        same result as unsplit; decoding is not split. The input length ``T`` must be divisible
+        by ``2 n`` (``n`` = the axis size) when any layer is softmax-family (the zigzag layout)
+        and by ``n`` otherwise. Positions are global token indices: the model keeps natural
+        token order throughout (RoPE and learned positions need nothing special).
+        Where the zigzag permutation happens: in each softmax layer's ``jattn.attention`` call
+        (it moves q, k, v into the causally balanced layout and the output back), not once at
+        the embedding, because recurrent layers need natural order (a recurrence) and hybrid
+        stacks mix both. Cost per softmax layer and device: two ``ppermute`` s of ``T / 2n``
+        tokens for each of q, k, v and the output (and again in the backward), i.e. about
+        ``1 / (n - 1)`` of the ring's own K/V traffic at ``Hq = Hkv``. Mechanisms that cannot
+        run split (``clipped_softmax``, ALiBi positions, a softmax ``implementation`` other
+        than None / ``"xla"``) raise a ValueError here, naming the mechanism.
+      context_strategy: ``"ring"`` or ``"allgather"`` (softmax layers; see
+        ``jattn.attention``).
     """
 
     vocab_size: int = 256
@@ -105,6 +129,8 @@ class DecoderConfig:
     input_dim: int | None = None
     output_dim: int | None = None
     dtype: Any = jnp.float32
+    context_axis: str | None = None
+    context_strategy: str = "ring"
 
     def __post_init__(self):
         # Validation only: every bad value raises a ValueError naming the field and the value
@@ -136,6 +162,13 @@ class DecoderConfig:
         if self.num_layers % len(self.layer_pattern):
             raise ValueError(f"{owner}.layer_pattern={self.layer_pattern!r} (length "
                              f"{len(self.layer_pattern)}) must tile num_layers={self.num_layers}")
+        if self.context_axis is not None and (not isinstance(self.context_axis, str)
+                                              or not self.context_axis):
+            raise ValueError(f"{owner}.context_axis must be None or a mesh axis name, got "
+                             f"{self.context_axis!r}")
+        if self.context_strategy not in CONTEXT_STRATEGIES:
+            raise ValueError(f"{owner}.context_strategy={self.context_strategy!r} is not one "
+                             f"of {CONTEXT_STRATEGIES}")
         fields = {f.name for f in dataclasses.fields(AttentionConfig)} | set(option_names())
         for name, _ in self.attention_options:
             if name not in fields:
@@ -172,7 +205,14 @@ class DecoderConfig:
             position=pos, rope_base=self.rope_base, rope_fraction=self.rope_fraction,
             qk_norm=self.qk_norm, use_bias=self.use_bias, implementation=self.implementation,
             linear_implementation=self.linear_implementation, dtype=self.dtype,
+            context_axis=self.context_axis, context_strategy=self.context_strategy,
             **dict(self.attention_options))
+
+    def context_multiple(self, axis_size: int) -> int:
+        """What the input length must be a multiple of with ``context_axis`` of ``axis_size``
+        devices: ``2 n`` if any layer runs softmax attention (zigzag layout), else ``n``."""
+        kinds = {mechanism_kind(self.layer_mechanism(i)) for i in range(len(self.layer_pattern))}
+        return axis_size * (2 if kinds & {"softmax", "hybrid"} else 1)
 
 
 class Decoder(nnx.Module):
@@ -233,6 +273,24 @@ class Decoder(nnx.Module):
                              f"position table (DecoderConfig.max_len={self.cfg.max_len}); "
                              f"raise max_len or shorten the input")
 
+    def check_context_length(self, length: int) -> None:
+        """With ``context_axis``, raise a ValueError unless ``length`` tokens split over it."""
+        axis = self.cfg.context_axis
+        if axis is None:
+            return
+        from jattn.context_parallel import axis_size
+
+        n = axis_size(axis)  # raises (naming the axis) without a mesh that has it
+        multiple = self.cfg.context_multiple(n)
+        if length % multiple:
+            why = ("2 * n for the zigzag layout of its softmax layers" if multiple != n
+                   else "n")
+            raise ValueError(
+                f"DecoderConfig.context_axis={axis!r} splits the sequence over {n} devices, so "
+                f"the input length must be a multiple of {multiple} ({why}); got T={length}. "
+                f"Change the sequence length (e.g. {-(-length // multiple) * multiple}) or the "
+                f"size of mesh axis {axis!r}")
+
     def _logits(self, h: jax.Array) -> jax.Array:
         if self.final_norm is not None:
             h = self.final_norm(h)
@@ -257,6 +315,7 @@ class Decoder(nnx.Module):
         ``residual_norms [B, T]``; ``intermediates["embedding_norms"]`` is ``[B, T]``.
         """
         t = inputs.shape[1]
+        self.check_context_length(t)
         if positions is None:
             # T is static, so this check also runs at trace time under jit
             self.check_positions(t, f"an input of {t} tokens")
@@ -331,3 +390,27 @@ class Decoder(nnx.Module):
 
         return generate(self, prompt, max_new_tokens, rng=rng, temperature=temperature,
                         max_len=max_len, policy=policy)
+
+
+def set_context_parallel(model: nnx.Module, axis: str | None,
+                         strategy: str = "ring") -> nnx.Module:
+    """Turn context parallelism on (``axis`` a mesh axis name) or off (None) for a built
+    :class:`Decoder` or :class:`models.vit.ViT`, in place; returns ``model``.
+
+    The parameters do not depend on it, so a model built (and initialized, e.g. by a task's
+    ``build_model``) without it gets it afterwards: its config and every attention block's and
+    core's :class:`AttentionConfig` are replaced by copies with ``context_axis=axis,
+    context_strategy=strategy`` (validated as at construction: a mechanism that cannot run
+    split raises a ValueError naming it).
+    """
+    cfg = getattr(model, "cfg", None)
+    if not (dataclasses.is_dataclass(cfg) and hasattr(cfg, "context_axis")):
+        raise TypeError(f"set_context_parallel needs a models.Decoder or models.ViT, got "
+                        f"{type(model).__name__}")
+    # the model's config first: its validation names the offending mechanism
+    model.cfg = dataclasses.replace(cfg, context_axis=axis, context_strategy=strategy)
+    for _, module in nnx.iter_modules(model):
+        sub = getattr(module, "cfg", None)
+        if isinstance(sub, AttentionConfig):
+            module.cfg = dataclasses.replace(sub, context_axis=axis, context_strategy=strategy)
+    return model

@@ -37,6 +37,7 @@ __all__ = [
     "option_names",
     "build_core",
     "check_mechanism",
+    "check_context_parallel",
 ]
 
 Factory = Callable[..., Core]
@@ -73,8 +74,8 @@ def _unknown(name: str) -> ValueError:
 
 
 def check_mechanism(cfg: AttentionConfig) -> None:
-    """Raise ValueError now (before any parameter is drawn) for an unknown name, a bad mask or
-    an option no registered core declares."""
+    """Raise ValueError now (before any parameter is drawn) for an unknown name, a bad mask,
+    an option no registered core declares, or a ``context_axis`` the core cannot serve."""
     name = cfg.mechanism_name
     if name not in MECHANISMS and name not in PATTERNS:
         raise _unknown(name)
@@ -87,6 +88,39 @@ def check_mechanism(cfg: AttentionConfig) -> None:
         build_mask(cfg, cfg.mechanism)
     else:
         build_mask(cfg)
+    if cfg.context_axis is not None:
+        check_context_parallel(cfg)
+
+
+def check_context_parallel(cfg: AttentionConfig) -> None:
+    """Raise ValueError unless a block of ``cfg`` can run with ``cfg.context_axis`` set.
+
+    The core must declare ``context_parallel = True`` (:class:`models.cores.base.Core`); a core
+    that runs softmax attention also needs what ``jattn.attention(..., context_axis=)`` serves:
+    no dense bias (ALiBi) and the blocked per-device kernel (``implementation`` None or
+    ``"xla"``).
+    """
+    name, axis = cfg.mechanism_name, cfg.context_axis
+    where = f"mechanism {cfg.mechanism!r} with context_axis={axis!r}"
+    if name in PATTERNS:
+        kind, splits = "softmax", True
+    else:
+        factory = MECHANISMS[name]
+        kind = getattr(factory, "kind", "softmax")
+        splits = bool(getattr(factory, "context_parallel", False))
+    if not splits:
+        split_ok = sorted(n for n, f in MECHANISMS.items() if getattr(f, "context_parallel", 0))
+        raise ValueError(f"{where}: this mechanism cannot run context-parallel (its core does "
+                         f"not split the sequence over a mesh axis); use one that can "
+                         f"({split_ok} or a mask pattern) or context_axis=None")
+    if kind in ("softmax", "hybrid"):
+        if cfg.position == "alibi":
+            raise ValueError(f"{where}: position='alibi' is a dense [T, T] bias, which context "
+                             f"parallelism cannot split; use position='rope' or 'none'")
+        if cfg.implementation not in (None, "xla"):
+            raise ValueError(f"{where}: implementation={cfg.implementation!r} cannot run "
+                             f"context-parallel (each device runs the blocked 'xla' kernel); "
+                             f"use implementation=None or 'xla'")
 
 
 def build_core(cfg: AttentionConfig, *, rngs: nnx.Rngs) -> Core:

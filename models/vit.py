@@ -65,6 +65,10 @@ class ViTConfig:
       mask: grid mask pattern, e.g. ``"neighborhood:3"`` or ``"window:4"`` (or a tuple, tiled).
       qk_norm, use_bias: as in :class:`models.config.AttentionConfig`.
       attention_options: extra ``AttentionConfig`` fields as ``(name, value)`` pairs.
+      context_axis, context_strategy: context parallelism, as in
+        :class:`models.decoder.DecoderConfig`: every layer's attention runs with the tokens
+        split over the mesh axis ``context_axis`` (the token count, patches plus the class
+        token, must be divisible by twice its size for softmax layers).
     """
 
     image_size: tuple[int, int] = (224, 224)
@@ -86,6 +90,8 @@ class ViTConfig:
     linear_implementation: str | None = None
     attention_options: tuple[tuple[str, Any], ...] = ()
     dtype: Any = jnp.float32
+    context_axis: str | None = None
+    context_strategy: str = "ring"
 
     def __post_init__(self):
         # Every bad value raises a ValueError naming the field and the value.
@@ -148,6 +154,7 @@ class ViTConfig:
             use_bias=self.use_bias, implementation=self.implementation,
             linear_implementation=self.linear_implementation, grid_shape=self.grid,
             num_prefix_tokens=1 if self.pool == "token" else 0, dtype=self.dtype,
+            context_axis=self.context_axis, context_strategy=self.context_strategy,
             **dict(self.attention_options))
 
 

@@ -281,11 +281,12 @@ def _loss_curve(config, tmp_path, steps: int = 6) -> tuple[np.ndarray, dict]:
 
 
 def test_context_parallel_training_matches_one_device(tmp_path):
-    """A Decoder trained with the sequence split over `context` (XLA's automatic handling of
-    attention across shards) follows the one-device loss curve; its batch is split over
-    context."""
+    """A Decoder trained with the sequence split over `context` (the runner makes its attention
+    context-parallel, which needs the blocked 'xla' kernel, not 'reference') follows the
+    one-device loss curve; its batch is split over context."""
     one, _ = _loss_curve(decoder_config(), tmp_path / "one")
-    got, run = _loss_curve(decoder_config(**{"mesh.data": 2, "mesh.context": 4}), tmp_path / "cp")
+    got, run = _loss_curve(decoder_config(**{"mesh.data": 2, "mesh.context": 4,
+                                             "implementation": ""}), tmp_path / "cp")
     inputs = run["batch"]["inputs"]  # [B=8, T=16]
     assert inputs.sharding.spec == P("data", "context")
     assert inputs.addressable_shards[0].data.shape == (4, 4)

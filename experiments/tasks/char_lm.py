@@ -166,6 +166,12 @@ class CharLM(Task):
 
     def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         n = min(int(self.config.get("image_tokens", 64)), self.config.data.seq_len)
+        axis = getattr(getattr(model, "cfg", None), "context_axis", None)
+        if axis is not None:  # a context-parallel model splits T evenly: round n down
+            from jattn.context_parallel import axis_size
+
+            multiple = model.cfg.context_multiple(axis_size(axis))
+            n = max(multiple, n - n % multiple)
         _, inter = model(batch["tokens"][:1, :n], return_intermediates=True)
         out = {}
         for i, layer in enumerate(inter["layers"]):

@@ -69,10 +69,15 @@ class Core(nnx.Module):
     are summarized by ``cache``.
 
     ``state_size(seq_len)``: floats per sequence that decoding keeps after ``seq_len`` tokens.
+
+    ``context_parallel``: True when ``__call__`` honours ``cfg.context_axis`` (the sequence
+    split over that mesh axis, same result); :func:`models.registry.check_mechanism` refuses a
+    ``context_axis`` for a core that leaves it False (the default, so a new core opts in).
     """
 
     kind: ClassVar[str] = "softmax"
     Options: ClassVar[type] = NoOptions
+    context_parallel: ClassVar[bool] = False
 
     def __init__(self, cfg: AttentionConfig, mask: masks.Mask | None):
         self.cfg = cfg

@@ -33,10 +33,12 @@ class Based(Core):
 
     (The paper interleaves the two as separate layers; here one block carries both branches,
     and a pure layer of either kind is ``"linear:taylor"`` / ``"sliding_window:W"``.) Decoding
-    keeps the linear state and a KV cache for the window branch.
+    keeps the linear state and a KV cache for the window branch. Both branches run context
+    parallel (``cfg.context_axis``; the window branch is a :class:`SoftmaxCore` with this cfg).
     """
 
     kind = "hybrid"
+    context_parallel = True
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -56,13 +58,14 @@ class Based(Core):
         w = self.opts.window
         self.window = SoftmaxCore(cfg, build_mask(cfg, f"sliding_window:{w}"), kv_window=w)
 
-    def _linear(self, inp, state, want_state):
+    def _linear(self, inp, state, want_state, context_axis=None):
         qf, kf = self.q_feat(inp.x), self.k_feat(inp.x)
         v = repeat_kv(inp.v, self.cfg.num_heads)
-        return self.kernel(qf, kf, v, state, want_state, causal=self.cfg.causal, cfg=self.cfg)
+        return self.kernel(qf, kf, v, state, want_state, causal=self.cfg.causal, cfg=self.cfg,
+                           context_axis=context_axis)
 
     def __call__(self, inp, intermediates=None):
-        lin, _ = self._linear(inp, None, False)
+        lin, _ = self._linear(inp, None, False, self.cfg.context_axis)
         return lin + self.window(inp, intermediates)
 
     def init_cache(self, batch, max_len, policy):

@@ -5,6 +5,11 @@ which serves the full sequence, the prefill and each decoding step alike. Recurr
 tokens in order whatever ``cfg.causal`` (in a ViT they read patches in raster order);
 ``linear:<feature_map>`` honours ``causal=False``. They accept no mask pattern.
 
+Context parallelism (``AttentionConfig.context_axis``): the full-sequence call passes the axis to
+the ``jattn.linear`` function (each device runs its contiguous shard from a zero state, the
+per-device state summaries are all-gathered and combined: LASP-2), on global arrays in natural
+token order. Decoding steps are never split.
+
 =====================  ==========================================================================
 linear:<feature_map>   kernelized linear attention (Katharopoulos et al. 2020, ...)
 gla                    gated linear attention, per-channel data-dependent decay (Yang et al. 2024)
@@ -51,11 +56,16 @@ class RecurrentCore(Core):
         """``(H, K, V)`` of the recurrent state."""
         return (self.cfg.num_heads, self.cfg.dh, self.cfg.dh)
 
-    def recur(self, inp: CoreInputs, state: jax.Array | None, want_state: bool):
+    def recur(self, inp: CoreInputs, state: jax.Array | None, want_state: bool, *,
+              context_axis: str | None = None):
+        """``(o, final_state)``; ``context_axis`` (full-sequence calls of a block with
+        ``cfg.context_axis``; only passed when set) splits the sequence over that mesh axis."""
         raise NotImplementedError
 
     def __call__(self, inp: CoreInputs, intermediates: dict | None = None) -> jax.Array:
-        o, _ = self.recur(inp, None, False)
+        # the keyword only when set: subclasses' recur may predate context parallelism
+        split = {} if self.cfg.context_axis is None else {"context_axis": self.cfg.context_axis}
+        o, _ = self.recur(inp, None, False, **split)
         return o
 
     def state_size(self, seq_len: int) -> int:
@@ -93,6 +103,7 @@ class _RecurrentBase(RecurrentCore):
 
     out_gate: bool = True
     out_norm: bool = True
+    context_parallel = True
 
     def __init__(self, cfg: AttentionConfig, mask, arg: str | None = None, *, rngs: nnx.Rngs):
         if arg is not None:
@@ -111,20 +122,21 @@ class _RecurrentBase(RecurrentCore):
         """Keyword arguments for the jattn.linear call (decays, betas)."""
         return {}
 
-    def run(self, q, k, v, state, want_state, **gates):
+    def run(self, q, k, v, state, want_state, context_axis=None, **gates):
         raise NotImplementedError
 
-    def recur(self, inp, state, want_state):
+    def recur(self, inp, state, want_state, *, context_axis=None):
         q, k, v = self.heads(inp)
-        o, final = self.run(q, k, v, state, want_state, **self.gates(inp))
+        o, final = self.run(q, k, v, state, want_state, context_axis, **self.gates(inp))
         if self.out is not None:
             o = self.out(inp.x, o)
         return o, final
 
 
-def linear_kwargs(cfg: AttentionConfig) -> dict:
+def linear_kwargs(cfg: AttentionConfig, context_axis: str | None = None) -> dict:
+    """Keywords of the ``jattn.linear`` call of a core with config ``cfg``."""
     return {"implementation": cfg.linear_implementation, "chunk_size": cfg.chunk_size,
-            "scale": cfg.scale}
+            "scale": cfg.scale, "context_axis": context_axis}
 
 
 class _LowRankGate(nnx.Module):
@@ -162,9 +174,9 @@ class GLA(_RecurrentBase):
     def gates(self, inp):
         return {"g": jax.nn.log_sigmoid(self.decay(inp.x)) / self.opts.gla_temperature}
 
-    def run(self, q, k, v, state, want_state, g):
+    def run(self, q, k, v, state, want_state, context_axis=None, *, g):
         return jattn.linear.gla(q, k, v, g, initial_state=state, output_final_state=want_state,
-                                **linear_kwargs(self.cfg))
+                                **linear_kwargs(self.cfg, context_axis))
 
 
 @register_mechanism("retnet")
@@ -179,9 +191,9 @@ class RetNet(_RecurrentBase):
         return {"g": jnp.broadcast_to(jattn.linear.retnet_decay(self.cfg.num_heads),
                                       (b, t, self.cfg.num_heads))}
 
-    def run(self, q, k, v, state, want_state, g):
+    def run(self, q, k, v, state, want_state, context_axis=None, *, g):
         return jattn.linear.gla(q, k, v, g, initial_state=state, output_final_state=want_state,
-                                **linear_kwargs(self.cfg))
+                                **linear_kwargs(self.cfg, context_axis))
 
 
 class _DeltaBase(_RecurrentBase):
@@ -203,10 +215,10 @@ class _DeltaBase(_RecurrentBase):
         return {"beta": jax.nn.sigmoid(self.beta(inp.x).astype(jnp.float32)),
                 "g": self.delta_gates(inp)}
 
-    def run(self, q, k, v, state, want_state, beta, g):
+    def run(self, q, k, v, state, want_state, context_axis=None, *, beta, g):
         return jattn.linear.delta_rule(q, k, v, beta, g=g, initial_state=state,
                                        output_final_state=want_state, use_qk_l2norm=True,
-                                       **linear_kwargs(self.cfg))
+                                       **linear_kwargs(self.cfg, context_axis))
 
 
 def _dt_bias_init(key, shape, dtype=jnp.float32):
@@ -297,13 +309,14 @@ class Kernelized(nnx.Module):
         x = jax.ShapeDtypeStruct((1, 1, num_heads, head_dim), jnp.float32)
         return jax.eval_shape(phi, x).shape[-1]
 
-    def __call__(self, q, k, v, state, want_state, *, causal: bool, cfg: AttentionConfig):
+    def __call__(self, q, k, v, state, want_state, *, causal: bool, cfg: AttentionConfig,
+                 context_axis: str | None = None):
         if state is not None:
             state = jattn.linear.LinearAttentionState(state["kv"], state["z"])
         o, final = jattn.linear.linear_attention(
             q, k, v, feature_map=self.feature_map, feature_map_params=self.params(),
             causal=causal, initial_state=state, output_final_state=want_state,
-            **linear_kwargs(cfg))
+            **linear_kwargs(cfg, context_axis))
         return o, (None if final is None else {"kv": final.kv, "z": final.z})
 
 
@@ -327,8 +340,9 @@ class Linear(_RecurrentBase):
         return {"kv": jnp.zeros((batch, h, f, d), jnp.float32),
                 "z": jnp.zeros((batch, h, f), jnp.float32)}
 
-    def run(self, q, k, v, state, want_state):
-        return self.kernel(q, k, v, state, want_state, causal=self.cfg.causal, cfg=self.cfg)
+    def run(self, q, k, v, state, want_state, context_axis=None):
+        return self.kernel(q, k, v, state, want_state, causal=self.cfg.causal, cfg=self.cfg,
+                           context_axis=context_axis)
 
     def decode(self, inp, cache, index, policy):
         o, state = self.recur(inp, cache, True)

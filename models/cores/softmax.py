@@ -16,6 +16,12 @@ moh                Mixture-of-Head attention: top-k heads per token (Jin et al. 
 A new member is a subclass that sets ``normalizer`` (after ``jattn.normalizers.register``) or
 overrides :meth:`SoftmaxCore.attend` / :meth:`SoftmaxCore.weights` / :meth:`SoftmaxCore.finish`;
 the KV cache comes for free.
+
+Context parallelism (``AttentionConfig.context_axis``): the full-sequence call passes the axis
+to ``jattn.attention`` on global arrays in natural token order; ``jattn`` permutes q/k/v into
+its zigzag (causally balanced) layout and the output back, per call. Positions (RoPE) are global
+token indices either way. Members that compute dense ``[T, T]`` weights (``clipped_softmax``)
+cannot run split.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class SoftmaxCore(Core):
 
     kind = "softmax"
     normalizer: str = "softmax"
+    context_parallel = True
 
     def __init__(self, cfg: AttentionConfig, mask: masks.Mask | None,
                  kv_window: int | None = None):
@@ -61,13 +68,17 @@ class SoftmaxCore(Core):
         return None
 
     # --- the mechanism --------------------------------------------------------------------------
-    def attend(self, q, k, v, *, mask, bias) -> jax.Array:
-        """``o [B, Tq, Hq, Dh]`` from rotated ``q``, ``k`` (``mask``: Mask or bool array)."""
+    def attend(self, q, k, v, *, mask, bias, context_axis: str | None = None) -> jax.Array:
+        """``o [B, Tq, Hq, Dh]`` from rotated ``q``, ``k`` (``mask``: Mask or bool array).
+
+        ``context_axis``: the sequence is split over this mesh axis (full-sequence calls of a
+        block with ``cfg.context_axis``; only passed when set)."""
         cfg = self.cfg
         return jattn.attention(q, k, v, mask=mask, bias=bias, scale=cfg.scale,
                                normalizer=self.normalizer, sinks=self.sinks(),
                                logits_soft_cap=cfg.logits_soft_cap,
-                               implementation=cfg.implementation)
+                               implementation=cfg.implementation, context_axis=context_axis,
+                               context_strategy=cfg.context_strategy)
 
     def weights(self, q, k, *, mask, bias) -> jax.Array:
         """Attention weights ``[B, Hq, Tq, Tk]`` (fp32) for analysis."""
@@ -102,7 +113,9 @@ class SoftmaxCore(Core):
         bias = None
         if self.cfg.position == "alibi":
             bias = jattn.position.alibi_bias(self.cfg.num_heads, t, t)[None]
-        o = self.attend(q, k, inp.v, mask=self.mask, bias=bias)
+        # the keyword only when set: subclasses' attend may predate context parallelism
+        split = {} if self.cfg.context_axis is None else {"context_axis": self.cfg.context_axis}
+        o = self.attend(q, k, inp.v, mask=self.mask, bias=bias, **split)
         if intermediates is not None:
             intermediates["attention_weights"] = self.weights(q, k, mask=self.mask, bias=bias)
         return self.finish(inp, o, intermediates)
@@ -249,8 +262,11 @@ class ClippedSoftmax(_SoftmaxBase):
     ``p = clip((zeta - gamma) * softmax(s) + gamma, 0, 1)`` with ``gamma <= 0``, ``zeta >= 1``
     (options ``clip_gamma``, ``clip_zeta``), so a weight reaches exactly 0 (or 1) with finite
     logits. Masked keys get 0. Materializes ``[B, H, Tq, Tk]`` (reference path, any
-    ``implementation``). The paper scales ``gamma = -alpha / T``; pass that as ``clip_gamma``.
+    ``implementation``; hence no context parallelism). The paper scales
+    ``gamma = -alpha / T``; pass that as ``clip_gamma``.
     """
+
+    context_parallel = False
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -264,7 +280,7 @@ class ClippedSoftmax(_SoftmaxBase):
         p = jnp.clip((zeta - gamma) * w + gamma, 0.0, 1.0)
         return jnp.where(_dense_visible(mask, q.shape[1], k.shape[1]), p, 0.0)
 
-    def attend(self, q, k, v, *, mask, bias):
+    def attend(self, q, k, v, *, mask, bias, context_axis=None):
         p = self.weights(q, k, mask=mask, bias=bias)
         vv = repeat_kv(v, q.shape[2]).astype(jnp.float32)
         return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype)
