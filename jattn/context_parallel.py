@@ -289,9 +289,11 @@ def attention(q, k, v, *, axis: str, strategy: str = "ring", layout: str = "zigz
 
     seq, seq2 = P(None, axis), P(None, None, axis)
     seg_spec = None if seg_q is None else seq
-    out, stat = jax.shard_map(
+    # jit: called eagerly, a partial-manual shard_map rejects its own out_specs (jax 0.10);
+    # under an outer jit this one is inlined.
+    out, stat = jax.jit(jax.shard_map(
         per_device, in_specs=(P(), seq, seq, seq, seg_spec, seg_spec), out_specs=(seq, seq2),
-        axis_names=frozenset({axis}), check_vma=False)(gmap, q, k, v, seg_q, seg_k)
+        axis_names=frozenset({axis}), check_vma=False))(gmap, q, k, v, seg_q, seg_k)
     if sinks is not None:  # the sink joins the denominator once: a final log-sum-exp merge
         sink = sinks.astype(F32)[None, :, None]
         lse = jnp.logaddexp(stat, sink)

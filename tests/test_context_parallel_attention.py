@@ -182,6 +182,21 @@ def test_zigzag_helpers_and_permuted_inputs():
     assert_close(cp.zigzag_unpermute(got_lse, 4, axis=2), want_lse, name="lse")
 
 
+def test_eager_calls_on_a_partly_manual_mesh():
+    """Called outside jit on a mesh with another (automatic) axis: a bare partial-manual
+    shard_map rejected its own out_specs ("out_specs refers to 'data'"); attention and the
+    linear functions both equal the unsplit call."""
+    q, k, v = _inputs(2, 32, 32, 2, 2, 8)[:3]
+    want = jattn.attention(q, k, v, mask=masks.causal())
+    g = jnp.full(q.shape, -0.1)
+    want_gla, _ = jattn.linear.gla(q, k, v, g)
+    with jax.set_mesh(_mesh(4)):
+        got = jattn.attention(q, k, v, mask=masks.causal(), context_axis="context")
+        got_gla, _ = jattn.linear.gla(q, k, v, g, context_axis="context")
+    assert_close(got, want)
+    assert_close(got_gla, want_gla)
+
+
 def test_bad_input_names_the_argument():
     q, k, v, _ = _inputs(1, 36, 36, 2, 2, 8)
     with jax.set_mesh(_mesh(4)):

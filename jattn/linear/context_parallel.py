@@ -88,10 +88,12 @@ def _shard_map(body: Callable, names: tuple, in_specs: Any, out_specs: Any) -> C
     from invariant carries). Without the check, shard_map's transpose psums the cotangents of
     replicated inputs (``initial_state``) over the axis, which is the gradient we want; the
     outputs here are all split along the axis, so no replicated output is ever assumed.
+    Wrapped in ``jax.jit``: called eagerly, a partial-manual shard_map rejects its own
+    out_specs (jax 0.10); under an outer jit the inner one is inlined.
     """
-    return jax.shard_map(
+    return jax.jit(jax.shard_map(
         body, in_specs=in_specs, out_specs=out_specs, axis_names=set(names), check_vma=False
-    )
+    ))
 
 
 def _prefix_combine(
