@@ -133,6 +133,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
         rest += size == -1
     _require(rest <= 1, "mesh", "at most one axis may be -1", dict(mesh))
+    strategy = config.get("context_strategy", "ring")
+    _require(strategy in ("ring", "allgather"), "context_strategy", "must be 'ring' or "
+             "'allgather' (how attention splits the sequence when mesh.context > 1)", strategy)
     if "logical_axis_rules" in config:
         rules = config.logical_axis_rules
         ok = isinstance(rules, Sequence) and all(

@@ -295,6 +295,7 @@ def test_unknown_config_key_is_rejected_by_the_cli(tmp_path):
         ({"learning_rate": -1.0}, "config.learning_rate"),
         ({"mesh.data": 16}, "config.mesh"),
         ({"mesh.data": 2, "mesh.tensor": -1, "mesh.fsdp": -1}, "config.mesh"),
+        ({"context_strategy": "zigzag"}, "config.context_strategy"),
         ({"mesh.data": 8, "batch_size": 12}, "config.batch_size"),
         ({"task": "no_such_task"}, "config.task"),
         ({"schedule": "exp"}, "config.schedule"),
