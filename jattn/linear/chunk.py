@@ -89,13 +89,23 @@ def _masked_exp(d: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def intra_chunk_scores(
-    a: jax.Array, b: jax.Array, G: jax.Array | None, *, strict: bool
+    a: jax.Array,
+    b: jax.Array,
+    G: jax.Array | None,
+    *,
+    strict: bool,
+    G_row: jax.Array | None = None,
 ) -> jax.Array:
-    """``A_ij = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
+    """``A_ij = sum_c a_ic b_jc exp(R_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
 
     ``a, b [..., C, K]``; ``G`` None (no decay), ``[..., C]`` (scalar) or ``[..., C, K]``.
+    ``R = G_row`` (same shape as ``G``; default ``G``) is the rows' cumulative gate: the
+    diagonal-plus-low-rank transition reads the state *before* step ``i`` and passes
+    ``G_row_i = G_{i-1}`` (strict pairs only). It must satisfy ``G_row_i <= G_j`` for every
+    ``j < i`` (true for both), so that every factor below stays ``<= 1``.
     Returns ``[..., C, C]``.
     """
+    R_g = G if G_row is None else G_row
     C = a.shape[-2]
     idx = jnp.arange(C)
     mask = idx[:, None] > idx[None, :] if strict else idx[:, None] >= idx[None, :]
@@ -103,7 +113,7 @@ def intra_chunk_scores(
         s = jnp.einsum("...ik,...jk->...ij", a, b)
         if G is None:
             return jnp.where(mask, s, 0.0)
-        return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
+        return s * _masked_exp(R_g[..., :, None] - G[..., None, :], mask)
 
     # Per-channel gate: secondary chunking into n sub-chunks of c steps.
     K = a.shape[-1]
@@ -113,17 +123,18 @@ def intra_chunk_scores(
     a_s = a.reshape(lead + (n, c, K))
     b_s = b.reshape(lead + (n, c, K))
     G_s = G.reshape(lead + (n, c, K))
+    Gr_s = R_g.reshape(lead + (n, c, K))
 
     # Pairs inside one sub-chunk: per-entry relative decay [..., n, c, c, K].
     sub = jnp.arange(c)
     sub_mask = sub[:, None] > sub[None, :] if strict else sub[:, None] >= sub[None, :]
-    rel = _masked_exp(G_s[..., :, None, :] - G_s[..., None, :, :], sub_mask[:, :, None])
+    rel = _masked_exp(Gr_s[..., :, None, :] - G_s[..., None, :, :], sub_mask[:, :, None])
     diag = jnp.einsum("...aik,...ajk,...aijk->...aij", a_s, b_s, rel)  # [..., n, c, c]
 
     # Pairs across sub-chunks (j before sub-chunk a starts): factor through R_a, the cumulative
     # gate at the last step of sub-chunk a-1 (R_0 = 0; sub-chunk 0 has no such pairs).
     R = jnp.concatenate([jnp.zeros_like(G_s[..., :1, 0, :]), G_s[..., :-1, -1, :]], axis=-2)
-    a_r = a_s * jnp.exp(G_s - R[..., :, None, :])  # G_i - R_a <= 0
+    a_r = a_s * jnp.exp(Gr_s - R[..., :, None, :])  # G_row_i - R_a <= 0
     before = idx[None, :] < (jnp.arange(n) * c)[:, None]  # [n, C]: j < start of sub-chunk a
     b_r = b[..., None, :, :] * _masked_exp(
         R[..., :, None, :] - G[..., None, :, :], before[:, :, None]
@@ -173,6 +184,15 @@ def unit_lower_inverse(N: jax.Array) -> jax.Array:
     return jnp.concatenate(rows, axis=-2)
 
 
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T]`` bool: True where a new segment starts (the id changes from ``t - 1`` to ``t``).
+
+    Position 0 is never a start: the initial state belongs to the first segment.
+    """
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
 def chunk_recurrence(
     q: jax.Array,
     k: jax.Array,
@@ -183,8 +203,11 @@ def chunk_recurrence(
     scale: float,
     initial_state: jax.Array | None = None,
     chunk_size: int = 64,
+    low_rank: tuple[jax.Array, jax.Array] | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Chunkwise-parallel gated linear recurrence (optionally with the delta rule).
+    """Chunkwise-parallel gated linear recurrence (optionally with the delta rule or a
+    diagonal-plus-low-rank transition).
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
@@ -194,10 +217,26 @@ def chunk_recurrence(
       scale: output scale; initial_state: ``[B, H, K, V]`` or None.
       chunk_size: steps per chunk (``T`` is zero-padded to a multiple; padded steps have
         ``k = 0``, ``g = 0``, ``beta = 0`` and leave the state unchanged).
+      low_rank: None, or ``(a, b)`` each ``[B, T, H, K]``: the transition becomes
+        ``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} + k_t^T v_t`` (DPLR; ``beta`` must be None).
+        With ``w_t = b_t S_{t-1}`` this is gated linear attention with two writes per step
+        (``k_t^T v_t`` and ``a_t^T w_t``); within a chunk the ``w`` solve the unit-lower-
+        triangular system ``(I - A^ba) W = A^bk V + (B * exp(G_excl)) S_0``,
+        ``A^xy_tj = sum_c x_tc y_jc exp(G_{t-1,c} - G_jc)`` (``j < t``): the WY/UT transform of
+        the delta rule generalised to ``a != b`` (the delta rule is ``a = -beta k, b = k``).
+      segment_ids: None or int ``[B, T]``: the state restarts (from zero) wherever the id
+        changes between ``t - 1`` and ``t``; ``initial_state`` is the first segment's and the
+        final state is the last segment's. Exact masking, not a ``-inf`` gate: every pair
+        ``(t, j)`` in different segments, the entering state's contribution to rows after a
+        restart, and the leaving state's contributions from before the last restart are
+        multiplied by 0 (one ``[C, C]`` mask per chunk), so many segments per chunk cost no
+        precision (a ``-inf`` gate would add 110 to ``|G|`` per restart).
 
     Returns:
       ``(o [B, T, H, V] fp32, final_state [B, H, K, V] fp32)``.
     """
+    if low_rank is not None and beta is not None:
+        raise ValueError("chunk_recurrence: pass beta (delta rule) or low_rank (DPLR), not both")
     f32 = jnp.float32
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -208,7 +247,19 @@ def chunk_recurrence(
         xs["g"] = g
     if beta is not None:
         xs["beta"] = beta
+    if low_rank is not None:
+        xs["a"], xs["b"] = low_rank
     xs = {name: _to_chunks(x.astype(f32), N, C) for name, x in xs.items()}  # [N, B, H, C, ...]
+    if segment_ids is not None:
+        # Document index per token (0 for the first segment), padded with the last one so that
+        # padded steps join the last segment; [N, B, 1, C] broadcasts over heads.
+        doc = jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+        doc = jnp.pad(doc, [(0, 0), (0, N * C - T)], mode="edge")
+        doc = doc.reshape(B, N, 1, C).transpose(1, 0, 2, 3)
+        xs["doc"] = doc
+        xs["doc_prev"] = jnp.concatenate(  # the document of the state entering each chunk
+            [jnp.zeros((1, B, 1), jnp.int32), doc[:-1, ..., -1]], axis=0
+        )
 
     def chunk_step(S, x):
         """One chunk: ``S [B, H, K, V]`` in, ``(S_out, o [B, H, C, V])`` out."""
@@ -222,16 +273,35 @@ def chunk_recurrence(
             k_dec = kc * jnp.exp(G_last - Ge)
             gamma = jnp.swapaxes(jnp.exp(G_last), -1, -2)  # [B, H, K or 1, 1]
         else:
-            G = Ge = None
+            G = Ge = G_last = None
             q_dec, k_dec, gamma = qc, kc, 1.0
-        A_qk = intra_chunk_scores(qc, kc, G, strict=False) * scale  # [B, H, C, C]
+        if "doc" in x:
+            doc = x["doc"]  # [B, 1, C]
+            same = (doc[..., :, None] == doc[..., None, :]).astype(f32)  # [B, 1, C, C]
+            first = (doc == x["doc_prev"][..., None]).astype(f32)[..., None]  # reads S_0
+            last = (doc == doc[..., -1:]).astype(f32)[..., None]  # reaches S_out
+            q_dec, k_dec = q_dec * first, k_dec * last
+            gamma = gamma * first[..., -1:, :]  # S_0 survives iff no restart in the chunk
+        else:
+            same = first = last = None
+
+        def scores(x_row, x_col, strict, G_row=None):
+            A = intra_chunk_scores(x_row, x_col, G, strict=strict, G_row=G_row)
+            return A if same is None else A * same
+
+        A_qk = scores(qc, kc, False) * scale  # [B, H, C, C]
         if "beta" in x:
             bc = x["beta"][..., None]  # [B, H, C, 1]
-            A_kk = intra_chunk_scores(kc, kc, G, strict=True)
+            A_kk = scores(kc, kc, True)
             k_fwd = kc if Ge is None else kc * jnp.exp(Ge)
+            if first is not None:
+                k_fwd = k_fwd * first
             rhs = jnp.concatenate([bc * vc, bc * k_fwd], axis=-1)
             W = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(bc * A_kk), rhs)
             U = W[..., :V] - jnp.einsum("bhck,bhkv->bhcv", W[..., V:], S)
+        elif "a" in x:
+            return _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, A_qk, first, last,
+                               scores, scale)
         else:
             U = vc
         o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
@@ -241,3 +311,37 @@ def chunk_recurrence(
     S0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
     S_final, o = lax.scan(jax.checkpoint(chunk_step), S0, xs)
     return _from_chunks(o, T), S_final
+
+
+def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, A_qk, first, last, scores, scale):
+    """The chunk step of the diagonal-plus-low-rank transition (see :func:`chunk_recurrence`).
+
+    ``w_t = b_t S_{t-1}`` unrolls inside the chunk to
+    ``w_t = (b_t * exp(G_{t-1})) S_0 + sum_{j<t} A^ba_tj w_j + sum_{j<t} A^bk_tj v_j``, solved
+    as ``W = (I - A^ba)^{-1} [A^bk V + (B * exp(G_excl)) S_0]``; then
+    ``o = scale (Q * exp(G)) S_0 + A^qk V + A^qa W`` and
+    ``S_out = exp(G_C) S_0 + (K * exp(G_C - G))^T V + (A * exp(G_C - G))^T W``.
+    """
+    vc, ac, bc = x["v"], x["a"], x["b"]
+    V = vc.shape[-1]
+    if G is None:
+        G_excl, b_dec, a_dec = None, bc, ac
+    else:
+        # Exclusive cumulative gate G_{t-1} (0 before the chunk's first step).
+        G_excl = jnp.concatenate([jnp.zeros_like(G[:, :, :1]), G[:, :, :-1]], axis=2)
+        Gx = G_excl if G_excl.ndim == 4 else G_excl[..., None]
+        b_dec = bc * jnp.exp(Gx)
+        a_dec = ac * jnp.exp(G_last - Ge)
+    if first is not None:
+        b_dec, a_dec = b_dec * first, a_dec * last
+    A_qa = scores(x["q"], ac, False) * scale
+    A_bk = scores(bc, x["k"], True, G_excl)
+    A_ba = scores(bc, ac, True, G_excl)
+    rhs = jnp.concatenate([jnp.einsum("bhij,bhjv->bhiv", A_bk, vc), b_dec], axis=-1)
+    Wf = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(-A_ba), rhs)
+    W = Wf[..., :V] + jnp.einsum("bhck,bhkv->bhcv", Wf[..., V:], S)
+    o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
+    o = o + jnp.einsum("bhij,bhjv->bhiv", A_qk, vc) + jnp.einsum("bhij,bhjv->bhiv", A_qa, W)
+    S_out = gamma * S + jnp.einsum("bhck,bhcv->bhkv", k_dec, vc)
+    S_out = S_out + jnp.einsum("bhck,bhcv->bhkv", a_dec, W)
+    return S_out, o
