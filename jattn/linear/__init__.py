@@ -11,6 +11,7 @@ GPU/TPU when available, else chunk.
   :func:`lightning_decay`), Mamba2-style scalar decay.
 * :func:`delta_rule`: DeltaNet, Gated DeltaNet, Kimi Delta Attention.
 * :func:`dplr_delta_rule`: the diagonal-plus-low-rank transition (RWKV-7).
+* :func:`delta_product`: DeltaProduct, ``n_h`` Householder steps per token.
 * :func:`linear_attention`: feature-map attention (elu+1, relu, Performer, Hedgehog, Based's
   Taylor map, DPFP, or any callable), causal or not, normalized or not.
 * :func:`efficient_attention`: Shen et al.'s softmax-over-features form (non-causal).
@@ -26,6 +27,7 @@ GPU/TPU when available, else chunk.
 from jattn.linear._checks import UnstableDeltaRuleWarning
 from jattn.linear.chunk import chunk_recurrence
 from jattn.linear.delta import delta_rule
+from jattn.linear.delta_product import delta_product
 from jattn.linear.dplr import dplr_delta_rule
 from jattn.linear.feature_maps import (
     FEATURE_MAPS,
@@ -54,6 +56,7 @@ __all__ = [
     "LinearAttentionState",
     "UnstableDeltaRuleWarning",
     "chunk_recurrence",
+    "delta_product",
     "delta_rule",
     "delta_rule_step",
     "dpfp",
