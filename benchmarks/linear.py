@@ -1,6 +1,7 @@
 """jattn.linear's chunk form vs its scan reference vs causal softmax attention (host platform).
 
-    python -m benchmarks.linear [--lengths 1024 4096 16384] [--out benchmarks/linear.json]
+    python -m benchmarks.linear [--lengths 1024 4096 16384] [--only dplr_chunk dplr_scan]
+        [--out benchmarks/linear.json]
 
 B=1, H=4, K=V=64, fp32. For each length: forward and forward+backward (gradients w.r.t. every
 input) time and compiled temp memory of
@@ -9,6 +10,9 @@ input) time and compiled temp memory of
   ``implementation="chunk"`` / ``"reference"`` (one ``lax.scan`` step per token);
 * ``gdn_chunk`` / ``gdn_scan``: ``jattn.linear.delta_rule`` with a scalar gate and q/k
   L2-norm (Gated DeltaNet), same two implementations;
+* ``dplr_chunk`` / ``dplr_scan``: ``jattn.linear.dplr_delta_rule`` in RWKV-7's form
+  (per-channel gate, ``a = -k_hat``, ``b = 0.5 k_hat`` with ``k_hat`` the L2-normalized key),
+  same two implementations;
 * ``softmax``: causal softmax attention, ``jattn.attention(mask=causal(),
   implementation="xla")`` (falls back to ``jax.nn.dot_product_attention(is_causal=True)`` when
   ``jattn.attention`` is missing; the JSON says which ran).
@@ -73,8 +77,18 @@ def cases(softmax):
             )[0],
             "qkvgb",
         ),
+        "dplr_chunk": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "chunk"), "qkvG"),
+        "dplr_scan": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "reference"), "qkvG"),
         "softmax": (softmax, "qkv"),
     }
+
+
+def rwkv7_dplr(q, k, v, g, implementation):
+    """RWKV-7's transition: ``a = -k_hat``, ``b = k_hat * icl`` (here a constant 0.5)."""
+    k_hat = jl.l2norm(k)
+    return jl.dplr_delta_rule(
+        q, k, v, -k_hat, 0.5 * k_hat, g=g, implementation=implementation
+    )[0]
 
 
 def pick_args(spec, q, k, v, g_chan, g_head, beta):
@@ -101,12 +115,14 @@ def time_it(compiled, args, repeats, slow_s):
     return statistics.median(times)
 
 
-def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backward):
+def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backward, only=None):
     softmax_name, softmax = softmax_fn()
     rows = []
     for t in lengths:
         data = inputs(t, batch, heads, dim)
         for name, (fn, spec) in cases(softmax).items():
+            if only and name not in only:
+                continue
             args = pick_args(spec, *data)
             row = {"impl": name, "T": t}
             passes = [("fwd", fn)]
@@ -130,7 +146,7 @@ def summarize(rows, lengths):
         s = {"T": t}
         for pname in ("fwd", "fwd+bwd"):
             key = f"{pname} ms"
-            for mech in ("gla", "gdn"):
+            for mech in ("gla", "gdn", "dplr"):
                 chunk = by.get((f"{mech}_chunk", t), {}).get(key)
                 scan = by.get((f"{mech}_scan", t), {}).get(key)
                 soft = by.get(("softmax", t), {}).get(key)
@@ -154,11 +170,20 @@ def main(argv=None):
     )
     p.add_argument("--skip-scan-above", type=int, default=1 << 30)
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--only", nargs="+", default=None, help="run only these cases (by name)")
     p.add_argument("--out", default="benchmarks/linear.json")
     a = p.parse_args(argv)
     lengths = sorted(a.lengths)
     softmax_name, rows = run(
-        lengths, a.batch, a.heads, a.dim, a.repeats, a.slow_s, a.skip_scan_above, not a.no_backward
+        lengths,
+        a.batch,
+        a.heads,
+        a.dim,
+        a.repeats,
+        a.slow_s,
+        a.skip_scan_above,
+        not a.no_backward,
+        a.only,
     )
     ratios = summarize(rows, lengths)
     cols = ["impl", "T", "fwd ms", "fwd+bwd ms", "fwd temp MiB", "fwd+bwd temp MiB"]

@@ -12,6 +12,7 @@ retnet                 retention, constant per-head decay (Sun et al. 2023)
 deltanet               delta rule (Yang et al. 2024)
 gated_deltanet         scalar decay + delta rule (Yang et al. 2025)
 kda                    Kimi Delta Attention: per-channel decay + delta rule (Kimi Team 2025)
+deltaproduct           num_householder delta steps per token, scalar decay (Siems et al. 2025)
 =====================  ==========================================================================
 """
 
@@ -34,7 +35,7 @@ from models.registry import register_mechanism
 from models.sharding import param
 
 __all__ = ["RecurrentCore", "Linear", "GLA", "RetNet", "DeltaNet", "GatedDeltaNet", "KDA",
-           "Kernelized", "linear_kwargs"]
+           "DeltaProduct", "Kernelized", "linear_kwargs"]
 
 
 class RecurrentCore(Core):
@@ -268,6 +269,60 @@ class KDA(_DeltaBase):
     def delta_gates(self, inp):
         dt = jax.nn.softplus(self.decay(inp.x) + self.dt_bias[...])
         return -jnp.exp(self.a_log[...])[:, None] * dt
+
+
+@register_mechanism("deltaproduct")
+class DeltaProduct(GatedDeltaNet):
+    """Gated DeltaProduct (Siems et al., "DeltaProduct: Improving State-Tracking in Linear RNNs
+    via Householder Products", 2025): per token, the Gated DeltaNet decay then
+    ``num_householder`` (``n_h``) delta-rule steps, so the transition is a product of ``n_h``
+    generalized Householder matrices (``jattn.linear.delta_product``).
+
+    Step 0 uses the block's k/v projections; steps ``1..n_h-1`` have their own
+    (``[D] -> [n_h - 1, H, Dh]``); ``beta [n_h, H]`` per token, ``sigmoid`` (times 2 with
+    ``allow_neg_eigval``, the paper's negative-eigenvalue variant). SiLU + L2-normed q/k, decay
+    ``-exp(A_log) softplus(x W_a + dt_bias)``, per-head RMSNorm + ``swish(x W_r)`` output. The
+    paper's short convolutions are omitted (as in this file's other cores).
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        num_householder: int = 2  # delta-rule steps per token (1: Gated DeltaNet)
+        allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1)
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        n_h, h, dh = self.opts.num_householder, cfg.num_heads, cfg.dh
+        if not isinstance(n_h, int) or isinstance(n_h, bool) or n_h < 1:
+            raise ValueError(f"num_householder must be a positive int, got {n_h!r}")
+        self.beta = Dense((cfg.d_model,), (n_h, h), ("embed",), (None, "heads"), use_bias=True,
+                          rngs=rngs)
+        self.kv_extra = (Dense((cfg.d_model,), (2, n_h - 1, h, dh), ("embed",),
+                               (None, None, "heads", "kv"), rngs=rngs) if n_h > 1 else None)
+
+    def heads(self, inp):
+        q, k, v = _RecurrentBase.heads(self, inp)
+        if self.kv_extra is not None:  # [B, T, n_h, H, Dh] -> [B, T * n_h, H, Dh]
+            extra = self.kv_extra(inp.x)
+            b, t, h, dh = k.shape
+            n_h = self.opts.num_householder
+            k = jnp.concatenate([k[:, :, None], extra[:, :, 0].astype(k.dtype)], axis=2)
+            v = jnp.concatenate([v[:, :, None], extra[:, :, 1].astype(v.dtype)], axis=2)
+            k, v = k.reshape(b, t * n_h, h, dh), v.reshape(b, t * n_h, h, v.shape[-1])
+        return jax.nn.silu(q), jax.nn.silu(k), v
+
+    def gates(self, inp):
+        beta = jax.nn.sigmoid(self.beta(inp.x).astype(jnp.float32))  # [B, T, n_h, H]
+        if self.opts.allow_neg_eigval:
+            beta = 2.0 * beta
+        b, t = beta.shape[:2]
+        return {"beta": beta.reshape(b, t * self.opts.num_householder, -1),
+                "g": self.delta_gates(inp)}
+
+    def run(self, q, k, v, state, want_state, beta, g):
+        return jattn.linear.delta_product(
+            q, k, v, beta, num_householder=self.opts.num_householder, g=g, initial_state=state,
+            output_final_state=want_state, use_qk_l2norm=True, **linear_kwargs(self.cfg))
 
 
 class Kernelized(nnx.Module):
