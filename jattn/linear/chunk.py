@@ -1,11 +1,12 @@
 """The shared chunkwise-parallel backbone for every gated linear recurrence in ``jattn.linear``.
 
 One function, :func:`chunk_recurrence`, serves GLA / RetNet / Lightning / Mamba2-style decay
-(``beta=None``), DeltaNet / Gated DeltaNet / KDA (``beta`` given) and causal linear attention
-(``g=None``). The sequence is cut into chunks of ``C`` steps. With ``G_t`` the cumulative
-log-decay inside a chunk (per key channel, or a scalar broadcast over channels) and ``S_0``
-the state entering the chunk, the recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T u_t``
-unrolls to
+(``beta=None``), DeltaNet / Gated DeltaNet / KDA (``beta`` given), the diagonal-plus-low-rank
+transition of RWKV-7 (``low_rank=(a, b)``) and causal linear attention (``g=None``), all with
+optional packed-sequence restarts (``segment_ids``). The sequence is cut into chunks of ``C``
+steps. With ``G_t`` the cumulative log-decay inside a chunk (per key channel, or a scalar
+broadcast over channels) and ``S_0`` the state entering the chunk, the recurrence
+``S_t = diag(exp(g_t)) S_{t-1} + k_t^T u_t`` unrolls to
 
     S_t = diag(exp(G_t)) S_0 + sum_{j<=t} (k_j * exp(G_t - G_j))^T u_j
     o_t = scale * (q_t * exp(G_t)) S_0 + sum_{j<=t} A_tj u_j,
@@ -89,23 +90,13 @@ def _masked_exp(d: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def intra_chunk_scores(
-    a: jax.Array,
-    b: jax.Array,
-    G: jax.Array | None,
-    *,
-    strict: bool,
-    G_row: jax.Array | None = None,
+    a: jax.Array, b: jax.Array, G: jax.Array | None, *, strict: bool
 ) -> jax.Array:
-    """``A_ij = sum_c a_ic b_jc exp(R_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
+    """``A_ij = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
 
     ``a, b [..., C, K]``; ``G`` None (no decay), ``[..., C]`` (scalar) or ``[..., C, K]``.
-    ``R = G_row`` (same shape as ``G``; default ``G``) is the rows' cumulative gate: the
-    diagonal-plus-low-rank transition reads the state *before* step ``i`` and passes
-    ``G_row_i = G_{i-1}`` (strict pairs only). It must satisfy ``G_row_i <= G_j`` for every
-    ``j < i`` (true for both), so that every factor below stays ``<= 1``.
     Returns ``[..., C, C]``.
     """
-    R_g = G if G_row is None else G_row
     C = a.shape[-2]
     idx = jnp.arange(C)
     mask = idx[:, None] > idx[None, :] if strict else idx[:, None] >= idx[None, :]
@@ -113,7 +104,7 @@ def intra_chunk_scores(
         s = jnp.einsum("...ik,...jk->...ij", a, b)
         if G is None:
             return jnp.where(mask, s, 0.0)
-        return s * _masked_exp(R_g[..., :, None] - G[..., None, :], mask)
+        return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
 
     # Per-channel gate: secondary chunking into n sub-chunks of c steps.
     K = a.shape[-1]
@@ -123,18 +114,17 @@ def intra_chunk_scores(
     a_s = a.reshape(lead + (n, c, K))
     b_s = b.reshape(lead + (n, c, K))
     G_s = G.reshape(lead + (n, c, K))
-    Gr_s = R_g.reshape(lead + (n, c, K))
 
     # Pairs inside one sub-chunk: per-entry relative decay [..., n, c, c, K].
     sub = jnp.arange(c)
     sub_mask = sub[:, None] > sub[None, :] if strict else sub[:, None] >= sub[None, :]
-    rel = _masked_exp(Gr_s[..., :, None, :] - G_s[..., None, :, :], sub_mask[:, :, None])
+    rel = _masked_exp(G_s[..., :, None, :] - G_s[..., None, :, :], sub_mask[:, :, None])
     diag = jnp.einsum("...aik,...ajk,...aijk->...aij", a_s, b_s, rel)  # [..., n, c, c]
 
     # Pairs across sub-chunks (j before sub-chunk a starts): factor through R_a, the cumulative
     # gate at the last step of sub-chunk a-1 (R_0 = 0; sub-chunk 0 has no such pairs).
     R = jnp.concatenate([jnp.zeros_like(G_s[..., :1, 0, :]), G_s[..., :-1, -1, :]], axis=-2)
-    a_r = a_s * jnp.exp(Gr_s - R[..., :, None, :])  # G_row_i - R_a <= 0
+    a_r = a_s * jnp.exp(G_s - R[..., :, None, :])  # G_i - R_a <= 0
     before = idx[None, :] < (jnp.arange(n) * c)[:, None]  # [n, C]: j < start of sub-chunk a
     b_r = b[..., None, :, :] * _masked_exp(
         R[..., :, None, :] - G[..., None, :, :], before[:, :, None]
@@ -144,6 +134,51 @@ def intra_chunk_scores(
     eye = jnp.eye(n, dtype=diag.dtype)
     diag_full = (diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(lead + (n, c, C))
     return (off + diag_full).reshape(lead + (C, C))
+
+
+def stacked_scores(rows: jax.Array, cols: jax.Array, G: jax.Array | None) -> jax.Array:
+    """:func:`intra_chunk_scores` (``j <= i``) for every pair of ``R`` row and ``S`` column
+    operands at once, sharing one gate.
+
+    ``rows [R, ..., C, K]``, ``cols [S, ..., C, K]``, ``G`` None, ``[..., C]`` or
+    ``[..., C, K]``. Returns ``[R, S, ..., C, C]`` with ``[r, s] = intra_chunk_scores(rows[r],
+    cols[s], G, strict=False)``. The decay factors (the per-entry ``[n, c, c, K]`` tensor of a
+    per-channel gate, the sub-chunk boundary factors) are formed once for all pairs: with
+    per-channel gates they are most of the DPLR chunk's cost.
+    """
+    C, K = rows.shape[-2:]
+    idx = jnp.arange(C)
+    mask = idx[:, None] >= idx[None, :]
+    if G is None or G.ndim == rows.ndim - 2:
+        s = jnp.einsum("r...ik,s...jk->rs...ij", rows, cols)
+        if G is None:
+            return jnp.where(mask, s, 0.0)
+        return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
+
+    c = sub_chunk_size(C)
+    n = C // c
+    lead = G.shape[:-2]
+    r_s = rows.reshape(rows.shape[:1] + lead + (n, c, K))
+    c_s = cols.reshape(cols.shape[:1] + lead + (n, c, K))
+    G_s = G.reshape(lead + (n, c, K))
+
+    sub = jnp.arange(c)
+    sub_mask = (sub[:, None] >= sub[None, :])[:, :, None]
+    rel = _masked_exp(G_s[..., :, None, :] - G_s[..., None, :, :], sub_mask)  # [..., n, c, c, K]
+    diag = jnp.einsum("r...aik,s...ajk,...aijk->rs...aij", r_s, c_s, rel)  # [R, S, ..., n, c, c]
+
+    R = jnp.concatenate([jnp.zeros_like(G_s[..., :1, 0, :]), G_s[..., :-1, -1, :]], axis=-2)
+    r_r = r_s * jnp.exp(G_s - R[..., :, None, :])  # G_i - R_a <= 0
+    before = idx[None, :] < (jnp.arange(n) * c)[:, None]  # [n, C]
+    c_r = cols[..., None, :, :] * _masked_exp(
+        R[..., :, None, :] - G[..., None, :, :], before[:, :, None]
+    )  # [S, ..., n, C, K]
+    off = jnp.einsum("r...aik,s...ajk->rs...aij", r_r, c_r)  # [R, S, ..., n, c, C]
+
+    eye = jnp.eye(n, dtype=diag.dtype)
+    out_lead = diag.shape[:-3]
+    diag_full = (diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(out_lead + (n, c, C))
+    return (off + diag_full).reshape(out_lead + (C, C))
 
 
 def _block_size(C: int, limit: int = 16) -> int:
@@ -285,10 +320,13 @@ def chunk_recurrence(
         else:
             same = first = last = None
 
-        def scores(x_row, x_col, strict, G_row=None):
-            A = intra_chunk_scores(x_row, x_col, G, strict=strict, G_row=G_row)
+        def scores(x_row, x_col, strict):
+            A = intra_chunk_scores(x_row, x_col, G, strict=strict)
             return A if same is None else A * same
 
+        if "a" in x:
+            return _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same,
+                               scale)
         A_qk = scores(qc, kc, False) * scale  # [B, H, C, C]
         if "beta" in x:
             bc = x["beta"][..., None]  # [B, H, C, 1]
@@ -299,9 +337,6 @@ def chunk_recurrence(
             rhs = jnp.concatenate([bc * vc, bc * k_fwd], axis=-1)
             W = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(bc * A_kk), rhs)
             U = W[..., :V] - jnp.einsum("bhck,bhkv->bhcv", W[..., V:], S)
-        elif "a" in x:
-            return _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, A_qk, first, last,
-                               scores, scale)
         else:
             U = vc
         o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
@@ -313,7 +348,7 @@ def chunk_recurrence(
     return _from_chunks(o, T), S_final
 
 
-def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, A_qk, first, last, scores, scale):
+def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, scale):
     """The chunk step of the diagonal-plus-low-rank transition (see :func:`chunk_recurrence`).
 
     ``w_t = b_t S_{t-1}`` unrolls inside the chunk to
@@ -321,22 +356,31 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, A_qk, first, last, sco
     as ``W = (I - A^ba)^{-1} [A^bk V + (B * exp(G_excl)) S_0]``; then
     ``o = scale (Q * exp(G)) S_0 + A^qk V + A^qa W`` and
     ``S_out = exp(G_C) S_0 + (K * exp(G_C - G))^T V + (A * exp(G_C - G))^T W``.
+    The ``b`` rows' scores use the exclusive gate ``G_{t-1}``: they are computed as the
+    inclusive scores of the shifted rows ``b_{t+1}``, moved down one row, so that all four
+    score matrices share one gate (:func:`stacked_scores`).
     """
     vc, ac, bc = x["v"], x["a"], x["b"]
     V = vc.shape[-1]
     if G is None:
-        G_excl, b_dec, a_dec = None, bc, ac
+        b_dec, a_dec = bc, ac
     else:
         # Exclusive cumulative gate G_{t-1} (0 before the chunk's first step).
         G_excl = jnp.concatenate([jnp.zeros_like(G[:, :, :1]), G[:, :, :-1]], axis=2)
-        Gx = G_excl if G_excl.ndim == 4 else G_excl[..., None]
-        b_dec = bc * jnp.exp(Gx)
+        b_dec = bc * jnp.exp(G_excl if G_excl.ndim == 4 else G_excl[..., None])
         a_dec = ac * jnp.exp(G_last - Ge)
     if first is not None:
         b_dec, a_dec = b_dec * first, a_dec * last
-    A_qa = scores(x["q"], ac, False) * scale
-    A_bk = scores(bc, x["k"], True, G_excl)
-    A_ba = scores(bc, ac, True, G_excl)
+    # The b rows read S_{t-1}: A^b_tj = sum_c b_tc y_jc exp(G_{t-1,c} - G_jc) (j < t) is row
+    # t - 1 of the inclusive scores of the shifted rows b_{i+1} (j <= i). So all four score
+    # matrices share one gate and one set of decay factors.
+    b_next = jnp.concatenate([bc[:, :, 1:], jnp.zeros_like(bc[:, :, :1])], axis=2)
+    A = stacked_scores(jnp.stack([x["q"], b_next]), jnp.stack([x["k"], ac]), G)
+    A_b = jnp.concatenate([jnp.zeros_like(A[1, :, ..., :1, :]), A[1, :, ..., :-1, :]], axis=-2)
+    A_qk, A_qa, A_bk, A_ba = A[0, 0], A[0, 1], A_b[0], A_b[1]
+    if same is not None:
+        A_qk, A_qa, A_bk, A_ba = (M * same for M in (A_qk, A_qa, A_bk, A_ba))
+    A_qk, A_qa = A_qk * scale, A_qa * scale
     rhs = jnp.concatenate([jnp.einsum("bhij,bhjv->bhiv", A_bk, vc), b_dec], axis=-1)
     Wf = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(-A_ba), rhs)
     W = Wf[..., :V] + jnp.einsum("bhck,bhkv->bhcv", Wf[..., V:], S)
