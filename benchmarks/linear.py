@@ -11,8 +11,9 @@ input) time and compiled temp memory of
 * ``gdn_chunk`` / ``gdn_scan``: ``jattn.linear.delta_rule`` with a scalar gate and q/k
   L2-norm (Gated DeltaNet), same two implementations;
 * ``dplr_chunk`` / ``dplr_scan``: ``jattn.linear.dplr_delta_rule`` in RWKV-7's form
-  (per-channel gate, ``a = -k_hat``, ``b = 0.5 k_hat`` with ``k_hat`` the L2-normalized key),
-  same two implementations;
+  (per-channel gate, ``a = -0.5 k_hat``, ``b = k_hat`` with ``k_hat`` the L2-normalized key),
+  same two implementations; ``dplr_chunk16``: the chunk form with ``chunk_size=16`` (with
+  per-channel gates the chunk's score work grows as ``T C K``: smaller chunks win on CPU);
 * ``softmax``: causal softmax attention, ``jattn.attention(mask=causal(),
   implementation="xla")`` (falls back to ``jax.nn.dot_product_attention(is_causal=True)`` when
   ``jattn.attention`` is missing; the JSON says which ran).
@@ -78,16 +79,17 @@ def cases(softmax):
             "qkvgb",
         ),
         "dplr_chunk": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "chunk"), "qkvG"),
+        "dplr_chunk16": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "chunk", 16), "qkvG"),
         "dplr_scan": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "reference"), "qkvG"),
         "softmax": (softmax, "qkv"),
     }
 
 
-def rwkv7_dplr(q, k, v, g, implementation):
-    """RWKV-7's transition: ``a = -k_hat``, ``b = k_hat * icl`` (here a constant 0.5)."""
+def rwkv7_dplr(q, k, v, g, implementation, chunk_size=64):
+    """RWKV-7's transition: ``a = -icl * k_hat``, ``b = k_hat`` (``icl`` here a constant 0.5)."""
     k_hat = jl.l2norm(k)
     return jl.dplr_delta_rule(
-        q, k, v, -k_hat, 0.5 * k_hat, g=g, implementation=implementation
+        q, k, v, -0.5 * k_hat, k_hat, g=g, implementation=implementation, chunk_size=chunk_size
     )[0]
 
 
@@ -146,9 +148,14 @@ def summarize(rows, lengths):
         s = {"T": t}
         for pname in ("fwd", "fwd+bwd"):
             key = f"{pname} ms"
-            for mech in ("gla", "gdn", "dplr"):
-                chunk = by.get((f"{mech}_chunk", t), {}).get(key)
-                scan = by.get((f"{mech}_scan", t), {}).get(key)
+            for mech, chunk_name, scan_name in (
+                ("gla", "gla_chunk", "gla_scan"),
+                ("gdn", "gdn_chunk", "gdn_scan"),
+                ("dplr", "dplr_chunk", "dplr_scan"),
+                ("dplr16", "dplr_chunk16", "dplr_scan"),
+            ):
+                chunk = by.get((chunk_name, t), {}).get(key)
+                scan = by.get((scan_name, t), {}).get(key)
                 soft = by.get(("softmax", t), {}).get(key)
                 if chunk and scan:
                     s[f"{mech} {pname} scan/chunk"] = scan / chunk

@@ -136,51 +136,6 @@ def intra_chunk_scores(
     return (off + diag_full).reshape(lead + (C, C))
 
 
-def stacked_scores(rows: jax.Array, cols: jax.Array, G: jax.Array | None) -> jax.Array:
-    """:func:`intra_chunk_scores` (``j <= i``) for every pair of ``R`` row and ``S`` column
-    operands at once, sharing one gate.
-
-    ``rows [R, ..., C, K]``, ``cols [S, ..., C, K]``, ``G`` None, ``[..., C]`` or
-    ``[..., C, K]``. Returns ``[R, S, ..., C, C]`` with ``[r, s] = intra_chunk_scores(rows[r],
-    cols[s], G, strict=False)``. The decay factors (the per-entry ``[n, c, c, K]`` tensor of a
-    per-channel gate, the sub-chunk boundary factors) are formed once for all pairs: with
-    per-channel gates they are most of the DPLR chunk's cost.
-    """
-    C, K = rows.shape[-2:]
-    idx = jnp.arange(C)
-    mask = idx[:, None] >= idx[None, :]
-    if G is None or G.ndim == rows.ndim - 2:
-        s = jnp.einsum("r...ik,s...jk->rs...ij", rows, cols)
-        if G is None:
-            return jnp.where(mask, s, 0.0)
-        return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
-
-    c = sub_chunk_size(C)
-    n = C // c
-    lead = G.shape[:-2]
-    r_s = rows.reshape(rows.shape[:1] + lead + (n, c, K))
-    c_s = cols.reshape(cols.shape[:1] + lead + (n, c, K))
-    G_s = G.reshape(lead + (n, c, K))
-
-    sub = jnp.arange(c)
-    sub_mask = (sub[:, None] >= sub[None, :])[:, :, None]
-    rel = _masked_exp(G_s[..., :, None, :] - G_s[..., None, :, :], sub_mask)  # [..., n, c, c, K]
-    diag = jnp.einsum("r...aik,s...ajk,...aijk->rs...aij", r_s, c_s, rel)  # [R, S, ..., n, c, c]
-
-    R = jnp.concatenate([jnp.zeros_like(G_s[..., :1, 0, :]), G_s[..., :-1, -1, :]], axis=-2)
-    r_r = r_s * jnp.exp(G_s - R[..., :, None, :])  # G_i - R_a <= 0
-    before = idx[None, :] < (jnp.arange(n) * c)[:, None]  # [n, C]
-    c_r = cols[..., None, :, :] * _masked_exp(
-        R[..., :, None, :] - G[..., None, :, :], before[:, :, None]
-    )  # [S, ..., n, C, K]
-    off = jnp.einsum("r...aik,s...ajk->rs...aij", r_r, c_r)  # [R, S, ..., n, c, C]
-
-    eye = jnp.eye(n, dtype=diag.dtype)
-    out_lead = diag.shape[:-3]
-    diag_full = (diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(out_lead + (n, c, C))
-    return (off + diag_full).reshape(out_lead + (C, C))
-
-
 def _block_size(C: int, limit: int = 16) -> int:
     return max(d for d in range(1, min(C, limit) + 1) if C % d == 0)
 
@@ -358,7 +313,7 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     ``S_out = exp(G_C) S_0 + (K * exp(G_C - G))^T V + (A * exp(G_C - G))^T W``.
     The ``b`` rows' scores use the exclusive gate ``G_{t-1}``: they are computed as the
     inclusive scores of the shifted rows ``b_{t+1}``, moved down one row, so that all four
-    score matrices share one gate (:func:`stacked_scores`).
+    score matrices share one gate and batch in pairs.
     """
     vc, ac, bc = x["v"], x["a"], x["b"]
     V = vc.shape[-1]
@@ -375,9 +330,16 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     # t - 1 of the inclusive scores of the shifted rows b_{i+1} (j <= i). So all four score
     # matrices share one gate and one set of decay factors.
     b_next = jnp.concatenate([bc[:, :, 1:], jnp.zeros_like(bc[:, :, :1])], axis=2)
-    A = stacked_scores(jnp.stack([x["q"], b_next]), jnp.stack([x["k"], ac]), G)
-    A_b = jnp.concatenate([jnp.zeros_like(A[1, :, ..., :1, :]), A[1, :, ..., :-1, :]], axis=-2)
-    A_qk, A_qa, A_bk, A_ba = A[0, 0], A[0, 1], A_b[0], A_b[1]
+    rows = jnp.stack([x["q"], b_next])
+    G2 = None if G is None else jnp.broadcast_to(G, (2,) + G.shape)
+    # Two calls with the row pair batched (cheaper to differentiate than one 2 x 2 product).
+    A_same = intra_chunk_scores(rows, jnp.stack([x["k"], ac]), G2, strict=False)  # qk, b'a
+    A_swap = intra_chunk_scores(rows, jnp.stack([ac, x["k"]]), G2, strict=False)  # qa, b'k
+
+    def shift_down(M):  # row t <- row t - 1 of the shifted-row scores; row 0 reads nothing
+        return jnp.concatenate([jnp.zeros_like(M[..., :1, :]), M[..., :-1, :]], axis=-2)
+
+    A_qk, A_qa, A_bk, A_ba = A_same[0], A_swap[0], shift_down(A_swap[1]), shift_down(A_same[1])
     if same is not None:
         A_qk, A_qa, A_bk, A_ba = (M * same for M in (A_qk, A_qa, A_bk, A_ba))
     A_qk, A_qa = A_qk * scale, A_qa * scale
