@@ -56,10 +56,12 @@ def dplr_delta_rule(
     ``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} + k_t^T v_t``,   ``o_t = scale * q_t S_t``
 
     with row vectors ``q_t, k_t, a_t, b_t [K]``, ``v_t [V]`` and ``S_t [K, V]`` per batch and
-    head (fp32): the state decays per key channel, then ``a_t^T (b_t S_{t-1})`` reads it along
-    ``b_t`` and writes the read-out along ``a_t``, then ``k_t^T v_t`` is added. The general
+    head (fp32): the previous state decays per key channel, and ``a_t^T (b_t S_{t-1})`` reads
+    the previous state along ``b_t`` and writes the read-out along ``a_t``; ``k_t^T v_t`` is
+    added. The general
     transition of RWKV-7 (Peng et al. 2025, "RWKV-7 'Goose' with Expressive Dynamic State
-    Evolution", where ``a = -kappa_hat``, ``b = kappa_hat * a_icl``) and of
+    Evolution": ``a = -(a_icl * kappa_hat)``, ``b = kappa_hat``, RWKV's ``[V, K]`` state
+    transposed; fla passes the same two vectors with read and write swapped) and of
     flash-linear-attention's ``dplr_delta_rule``; it contains
 
     * DeltaNet / Gated DeltaNet / KDA (:func:`jattn.linear.delta_rule`): with their ``beta``
@@ -74,7 +76,7 @@ def dplr_delta_rule(
     ``a != b``), on the shared backbone :func:`jattn.linear.chunk_recurrence`.
 
     Stability is the caller's: the transition's spectrum must stay within the unit disc
-    (RWKV-7: ``a = -k_hat``, ``b = k_hat * icl`` with unit ``k_hat`` and ``icl in (0, 1)``).
+    (RWKV-7: ``a = -icl * k_hat``, ``b = k_hat`` with unit ``k_hat`` and ``icl in (0, 1)``).
 
     Packed sequences: ``segment_ids [B, T]`` (int) restarts the state from zero wherever the id
     changes between ``t - 1`` and ``t`` (equal to running each segment separately; the
