@@ -1,6 +1,7 @@
 """jattn.linear's chunk form vs its scan reference vs causal softmax attention (host platform).
 
-    python -m benchmarks.linear [--lengths 1024 4096 16384] [--out benchmarks/linear.json]
+    python -m benchmarks.linear [--lengths 1024 4096 16384] [--only dplr_chunk dplr_scan]
+        [--out benchmarks/linear.json]
 
 B=1, H=4, K=V=64, fp32. For each length: forward and forward+backward (gradients w.r.t. every
 input) time and compiled temp memory of
@@ -9,6 +10,10 @@ input) time and compiled temp memory of
   ``implementation="chunk"`` / ``"reference"`` (one ``lax.scan`` step per token);
 * ``gdn_chunk`` / ``gdn_scan``: ``jattn.linear.delta_rule`` with a scalar gate and q/k
   L2-norm (Gated DeltaNet), same two implementations;
+* ``dplr_chunk`` / ``dplr_scan``: ``jattn.linear.dplr_delta_rule`` in RWKV-7's form
+  (per-channel gate, ``a = -0.5 k_hat``, ``b = k_hat`` with ``k_hat`` the L2-normalized key),
+  same two implementations; ``dplr_chunk16``: the chunk form with ``chunk_size=16`` (with
+  per-channel gates the chunk's score work grows as ``T C K``: smaller chunks win on CPU);
 * ``softmax``: causal softmax attention, ``jattn.attention(mask=causal(),
   implementation="xla")`` (falls back to ``jax.nn.dot_product_attention(is_causal=True)`` when
   ``jattn.attention`` is missing; the JSON says which ran).
@@ -72,8 +77,19 @@ def cases(softmax):
             )[0],
             "qkvgb",
         ),
+        "dplr_chunk": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "chunk"), "qkvG"),
+        "dplr_chunk16": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "chunk", 16), "qkvG"),
+        "dplr_scan": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "reference"), "qkvG"),
         "softmax": (softmax, "qkv"),
     }
+
+
+def rwkv7_dplr(q, k, v, g, implementation, chunk_size=64):
+    """RWKV-7's transition: ``a = -icl * k_hat``, ``b = k_hat`` (``icl`` here a constant 0.5)."""
+    k_hat = jl.l2norm(k)
+    return jl.dplr_delta_rule(
+        q, k, v, -0.5 * k_hat, k_hat, g=g, implementation=implementation, chunk_size=chunk_size
+    )[0]
 
 
 def pick_args(spec, q, k, v, g_chan, g_head, beta):
@@ -100,12 +116,14 @@ def time_it(compiled, args, repeats, slow_s):
     return statistics.median(times)
 
 
-def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backward):
+def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backward, only=None):
     softmax_name, softmax = softmax_fn()
     rows = []
     for t in lengths:
         data = inputs(t, batch, heads, dim)
         for name, (fn, spec) in cases(softmax).items():
+            if only and name not in only:
+                continue
             args = pick_args(spec, *data)
             row = {"impl": name, "T": t}
             passes = [("fwd", fn)]
@@ -129,9 +147,14 @@ def summarize(rows, lengths):
         s = {"T": t}
         for pname in ("fwd", "fwd+bwd"):
             key = f"{pname} ms"
-            for mech in ("gla", "gdn"):
-                chunk = by.get((f"{mech}_chunk", t), {}).get(key)
-                scan = by.get((f"{mech}_scan", t), {}).get(key)
+            for mech, chunk_name, scan_name in (
+                ("gla", "gla_chunk", "gla_scan"),
+                ("gdn", "gdn_chunk", "gdn_scan"),
+                ("dplr", "dplr_chunk", "dplr_scan"),
+                ("dplr16", "dplr_chunk16", "dplr_scan"),
+            ):
+                chunk = by.get((chunk_name, t), {}).get(key)
+                scan = by.get((scan_name, t), {}).get(key)
                 soft = by.get(("softmax", t), {}).get(key)
                 if chunk and scan:
                     s[f"{mech} {pname} scan/chunk"] = scan / chunk
@@ -149,10 +172,19 @@ def main(argv=None):
     p.add_argument(
         "--slow-s", type=float, default=2.0, help="a call slower than this (warm-up) is timed once"
     )
+    p.add_argument("--only", nargs="+", default=None, help="run only these cases (by name)")
     a = p.parse_args(argv)
     lengths = sorted(a.lengths)
     softmax_name, rows = run(
-        lengths, a.batch, a.heads, a.dim, a.repeats, a.slow_s, a.skip_scan_above, not a.no_backward
+        lengths,
+        a.batch,
+        a.heads,
+        a.dim,
+        a.repeats,
+        a.slow_s,
+        a.skip_scan_above,
+        not a.no_backward,
+        a.only,
     )
     ratios = summarize(rows, lengths)
     cols = ["impl", "T", "fwd ms", "fwd+bwd ms", "fwd temp MiB", "fwd+bwd temp MiB"]

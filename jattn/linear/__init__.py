@@ -10,10 +10,16 @@ GPU/TPU when available, else chunk.
 * :func:`gla`: GLA (per-channel gate), RetNet / Lightning (:func:`retnet_decay`,
   :func:`lightning_decay`), Mamba2-style scalar decay.
 * :func:`delta_rule`: DeltaNet, Gated DeltaNet, Kimi Delta Attention.
+* :func:`dplr_delta_rule`: the diagonal-plus-low-rank transition (RWKV-7).
+* :func:`delta_product`: DeltaProduct, ``n_h`` Householder steps per token.
 * :func:`linear_attention`: feature-map attention (elu+1, relu, Performer, Hedgehog, Based's
   Taylor map, DPFP, or any callable), causal or not, normalized or not.
 * :func:`efficient_attention`: Shen et al.'s softmax-over-features form (non-causal).
-* Decoding: :func:`gla_step`, :func:`delta_rule_step`, :func:`linear_attention_step`.
+* Decoding: :func:`gla_step`, :func:`delta_rule_step`, :func:`dplr_delta_rule_step`,
+  :func:`linear_attention_step`.
+* Packed sequences: ``segment_ids [B, T]`` on :func:`gla`, :func:`delta_rule`,
+  :func:`dplr_delta_rule` and (causal) :func:`linear_attention` restarts the state at each
+  change of id (reference, recurrent and chunk forms; Pallas raises / falls back).
 * Context parallelism: ``context_axis=`` on :func:`gla`, :func:`delta_rule` and
   :func:`linear_attention` splits T over a mesh axis (:mod:`jattn.linear.context_parallel`).
 """
@@ -21,6 +27,8 @@ GPU/TPU when available, else chunk.
 from jattn.linear._checks import UnstableDeltaRuleWarning
 from jattn.linear.chunk import chunk_recurrence
 from jattn.linear.delta import delta_rule
+from jattn.linear.delta_product import delta_product
+from jattn.linear.dplr import dplr_delta_rule
 from jattn.linear.feature_maps import (
     FEATURE_MAPS,
     dpfp,
@@ -37,6 +45,7 @@ from jattn.linear.kernelized import efficient_attention, linear_attention
 from jattn.linear.recurrent import (
     LinearAttentionState,
     delta_rule_step,
+    dplr_delta_rule_step,
     gla_step,
     l2norm,
     linear_attention_step,
@@ -47,9 +56,12 @@ __all__ = [
     "LinearAttentionState",
     "UnstableDeltaRuleWarning",
     "chunk_recurrence",
+    "delta_product",
     "delta_rule",
     "delta_rule_step",
     "dpfp",
+    "dplr_delta_rule",
+    "dplr_delta_rule_step",
     "efficient_attention",
     "elu1",
     "gla",

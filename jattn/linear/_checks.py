@@ -187,3 +187,40 @@ def call_pallas(name: str, explicit: bool, *args: Any, **kwargs: Any) -> Any:
         if explicit:
             raise
         return None
+
+
+def check_segment_ids(segment_ids: Any, B: int, T: int) -> None:
+    """Validate packed-sequence ids: an integer (or bool) array ``[B, T]``, or None."""
+    if segment_ids is None:
+        return
+    dtype = getattr(segment_ids, "dtype", None)
+    if dtype is None or not (
+        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_)
+    ):
+        raise TypeError(
+            f"segment_ids must be an integer array [B, T] = {(B, T)}, got "
+            f"{type(segment_ids).__name__} with dtype {dtype}"
+        )
+    if segment_ids.shape != (B, T):
+        raise ValueError(f"segment_ids must have shape [B, T] = {(B, T)}, got {segment_ids.shape}")
+
+
+def no_segments_with_context(segment_ids: Any, context_axis: Any) -> None:
+    if segment_ids is not None and context_axis is not None:
+        raise NotImplementedError(
+            "segment_ids with context_axis: the per-device state summaries of context "
+            "parallelism do not carry segment restarts yet; pass one of them"
+        )
+
+
+def pallas_segments(explicit: bool, segment_ids: Any, name: str) -> bool:
+    """True when the Pallas path must be skipped for ``segment_ids`` (None falls back to the
+    chunk form); raise NotImplementedError when Pallas was asked for explicitly."""
+    if segment_ids is None:
+        return False
+    if explicit:
+        raise NotImplementedError(
+            f"implementation='pallas': pallas_kernels.{name} has no segment_ids (its chunk "
+            "loop carries one state per sequence); use implementation='chunk' or None"
+        )
+    return True

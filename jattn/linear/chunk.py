@@ -1,11 +1,12 @@
 """The shared chunkwise-parallel backbone for every gated linear recurrence in ``jattn.linear``.
 
 One function, :func:`chunk_recurrence`, serves GLA / RetNet / Lightning / Mamba2-style decay
-(``beta=None``), DeltaNet / Gated DeltaNet / KDA (``beta`` given) and causal linear attention
-(``g=None``). The sequence is cut into chunks of ``C`` steps. With ``G_t`` the cumulative
-log-decay inside a chunk (per key channel, or a scalar broadcast over channels) and ``S_0``
-the state entering the chunk, the recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T u_t``
-unrolls to
+(``beta=None``), DeltaNet / Gated DeltaNet / KDA (``beta`` given), the diagonal-plus-low-rank
+transition of RWKV-7 (``low_rank=(a, b)``) and causal linear attention (``g=None``), all with
+optional packed-sequence restarts (``segment_ids``). The sequence is cut into chunks of ``C``
+steps. With ``G_t`` the cumulative log-decay inside a chunk (per key channel, or a scalar
+broadcast over channels) and ``S_0`` the state entering the chunk, the recurrence
+``S_t = diag(exp(g_t)) S_{t-1} + k_t^T u_t`` unrolls to
 
     S_t = diag(exp(G_t)) S_0 + sum_{j<=t} (k_j * exp(G_t - G_j))^T u_j
     o_t = scale * (q_t * exp(G_t)) S_0 + sum_{j<=t} A_tj u_j,
@@ -173,6 +174,15 @@ def unit_lower_inverse(N: jax.Array) -> jax.Array:
     return jnp.concatenate(rows, axis=-2)
 
 
+def segment_starts(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T]`` bool: True where a new segment starts (the id changes from ``t - 1`` to ``t``).
+
+    Position 0 is never a start: the initial state belongs to the first segment.
+    """
+    change = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
 def chunk_recurrence(
     q: jax.Array,
     k: jax.Array,
@@ -183,8 +193,11 @@ def chunk_recurrence(
     scale: float,
     initial_state: jax.Array | None = None,
     chunk_size: int = 64,
+    low_rank: tuple[jax.Array, jax.Array] | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Chunkwise-parallel gated linear recurrence (optionally with the delta rule).
+    """Chunkwise-parallel gated linear recurrence (optionally with the delta rule or a
+    diagonal-plus-low-rank transition).
 
     Args:
       q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
@@ -194,10 +207,26 @@ def chunk_recurrence(
       scale: output scale; initial_state: ``[B, H, K, V]`` or None.
       chunk_size: steps per chunk (``T`` is zero-padded to a multiple; padded steps have
         ``k = 0``, ``g = 0``, ``beta = 0`` and leave the state unchanged).
+      low_rank: None, or ``(a, b)`` each ``[B, T, H, K]``: the transition becomes
+        ``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} + k_t^T v_t`` (DPLR; ``beta`` must be None).
+        With ``w_t = b_t S_{t-1}`` this is gated linear attention with two writes per step
+        (``k_t^T v_t`` and ``a_t^T w_t``); within a chunk the ``w`` solve the unit-lower-
+        triangular system ``(I - A^ba) W = A^bk V + (B * exp(G_excl)) S_0``,
+        ``A^xy_tj = sum_c x_tc y_jc exp(G_{t-1,c} - G_jc)`` (``j < t``): the WY/UT transform of
+        the delta rule generalised to ``a != b`` (the delta rule is ``a = -beta k, b = k``).
+      segment_ids: None or int ``[B, T]``: the state restarts (from zero) wherever the id
+        changes between ``t - 1`` and ``t``; ``initial_state`` is the first segment's and the
+        final state is the last segment's. Exact masking, not a ``-inf`` gate: every pair
+        ``(t, j)`` in different segments, the entering state's contribution to rows after a
+        restart, and the leaving state's contributions from before the last restart are
+        multiplied by 0 (one ``[C, C]`` mask per chunk), so many segments per chunk cost no
+        precision (a ``-inf`` gate would add 110 to ``|G|`` per restart).
 
     Returns:
       ``(o [B, T, H, V] fp32, final_state [B, H, K, V] fp32)``.
     """
+    if low_rank is not None and beta is not None:
+        raise ValueError("chunk_recurrence: pass beta (delta rule) or low_rank (DPLR), not both")
     f32 = jnp.float32
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -208,7 +237,19 @@ def chunk_recurrence(
         xs["g"] = g
     if beta is not None:
         xs["beta"] = beta
+    if low_rank is not None:
+        xs["a"], xs["b"] = low_rank
     xs = {name: _to_chunks(x.astype(f32), N, C) for name, x in xs.items()}  # [N, B, H, C, ...]
+    if segment_ids is not None:
+        # Document index per token (0 for the first segment), padded with the last one so that
+        # padded steps join the last segment; [N, B, 1, C] broadcasts over heads.
+        doc = jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+        doc = jnp.pad(doc, [(0, 0), (0, N * C - T)], mode="edge")
+        doc = doc.reshape(B, N, 1, C).transpose(1, 0, 2, 3)
+        xs["doc"] = doc
+        xs["doc_prev"] = jnp.concatenate(  # the document of the state entering each chunk
+            [jnp.zeros((1, B, 1), jnp.int32), doc[:-1, ..., -1]], axis=0
+        )
 
     def chunk_step(S, x):
         """One chunk: ``S [B, H, K, V]`` in, ``(S_out, o [B, H, C, V])`` out."""
@@ -222,13 +263,32 @@ def chunk_recurrence(
             k_dec = kc * jnp.exp(G_last - Ge)
             gamma = jnp.swapaxes(jnp.exp(G_last), -1, -2)  # [B, H, K or 1, 1]
         else:
-            G = Ge = None
+            G = Ge = G_last = None
             q_dec, k_dec, gamma = qc, kc, 1.0
-        A_qk = intra_chunk_scores(qc, kc, G, strict=False) * scale  # [B, H, C, C]
+        if "doc" in x:
+            doc = x["doc"]  # [B, 1, C]
+            same = (doc[..., :, None] == doc[..., None, :]).astype(f32)  # [B, 1, C, C]
+            first = (doc == x["doc_prev"][..., None]).astype(f32)[..., None]  # reads S_0
+            last = (doc == doc[..., -1:]).astype(f32)[..., None]  # reaches S_out
+            q_dec, k_dec = q_dec * first, k_dec * last
+            gamma = gamma * first[..., -1:, :]  # S_0 survives iff no restart in the chunk
+        else:
+            same = first = last = None
+
+        def scores(x_row, x_col, strict):
+            A = intra_chunk_scores(x_row, x_col, G, strict=strict)
+            return A if same is None else A * same
+
+        if "a" in x:
+            return _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same,
+                               scale)
+        A_qk = scores(qc, kc, False) * scale  # [B, H, C, C]
         if "beta" in x:
             bc = x["beta"][..., None]  # [B, H, C, 1]
-            A_kk = intra_chunk_scores(kc, kc, G, strict=True)
+            A_kk = scores(kc, kc, True)
             k_fwd = kc if Ge is None else kc * jnp.exp(Ge)
+            if first is not None:
+                k_fwd = k_fwd * first
             rhs = jnp.concatenate([bc * vc, bc * k_fwd], axis=-1)
             W = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(bc * A_kk), rhs)
             U = W[..., :V] - jnp.einsum("bhck,bhkv->bhcv", W[..., V:], S)
@@ -241,3 +301,53 @@ def chunk_recurrence(
     S0 = jnp.zeros((B, H, K, V), f32) if initial_state is None else initial_state.astype(f32)
     S_final, o = lax.scan(jax.checkpoint(chunk_step), S0, xs)
     return _from_chunks(o, T), S_final
+
+
+def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, scale):
+    """The chunk step of the diagonal-plus-low-rank transition (see :func:`chunk_recurrence`).
+
+    ``w_t = b_t S_{t-1}`` unrolls inside the chunk to
+    ``w_t = (b_t * exp(G_{t-1})) S_0 + sum_{j<t} A^ba_tj w_j + sum_{j<t} A^bk_tj v_j``, solved
+    as ``W = (I - A^ba)^{-1} [A^bk V + (B * exp(G_excl)) S_0]``; then
+    ``o = scale (Q * exp(G)) S_0 + A^qk V + A^qa W`` and
+    ``S_out = exp(G_C) S_0 + (K * exp(G_C - G))^T V + (A * exp(G_C - G))^T W``.
+    The ``b`` rows' scores use the exclusive gate ``G_{t-1}``: they are computed as the
+    inclusive scores of the shifted rows ``b_{t+1}``, moved down one row, so that all four
+    score matrices share one gate and batch in pairs.
+    """
+    vc, ac, bc = x["v"], x["a"], x["b"]
+    V = vc.shape[-1]
+    if G is None:
+        b_dec, a_dec = bc, ac
+    else:
+        # Exclusive cumulative gate G_{t-1} (0 before the chunk's first step).
+        G_excl = jnp.concatenate([jnp.zeros_like(G[:, :, :1]), G[:, :, :-1]], axis=2)
+        b_dec = bc * jnp.exp(G_excl if G_excl.ndim == 4 else G_excl[..., None])
+        a_dec = ac * jnp.exp(G_last - Ge)
+    if first is not None:
+        b_dec, a_dec = b_dec * first, a_dec * last
+    # The b rows read S_{t-1}: A^b_tj = sum_c b_tc y_jc exp(G_{t-1,c} - G_jc) (j < t) is row
+    # t - 1 of the inclusive scores of the shifted rows b_{i+1} (j <= i). So all four score
+    # matrices share one gate and one set of decay factors.
+    b_next = jnp.concatenate([bc[:, :, 1:], jnp.zeros_like(bc[:, :, :1])], axis=2)
+    rows = jnp.stack([x["q"], b_next])
+    G2 = None if G is None else jnp.broadcast_to(G, (2,) + G.shape)
+    # Two calls with the row pair batched (cheaper to differentiate than one 2 x 2 product).
+    A_same = intra_chunk_scores(rows, jnp.stack([x["k"], ac]), G2, strict=False)  # qk, b'a
+    A_swap = intra_chunk_scores(rows, jnp.stack([ac, x["k"]]), G2, strict=False)  # qa, b'k
+
+    def shift_down(M):  # row t <- row t - 1 of the shifted-row scores; row 0 reads nothing
+        return jnp.concatenate([jnp.zeros_like(M[..., :1, :]), M[..., :-1, :]], axis=-2)
+
+    A_qk, A_qa, A_bk, A_ba = A_same[0], A_swap[0], shift_down(A_swap[1]), shift_down(A_same[1])
+    if same is not None:
+        A_qk, A_qa, A_bk, A_ba = (M * same for M in (A_qk, A_qa, A_bk, A_ba))
+    A_qk, A_qa = A_qk * scale, A_qa * scale
+    rhs = jnp.concatenate([jnp.einsum("bhij,bhjv->bhiv", A_bk, vc), b_dec], axis=-1)
+    Wf = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(-A_ba), rhs)
+    W = Wf[..., :V] + jnp.einsum("bhck,bhkv->bhcv", Wf[..., V:], S)
+    o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
+    o = o + jnp.einsum("bhij,bhjv->bhiv", A_qk, vc) + jnp.einsum("bhij,bhjv->bhiv", A_qa, W)
+    S_out = gamma * S + jnp.einsum("bhck,bhcv->bhkv", k_dec, vc)
+    S_out = S_out + jnp.einsum("bhck,bhcv->bhkv", a_dec, W)
+    return S_out, o

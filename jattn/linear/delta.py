@@ -7,22 +7,25 @@ from functools import partial
 import jax
 
 from jattn.linear import _checks
-from jattn.linear.chunk import chunk_recurrence
+from jattn.linear.chunk import chunk_recurrence, segment_starts
 from jattn.linear.recurrent import L2NORM_EPS, delta_rule_recurrent, l2norm
 from jattn.linear.reference import delta_rule_reference
 
 
 @partial(jax.jit, static_argnames=("impl", "scale", "chunk_size", "use_qk_l2norm"))
-def _delta_xla(q, k, v, beta, g, initial_state, *, impl, scale, chunk_size, use_qk_l2norm):
+def _delta_xla(
+    q, k, v, beta, g, initial_state, segment_ids=None, *, impl, scale, chunk_size,
+    use_qk_l2norm,
+):
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
+    start = None if segment_ids is None else segment_starts(segment_ids)
+    kw = dict(scale=scale, initial_state=initial_state)
     if impl == "reference":
-        return delta_rule_reference(q, k, v, beta, g, scale=scale, initial_state=initial_state)
+        return delta_rule_reference(q, k, v, beta, g, start=start, **kw)
     if impl == "recurrent":
-        return delta_rule_recurrent(q, k, v, beta, g, scale=scale, initial_state=initial_state)
-    return chunk_recurrence(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size
-    )
+        return delta_rule_recurrent(q, k, v, beta, g, start=start, **kw)
+    return chunk_recurrence(q, k, v, g, beta, chunk_size=chunk_size, segment_ids=segment_ids, **kw)
 
 
 def delta_rule(
@@ -39,6 +42,7 @@ def delta_rule(
     chunk_size: int = 64,
     implementation: str | None = None,
     context_axis: str | tuple[str, ...] | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Linear attention with the (gated) delta-rule state update.
 
@@ -80,6 +84,9 @@ def delta_rule(
         ``pallas_kernels.chunk_delta_rule`` on already L2-normalized q, k).
       context_axis: None, or a mesh axis name (under ``jax.set_mesh``) that splits ``T``:
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
+      segment_ids: None or int ``[B, T]``: packed sequences, as in :func:`jattn.linear.gla`
+        (the state restarts at each change of id; ``initial_state`` is the first segment's,
+        the final state the last's; not with ``context_axis`` or ``"pallas"``).
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -92,6 +99,8 @@ def delta_rule(
     if g is not None:
         _checks.check_gate("g", g, B, T, H, K)
     _checks.check_state("initial_state", initial_state, B, H, K, V)
+    _checks.check_segment_ids(segment_ids, B, T)
+    _checks.no_segments_with_context(segment_ids, context_axis)
     chunk_size = _checks.check_chunk_size(chunk_size)
     _checks.check_implementation(implementation)
     scale = float(_checks.default_scale(scale, K))
@@ -107,6 +116,10 @@ def delta_rule(
         return o.astype(dtype), S
 
     impl = _checks.pick(implementation)
+    if impl in ("pallas", "pallas?") and _checks.pallas_segments(
+        impl == "pallas", segment_ids, "chunk_delta_rule"
+    ):
+        impl = "chunk"
     if impl in ("pallas", "pallas?"):
         qn, kn = (l2norm(q).astype(q.dtype), l2norm(k).astype(k.dtype)) if use_qk_l2norm else (q, k)
         res = _checks.call_pallas(
@@ -133,6 +146,7 @@ def delta_rule(
         beta,
         g,
         initial_state,
+        segment_ids,
         impl=impl,
         scale=scale,
         chunk_size=chunk_size,

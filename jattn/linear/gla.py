@@ -9,19 +9,21 @@ import jax
 import jax.numpy as jnp
 
 from jattn.linear import _checks
-from jattn.linear.chunk import chunk_recurrence
+from jattn.linear.chunk import chunk_recurrence, segment_starts
 from jattn.linear.recurrent import gla_recurrent
 from jattn.linear.reference import gla_reference
 
 
 @partial(jax.jit, static_argnames=("impl", "scale", "chunk_size"))
-def _gla_xla(q, k, v, g, initial_state, *, impl, scale, chunk_size):
+def _gla_xla(q, k, v, g, initial_state, segment_ids=None, *, impl, scale, chunk_size):
+    start = None if segment_ids is None else segment_starts(segment_ids)
     if impl == "reference":
-        return gla_reference(q, k, v, g, scale=scale, initial_state=initial_state)
+        return gla_reference(q, k, v, g, scale=scale, initial_state=initial_state, start=start)
     if impl == "recurrent":
-        return gla_recurrent(q, k, v, g, scale=scale, initial_state=initial_state)
+        return gla_recurrent(q, k, v, g, scale=scale, initial_state=initial_state, start=start)
     return chunk_recurrence(
-        q, k, v, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size
+        q, k, v, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+        segment_ids=segment_ids,
     )
 
 
@@ -37,6 +39,7 @@ def gla(
     chunk_size: int = 64,
     implementation: str | None = None,
     context_axis: str | tuple[str, ...] | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gated linear attention with a data-dependent (or constant) decay in log space.
 
@@ -70,6 +73,12 @@ def gla(
         (``pallas_kernels.chunk_gla``), or None: Pallas on GPU/TPU when available, else chunk.
       context_axis: None, or a mesh axis name (under ``jax.set_mesh``) that splits ``T``:
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
+      segment_ids: None or int ``[B, T]``: packed sequences. The state restarts from zero
+        wherever the id changes between ``t - 1`` and ``t`` (equal to running each segment
+        separately; boundaries are data, so moving them does not recompile).
+        ``initial_state`` is the first segment's, the final state the last segment's. Not
+        with ``context_axis`` or ``implementation="pallas"`` (NotImplementedError; None
+        falls back to the chunk form).
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -79,6 +88,8 @@ def gla(
     B, T, H, K, V = _checks.check_qkv(q, k, v)
     _checks.check_gate("g", g, B, T, H, K)
     _checks.check_state("initial_state", initial_state, B, H, K, V)
+    _checks.check_segment_ids(segment_ids, B, T)
+    _checks.no_segments_with_context(segment_ids, context_axis)
     chunk_size = _checks.check_chunk_size(chunk_size)
     _checks.check_implementation(implementation)
     scale = float(_checks.default_scale(scale, K))
@@ -92,6 +103,10 @@ def gla(
         return o.astype(dtype), S
 
     impl = _checks.pick(implementation)
+    if impl in ("pallas", "pallas?") and _checks.pallas_segments(
+        impl == "pallas", segment_ids, "chunk_gla"
+    ):
+        impl = "chunk"
     if impl in ("pallas", "pallas?"):
         res = _checks.call_pallas(
             "chunk_gla",
@@ -109,7 +124,9 @@ def gla(
             o, S = res
             return o.astype(dtype), (S if output_final_state else None)
         impl = "chunk"
-    o, S = _gla_xla(q, k, v, g, initial_state, impl=impl, scale=scale, chunk_size=chunk_size)
+    o, S = _gla_xla(
+        q, k, v, g, initial_state, segment_ids, impl=impl, scale=scale, chunk_size=chunk_size
+    )
     return o.astype(dtype), (S if output_final_state else None)
 
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jattn.linear import _checks
-from jattn.linear.chunk import chunk_recurrence
+from jattn.linear.chunk import chunk_recurrence, segment_starts
 from jattn.linear.feature_maps import resolve_feature_map
 from jattn.linear.recurrent import (
     LinearAttentionState,
@@ -49,10 +49,14 @@ def _featurize(q, k, feature_map, params):
 
 
 @partial(jax.jit, static_argnames=("impl", "causal", "normalize", "scale", "chunk_size"))
-def _linear_xla(fq, fk, v, kv0, z0, *, impl, causal, normalize, scale, chunk_size):
+def _linear_xla(
+    fq, fk, v, kv0, z0, segment_ids=None, *, impl, causal, normalize, scale, chunk_size
+):
+    start = None if segment_ids is None else segment_starts(segment_ids)
     if impl == "reference":
         return linear_attention_reference(
-            fq, fk, v, causal=causal, normalize=normalize, scale=scale, kv0=kv0, z0=z0
+            fq, fk, v, causal=causal, normalize=normalize, scale=scale, kv0=kv0, z0=z0,
+            start=start,
         )
     v = v.astype(jnp.float32)
     if not causal:  # recurrent = prefill the state token by token, then read it out
@@ -69,14 +73,16 @@ def _linear_xla(fq, fk, v, kv0, z0, *, impl, causal, normalize, scale, chunk_siz
         return _ratio(num, den, normalize, scale), (kv, z)
     if impl == "recurrent":
         return linear_attention_recurrent(
-            fq, fk, v, normalize=normalize, scale=scale, state=LinearAttentionState(kv0, z0)
+            fq, fk, v, normalize=normalize, scale=scale, state=LinearAttentionState(kv0, z0),
+            start=start,
         )
     # chunk: the shared backbone with no decay; a ones column appended to v carries z.
     V = v.shape[-1]
     v_aug = jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), jnp.float32)], axis=-1)
     S0 = jnp.concatenate([kv0, z0[..., None]], axis=-1)
     o_aug, S = chunk_recurrence(
-        fq, fk, v_aug, None, scale=1.0, initial_state=S0, chunk_size=chunk_size
+        fq, fk, v_aug, None, scale=1.0, initial_state=S0, chunk_size=chunk_size,
+        segment_ids=segment_ids,
     )
     return _ratio(o_aug[..., :V], o_aug[..., V], normalize, scale), (S[..., :V], S[..., V])
 
@@ -96,6 +102,7 @@ def linear_attention(
     output_final_state: bool = False,
     chunk_size: int = 64,
     context_axis: str | tuple[str, ...] | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, LinearAttentionState | None]:
     """Kernelized linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
 
@@ -123,6 +130,9 @@ def linear_attention(
       chunk_size: chunk length of the chunk path.
       context_axis: None, or a mesh axis name (under ``jax.set_mesh``) that splits ``T``:
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
+      segment_ids: None or int ``[B, T]`` (``causal=True`` only): packed sequences, as in
+        :func:`jattn.linear.gla`; ``kv`` and ``z`` restart at each change of id. Not with
+        ``context_axis`` or ``"pallas"``.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``. A zero
@@ -133,6 +143,13 @@ def linear_attention(
     chunk_size = _checks.check_chunk_size(chunk_size)
     scale = float(_checks.default_scale(scale, D))
     dtype = _checks.out_dtype(q, k, v)
+    _checks.check_segment_ids(segment_ids, B, T)
+    _checks.no_segments_with_context(segment_ids, context_axis)
+    if segment_ids is not None and not causal:
+        raise NotImplementedError(
+            "linear_attention: segment_ids needs causal=True (a non-causal per-segment sum "
+            "would need one state per segment)"
+        )
     fq, fk = _featurize(q, k, feature_map, feature_map_params)
     if fq.shape[:3] != (B, T, H) or fk.shape != fq.shape:
         raise ValueError(
@@ -149,6 +166,10 @@ def linear_attention(
         return o.astype(dtype), (LinearAttentionState(kv, z) if output_final_state else None)
 
     impl = _checks.pick(implementation)
+    if impl in ("pallas", "pallas?") and _checks.pallas_segments(
+        impl == "pallas", segment_ids, "chunk_gla"
+    ):
+        impl = "chunk"
     if impl in ("pallas", "pallas?"):
         explicit = impl == "pallas"
         res = None
@@ -192,6 +213,7 @@ def linear_attention(
         v,
         state.kv,
         state.z,
+        segment_ids,
         impl=impl,
         causal=bool(causal),
         normalize=bool(normalize),

@@ -52,6 +52,14 @@ def _delta_update(S, q_t, k_t, v_t, b_t, g_t, scale):
     return scale * jnp.einsum("bhk,bhkv->bhv", q_t, S), S
 
 
+def _dplr_update(S, q_t, k_t, v_t, a_t, b_t, g_t, scale):
+    read = jnp.einsum("bhk,bhkv->bhv", b_t, S)  # b_t S_{t-1}, before the decay
+    if g_t is not None:
+        S = jnp.exp(g_t if g_t.ndim == 3 else g_t[..., None])[..., None] * S
+    S = S + a_t[..., :, None] * read[..., None, :] + k_t[..., :, None] * v_t[..., None, :]
+    return scale * jnp.einsum("bhk,bhkv->bhv", q_t, S), S
+
+
 def _linear_update(state, fq, fk, v_t, normalize, scale):
     kv = state.kv + fk[..., :, None] * v_t[..., None, :]
     z = state.z + fk
@@ -167,6 +175,43 @@ def delta_rule_step(
     return o.astype(dtype), S
 
 
+def dplr_delta_rule_step(
+    q_t: jax.Array,
+    k_t: jax.Array,
+    v_t: jax.Array,
+    a_t: jax.Array,
+    b_t: jax.Array,
+    state: jax.Array | None = None,
+    *,
+    g_t: jax.Array | None = None,
+    scale: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One decoding step of the diagonal-plus-low-rank delta rule
+    (see :func:`jattn.linear.dplr_delta_rule`).
+
+    ``S = (diag(exp g_t) + a_t^T b_t) S + k_t^T v_t``; ``o_t = scale * q_t S``.
+
+    Args:
+      q_t, k_t, a_t, b_t: ``[B, H, K]``; v_t: ``[B, H, V]``.
+      state: ``[B, H, K, V]`` or None. g_t: None, ``[B, H]`` or ``[B, H, K]`` log-decay
+        (<= 0; a concrete entry > 0 or NaN raises ``ValueError``).
+
+    Returns:
+      ``(o_t [B, H, V], state [B, H, K, V] fp32)``.
+    """
+    B, H, K, V = _check_token(q_t, k_t, v_t, state)
+    for name, x in (("a_t", a_t), ("b_t", b_t)):
+        _checks.check_float(name, x)
+        if x.shape != (B, H, K):
+            raise ValueError(f"{name} must have shape [B, H, K] = {(B, H, K)}, got {x.shape}")
+    if g_t is not None:
+        _check_token_gate("g_t", g_t, B, H, K)
+    dtype = _checks.out_dtype(q_t, k_t, v_t, a_t, b_t)
+    S = jnp.zeros((B, H, K, V), jnp.float32) if state is None else state.astype(jnp.float32)
+    o, S = _dplr_update(S, *_f32(q_t, k_t, v_t, a_t, b_t, g_t), _checks.default_scale(scale, K))
+    return o.astype(dtype), S
+
+
 def linear_attention_step(
     q_t: jax.Array,
     k_t: jax.Array,
@@ -226,23 +271,36 @@ def check_linear_state(
 # --- sequence forms: scans of the update rules (inputs validated by the caller) ---
 
 
-def _scan_time(update, carry, *xs):
+def _scan_time(update, carry, *xs, start=None):
+    """Scan ``update(carry, *x_t) -> (o_t, carry)`` over time; ``start [B, T]`` bool zeroes
+    the carry (every leaf) of the batch rows where a new segment starts."""
     xs = tuple(None if x is None else jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in xs)
-    carry, o = lax.scan(lambda c, x: update(c, *x)[::-1], carry, xs)
+    if start is None:
+        carry, o = lax.scan(lambda c, x: update(c, *x)[::-1], carry, xs)
+        return jnp.moveaxis(o, 0, 1), carry
+
+    def step(c, x):
+        x_t, s_t = x
+        c = jax.tree.map(
+            lambda leaf: jnp.where(s_t.reshape(s_t.shape + (1,) * (leaf.ndim - 1)), 0.0, leaf), c
+        )
+        return update(c, *x_t)[::-1]
+
+    carry, o = lax.scan(step, carry, (xs, jnp.moveaxis(start, 1, 0)))
     return jnp.moveaxis(o, 0, 1), carry
 
 
-def gla_recurrent(q, k, v, g, *, scale, initial_state=None):
+def gla_recurrent(q, k, v, g, *, scale, initial_state=None, start=None):
     B, T, H, K = q.shape
     S0 = (
         jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
         if initial_state is None
         else initial_state.astype(jnp.float32)
     )
-    return _scan_time(lambda S, *x: _gla_update(S, *x, scale), S0, q, k, v, g)
+    return _scan_time(lambda S, *x: _gla_update(S, *x, scale), S0, q, k, v, g, start=start)
 
 
-def delta_rule_recurrent(q, k, v, beta, g=None, *, scale, initial_state=None):
+def delta_rule_recurrent(q, k, v, beta, g=None, *, scale, initial_state=None, start=None):
     B, T, H, K = q.shape
     S0 = (
         jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
@@ -257,10 +315,34 @@ def delta_rule_recurrent(q, k, v, beta, g=None, *, scale, initial_state=None):
             k,
             v,
             beta,
+            start=start,
         )
-    return _scan_time(lambda S, *x: _delta_update(S, *x, scale), S0, q, k, v, beta, g)
+    return _scan_time(
+        lambda S, *x: _delta_update(S, *x, scale), S0, q, k, v, beta, g, start=start
+    )
 
 
-def linear_attention_recurrent(fq, fk, v, *, normalize, scale, state):
+def linear_attention_recurrent(fq, fk, v, *, normalize, scale, state, start=None):
     """Causal linear attention on feature-mapped inputs as a scan of the step update."""
-    return _scan_time(lambda st, *x: _linear_update(st, *x, normalize, scale), state, fq, fk, v)
+    return _scan_time(
+        lambda st, *x: _linear_update(st, *x, normalize, scale), state, fq, fk, v, start=start
+    )
+
+
+def dplr_recurrent(q, k, v, a, b, g=None, *, scale, initial_state=None, start=None):
+    """:func:`dplr_delta_rule_step`'s update scanned over time."""
+    B, T, H, K = q.shape
+    S0 = (
+        jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
+        if initial_state is None
+        else initial_state.astype(jnp.float32)
+    )
+    if g is None:
+        return _scan_time(
+            lambda S, q_t, k_t, v_t, a_t, b_t: _dplr_update(S, q_t, k_t, v_t, a_t, b_t, None,
+                                                            scale),
+            S0, q, k, v, a, b, start=start,
+        )
+    return _scan_time(
+        lambda S, *x: _dplr_update(S, *x, scale), S0, q, k, v, a, b, g, start=start
+    )

@@ -16,6 +16,18 @@ def _time_major(*xs: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jnp.moveaxis(x.astype(jnp.float32), 1, 0) for x in xs)
 
 
+def _reset(S: jax.Array, start_t: jax.Array | None) -> jax.Array:
+    """Zero the state of the batch rows where a new segment starts (``start_t [B]`` bool)."""
+    if start_t is None:
+        return S
+    return jnp.where(start_t.reshape(start_t.shape + (1,) * (S.ndim - 1)), 0.0, S)
+
+
+def _starts(start: jax.Array | None, T: int) -> jax.Array:
+    """``[T, B]`` per-step restart flags (all False when there are no segments)."""
+    return jnp.zeros((T, 1), bool) if start is None else jnp.moveaxis(start, 1, 0)
+
+
 def _decay(g_t: jax.Array, K: int) -> jax.Array:
     """``exp(g_t)`` as ``[B, H, K, 1]`` from a scalar ``[B, H]`` or channel ``[B, H, K]`` gate."""
     if g_t.ndim == 2:
@@ -23,23 +35,26 @@ def _decay(g_t: jax.Array, K: int) -> jax.Array:
     return jnp.exp(g_t)[..., None]
 
 
-def gla_reference(q, k, v, g, *, scale, initial_state=None):
-    """``S_t = exp(g_t)[:, None] * S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t`` (scan)."""
+def gla_reference(q, k, v, g, *, scale, initial_state=None, start=None):
+    """``S_t = exp(g_t)[:, None] * S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t`` (scan).
+
+    ``start [B, T]`` bool (optional, every function here): ``S_{t-1}`` is replaced by 0 where
+    a new segment starts."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
     S0 = S0.astype(jnp.float32)
 
     def step(S, xs):
-        q_t, k_t, v_t, g_t = xs
-        S = _decay(g_t, K) * S + k_t[..., :, None] * v_t[..., None, :]
+        (q_t, k_t, v_t, g_t), s_t = xs
+        S = _decay(g_t, K) * _reset(S, s_t) + k_t[..., :, None] * v_t[..., None, :]
         return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
 
-    S, o = lax.scan(step, S0, _time_major(q, k, v, g))
+    S, o = lax.scan(step, S0, (_time_major(q, k, v, g), _starts(start, T)))
     return jnp.moveaxis(o, 0, 1), S
 
 
-def delta_rule_reference(q, k, v, beta, g=None, *, scale, initial_state=None):
+def delta_rule_reference(q, k, v, beta, g=None, *, scale, initial_state=None, start=None):
     """``S'_t = exp(g_t) S_{t-1}``; ``S_t = S'_t + beta_t k_t^T (v_t - k_t S'_t)``;
     ``o_t = scale q_t S_t`` (scan)."""
     B, T, H, K = q.shape
@@ -50,17 +65,19 @@ def delta_rule_reference(q, k, v, beta, g=None, *, scale, initial_state=None):
         g = jnp.zeros((B, T, H), jnp.float32)
 
     def step(S, xs):
-        q_t, k_t, v_t, b_t, g_t = xs
-        S_prime = _decay(g_t, K) * S
+        (q_t, k_t, v_t, b_t, g_t), s_t = xs
+        S_prime = _decay(g_t, K) * _reset(S, s_t)
         v_old = jnp.einsum("bhk,bhkv->bhv", k_t, S_prime)
         S = S_prime + b_t[..., None, None] * k_t[..., :, None] * (v_t - v_old)[..., None, :]
         return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
 
-    S, o = lax.scan(step, S0, _time_major(q, k, v, beta, g))
+    S, o = lax.scan(step, S0, (_time_major(q, k, v, beta, g), _starts(start, T)))
     return jnp.moveaxis(o, 0, 1), S
 
 
-def linear_attention_reference(fq, fk, v, *, causal, normalize, scale, kv0=None, z0=None):
+def linear_attention_reference(
+    fq, fk, v, *, causal, normalize, scale, kv0=None, z0=None, start=None
+):
     """Kernelized attention on feature-mapped ``fq, fk [B, T, H, F]``.
 
     Causal: a scan carrying ``S = sum_j fk_j^T v_j`` and ``z = sum_j fk_j``. Non-causal: the
@@ -76,15 +93,19 @@ def linear_attention_reference(fq, fk, v, *, causal, normalize, scale, kv0=None,
     if causal:
 
         def step(carry, xs):
-            S, z = carry
-            q_t, k_t, v_t = xs
+            (q_t, k_t, v_t), s_t = xs
+            S, z = _reset(carry[0], s_t), _reset(carry[1], s_t)
             S = S + k_t[..., :, None] * v_t[..., None, :]
             z = z + k_t
             return (S, z), (jnp.einsum("bhf,bhfv->bhv", q_t, S), jnp.einsum("bhf,bhf->bh", q_t, z))
 
-        (S, z), (num, den) = lax.scan(step, (kv0, z0), _time_major(fq, fk, v))
+        (S, z), (num, den) = lax.scan(
+            step, (kv0, z0), (_time_major(fq, fk, v), _starts(start, T))
+        )
         num, den = jnp.moveaxis(num, 0, 1), jnp.moveaxis(den, 0, 1)
     else:
+        if start is not None:
+            raise NotImplementedError("segments need causal=True")
         kernel = jnp.einsum("bihf,bjhf->bhij", fq, fk)
         num = jnp.einsum("bhij,bjhv->bihv", kernel, v) + jnp.einsum("bihf,bhfv->bihv", fq, kv0)
         den = kernel.sum(-1).transpose(0, 2, 1) + jnp.einsum("bihf,bhf->bih", fq, z0)
@@ -95,3 +116,28 @@ def linear_attention_reference(fq, fk, v, *, causal, normalize, scale, kv0=None,
     else:
         o = scale * num
     return o, (S, z)
+
+
+def dplr_reference(q, k, v, a, b, g=None, *, scale, initial_state=None, start=None):
+    """``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t`` (scan).
+
+    ``a_t^T b_t`` is the ``[K, K]`` outer product: ``a_t^T (b_t S_{t-1})`` reads the state along
+    ``b_t`` and writes the read-out row along ``a_t``. ``g`` None means ``diag(exp g) = I``.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
+    S0 = S0.astype(jnp.float32)
+    if g is None:
+        g = jnp.zeros((B, T, H), jnp.float32)
+
+    def step(S, xs):
+        (q_t, k_t, v_t, a_t, b_t, g_t), s_t = xs
+        S = _reset(S, s_t)
+        read = jnp.einsum("bhk,bhkv->bhv", b_t, S)
+        S = _decay(g_t, K) * S + a_t[..., :, None] * read[..., None, :]
+        S = S + k_t[..., :, None] * v_t[..., None, :]
+        return S, scale * jnp.einsum("bhk,bhkv->bhv", q_t, S)
+
+    S, o = lax.scan(step, S0, (_time_major(q, k, v, a, b, g), _starts(start, T)))
+    return jnp.moveaxis(o, 0, 1), S

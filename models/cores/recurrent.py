@@ -17,6 +17,8 @@ retnet                 retention, constant per-head decay (Sun et al. 2023)
 deltanet               delta rule (Yang et al. 2024)
 gated_deltanet         scalar decay + delta rule (Yang et al. 2025)
 kda                    Kimi Delta Attention: per-channel decay + delta rule (Kimi Team 2025)
+deltaproduct           num_householder delta steps per token, scalar decay (Siems et al. 2025)
+rwkv7                  RWKV-7 time mix (simplified): the DPLR delta rule (Peng et al. 2025)
 =====================  ==========================================================================
 """
 
@@ -39,7 +41,7 @@ from models.registry import register_mechanism
 from models.sharding import param
 
 __all__ = ["RecurrentCore", "Linear", "GLA", "RetNet", "DeltaNet", "GatedDeltaNet", "KDA",
-           "Kernelized", "linear_kwargs"]
+           "DeltaProduct", "RWKV7", "Kernelized", "linear_kwargs"]
 
 
 class RecurrentCore(Core):
@@ -280,6 +282,149 @@ class KDA(_DeltaBase):
     def delta_gates(self, inp):
         dt = jax.nn.softplus(self.decay(inp.x) + self.dt_bias[...])
         return -jnp.exp(self.a_log[...])[:, None] * dt
+
+
+@register_mechanism("deltaproduct")
+class DeltaProduct(GatedDeltaNet):
+    """Gated DeltaProduct (Siems et al., "DeltaProduct: Improving State-Tracking in Linear RNNs
+    via Householder Products", 2025): per token, the Gated DeltaNet decay then
+    ``num_householder`` (``n_h``) delta-rule steps, so the transition is a product of ``n_h``
+    generalized Householder matrices (``jattn.linear.delta_product``).
+
+    Step 0 uses the block's k/v projections; steps ``1..n_h-1`` have their own
+    (``[D] -> [n_h - 1, H, Dh]``); ``beta [n_h, H]`` per token, ``sigmoid`` (times 2 with
+    ``allow_neg_eigval``, the paper's negative-eigenvalue variant). SiLU + L2-normed q/k, decay
+    ``-exp(A_log) softplus(x W_a + dt_bias)``, per-head RMSNorm + ``swish(x W_r)`` output. The
+    paper's short convolutions are omitted (as in this file's other cores).
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        num_householder: int = 2  # delta-rule steps per token (1: Gated DeltaNet)
+        allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1)
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        n_h, h, dh = self.opts.num_householder, cfg.num_heads, cfg.dh
+        if not isinstance(n_h, int) or isinstance(n_h, bool) or n_h < 1:
+            raise ValueError(f"num_householder must be a positive int, got {n_h!r}")
+        self.beta = Dense((cfg.d_model,), (n_h, h), ("embed",), (None, "heads"), use_bias=True,
+                          rngs=rngs)
+        self.kv_extra = (Dense((cfg.d_model,), (2, n_h - 1, h, dh), ("embed",),
+                               (None, None, "heads", "kv"), rngs=rngs) if n_h > 1 else None)
+
+    def heads(self, inp):
+        q, k, v = _RecurrentBase.heads(self, inp)
+        if self.kv_extra is not None:  # [B, T, n_h, H, Dh] -> [B, T * n_h, H, Dh]
+            extra = self.kv_extra(inp.x)
+            b, t, h, dh = k.shape
+            n_h = self.opts.num_householder
+            k = jnp.concatenate([k[:, :, None], extra[:, :, 0].astype(k.dtype)], axis=2)
+            v = jnp.concatenate([v[:, :, None], extra[:, :, 1].astype(v.dtype)], axis=2)
+            k, v = k.reshape(b, t * n_h, h, dh), v.reshape(b, t * n_h, h, v.shape[-1])
+        return jax.nn.silu(q), jax.nn.silu(k), v
+
+    def gates(self, inp):
+        beta = jax.nn.sigmoid(self.beta(inp.x).astype(jnp.float32))  # [B, T, n_h, H]
+        if self.opts.allow_neg_eigval:
+            beta = 2.0 * beta
+        b, t = beta.shape[:2]
+        return {"beta": beta.reshape(b, t * self.opts.num_householder, -1),
+                "g": self.delta_gates(inp)}
+
+    def run(self, q, k, v, state, want_state, beta, g):
+        return jattn.linear.delta_product(
+            q, k, v, beta, num_householder=self.opts.num_householder, g=g, initial_state=state,
+            output_final_state=want_state, use_qk_l2norm=True, **linear_kwargs(self.cfg))
+
+
+class _LoRA(nnx.Module):
+    """``x -> act(x W_down) W_up (+ b)``, ``W_down [D, r]``, ``W_up [r, H, K]`` (RWKV-7's LoRAs)."""
+
+    def __init__(self, cfg: AttentionConfig, rank: int, act, bias: bool, *, rngs: nnx.Rngs):
+        self.act = act
+        self.down = Dense((cfg.d_model,), (rank,), ("embed",), (None,), rngs=rngs)
+        self.up = Dense((rank,), (cfg.num_heads, cfg.dh), (None,), ("heads", "kv"),
+                        use_bias=bias, init_scale=0.1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.up(self.act(self.down(x))).astype(jnp.float32)
+
+
+@register_mechanism("rwkv7")
+class RWKV7(_RecurrentBase):
+    """RWKV-7 "Goose" time mixing (Peng et al., "RWKV-7 'Goose' with Expressive Dynamic State
+    Evolution", 2025), simplified, on :func:`jattn.linear.dplr_delta_rule`.
+
+    With ``xx = x_{t-1} - x_t`` (token shift; the cache keeps the last token) and learned mixes
+    ``x_* = x + xx * mu_*``: decay ``w = exp(-0.606531 sigmoid(w_0 + tanh(x_w W_1) W_2))``
+    (per channel), in-context learning rate ``a = sigmoid(a_0 + x_a A_1 A_2)``,
+    ``kappa_hat = l2norm(k * k_k)``, ``k~ = k * (1 + (a - 1) * k_a)``; the state follows
+
+        S_t = (diag(w_t) - (a_t * kappa_hat_t)^T kappa_hat_t) S_{t-1} + k~_t^T v_t
+
+    (RWKV's ``wkv [V, K]`` transposed: DPLR with ``a = -a_t * kappa_hat``, ``b = kappa_hat``),
+    ``o_t = r_t S_t`` (``r`` = the block's query, no ``1/sqrt(K)``), per-head RMSNorm, plus
+    the bonus ``sum(r_t * k~_t * r_k) v_t``, times the output gate
+    ``sigmoid(x_g G_1) G_2``. Implemented: token shift for the decay / ICL / gate inputs, the
+    LoRA decay, ICL rate, key normalization and key-rate coupling, bonus, output gate.
+    Omitted: token shift of r/k/v (the block projects them from ``x``), the value residual
+    across layers, GroupNorm (RMSNorm here), the channel-mix block. Option
+    ``rwkv7_lora_rank``.
+    """
+
+    out_gate = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        rwkv7_lora_rank: int = 16  # rank of the decay / ICL / gate LoRAs
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        r, h, dh = self.opts.rwkv7_lora_rank, cfg.num_heads, cfg.dh
+        zeros, ones = nnx.initializers.zeros_init(), nnx.initializers.ones_init()
+        self.mix = param(rngs, nnx.initializers.constant(0.5), (3, cfg.d_model), (None, "embed"))
+        self.decay = _LoRA(cfg, r, jnp.tanh, True, rngs=rngs)
+        self.icl = _LoRA(cfg, r, lambda x: x, True, rngs=rngs)
+        self.gate = _LoRA(cfg, r, jax.nn.sigmoid, False, rngs=rngs)
+        self.k_k = param(rngs, nnx.initializers.constant(0.85), (h, dh), ("heads", "kv"))
+        self.k_a = param(rngs, ones, (h, dh), ("heads", "kv"))
+        self.r_k = param(rngs, zeros, (h, dh), ("heads", "kv"))
+
+    def init_cache(self, batch, max_len, policy):
+        return {**super().init_cache(batch, max_len, policy),
+                "x_prev": jnp.zeros((batch, self.cfg.d_model), jnp.float32)}
+
+    def decode(self, inp, cache, index, policy):
+        o, state = self._time_mix(inp, cache["state"], True, cache["x_prev"])
+        return o, {**cache, "state": state.astype(jnp.float32),
+                   "x_prev": inp.x[:, -1].astype(jnp.float32)}
+
+    def recur(self, inp, state, want_state):
+        return self._time_mix(inp, state, want_state, None)
+
+    def _time_mix(self, inp, state, want_state, x_prev):
+        x = inp.x
+        first = jnp.zeros_like(x[:, :1]) if x_prev is None else x_prev[:, None].astype(x.dtype)
+        xx = jnp.concatenate([first, x[:, :-1]], axis=1) - x
+        mix = self.mix[...].astype(x.dtype)
+        x_w, x_a, x_g = (x + xx * mix[i] for i in range(3))
+        r, k, v = self.heads(inp)
+        r, k, v = (t.astype(jnp.float32) for t in (r, k, v))
+        g = -0.606531 * jax.nn.sigmoid(self.decay(x_w))  # log of RWKV-7's decay w
+        a = jax.nn.sigmoid(self.icl(x_a))
+        kappa = jattn.linear.l2norm(k * self.k_k[...])
+        k = k * (1 + (a - 1) * self.k_a[...])
+        kw = linear_kwargs(self.cfg)
+        kw.update(scale=1.0 if self.cfg.scale is None else self.cfg.scale)
+        if kw["implementation"] == "pallas":
+            kw["implementation"] = None  # no DPLR kernel: None falls back to the chunk form
+        o, final = jattn.linear.dplr_delta_rule(r, k, v, -a * kappa, kappa, g=g,
+                                                initial_state=state,
+                                                output_final_state=want_state, **kw)
+        o = self.out(x, o)
+        bonus = jnp.sum(r * k * self.r_k[...], axis=-1, keepdims=True) * v
+        return ((o + bonus) * self.gate(x_g)).astype(inp.v.dtype), final
 
 
 class Kernelized(nnx.Module):
