@@ -26,6 +26,10 @@ import ml_collections
 
 from configs.common import base_config, model_config, parse_tokens, set_fields, tiny
 
+# What ARG may be (`--config FILE:ARG`), listed by `python -m experiments.run --help`.
+ARGS = ("comma-separated tokens: cpu (a 2-core CPU run), tiny (tests), 1layer | 3layer, "
+        "sgd | adamw, relu | sigmoid | softmax; default: the paper's setup (1 layer, AdamW, "
+        "softmax)")
 TOKENS = ("cpu", "tiny", "1layer", "3layer", "sgd", "adamw", "relu", "sigmoid", "softmax")
 
 

@@ -14,6 +14,8 @@ import ml_collections
 
 from configs.common import adamw_cosine_run, base_config, model_config
 
+# What ARG may be (`--config FILE:ARG`), listed by `python -m experiments.run --help`.
+ARGS = "a size: tiny (tests) | small (default) | base"
 SIZES = {
     # name: (d_model, num_layers, num_heads, seq_len, batch, steps, lr)
     "tiny": (32, 1, 2, 32, 16, 30, 3e-3),

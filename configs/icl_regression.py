@@ -16,6 +16,9 @@ import ml_collections
 
 from configs.common import base_config, model_config, set_fields
 
+# What ARG may be (`--config FILE:ARG`), listed by `python -m experiments.run --help`.
+ARGS = "an integer: the number of training steps (default 40000)"
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config(task="icl_regression")

@@ -29,6 +29,9 @@ import ml_collections
 
 from configs.common import base_config, model_config, parse_tokens, set_fields, tiny
 
+# What ARG may be (`--config FILE:ARG`), listed by `python -m experiments.run --help`.
+ARGS = ("comma-separated tokens: 64 | 128 | 256 (seq_len, num_kv_pairs) = (64, 4) | "
+        "(128, 8) | (256, 16), default 64; cpu (a 2-core CPU run), tiny (tests)")
 TOKENS = ("64", "128", "256", "cpu", "tiny")
 SIZES = {"64": (64, 4), "128": (128, 8), "256": (256, 16)}
 # Training mixture per preset (Zoology trains on several sizes at once). Measured at

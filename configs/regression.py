@@ -8,6 +8,9 @@ import ml_collections
 
 from configs.common import base_config, model_config
 
+# What ARG may be (`--config FILE:ARG`), listed by `python -m experiments.run --help`.
+ARGS = "an integer: the number of training steps (default 200)"
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """`arg`: optional number of steps, e.g. `configs/regression.py:40`."""

@@ -14,6 +14,8 @@ import ml_collections
 
 from configs.common import adamw_cosine_run, base_config, model_config
 
+# What ARG may be (`--config FILE:ARG`), listed by `python -m experiments.run --help`.
+ARGS = "a size: tiny (tests) | small (default)"
 SIZES = {
     # name: (ViT size, patch, batch, steps, lr)
     "tiny": ("test", 2, 16, 30, 3e-3),

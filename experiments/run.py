@@ -3,6 +3,10 @@ r"""Experiment entry point.
     python -m experiments.run --config configs/NAME.py[:ARG] --workdir DIR \
         [--config.key=value ...]
 
+`--config` takes a file, or a shipped config by name (`--config mqar:cpu`); a
+`configs/NAME.py` that is not in the working directory is looked up among the shipped configs,
+so the same command works from outside the repository. `--help` lists them with their ARGs.
+
 Writes `DIR/config.json` (the resolved config), TensorBoard events in `DIR`,
 checkpoints in `DIR/checkpoints`, and `DIR/summary.json` at the end. Re-running the
 same command resumes from the latest complete checkpoint. One live run per workdir (a
@@ -21,16 +25,23 @@ Kubernetes (JAX detects the cluster), or give the coordinator explicitly:
 
 from __future__ import annotations
 
+import ast
 import logging as py_logging
 import os
 import re
 import sys
+import textwrap
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file: configs/NAME.py[:ARG].", lock_config=True
+    "config",
+    None,
+    "Experiment config: a file configs/NAME.py[:ARG], or a shipped config NAME[:ARG] "
+    "(--help lists them).",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
 _RESTART = flags.DEFINE_bool(
@@ -53,6 +64,99 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", int(os.environ.get("JAX_PROCESS_ID", "0")), "This process's index."
 )
+
+
+# The shipped configs: `configs/` beside `experiments/`, in the checkout and in a wheel alike (where
+# both live under `jattn_lab/`). Found on the filesystem: configs import models (and JAX), which
+# `--help` and a bad path should not pay for, and the runner never imports `configs`.
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def describe_config(path: Path) -> dict | None:
+    """``{"name", "summary", "args"}`` of a config file, read with `ast` (nothing is imported),
+    or None if it defines no ``get_config`` (``common.py``, ``__init__.py``).
+
+    ``summary`` is the module docstring's first paragraph on one line; ``args`` the module's
+    ``ARGS`` string, the one declaration each shipped config makes for `--help`: what its ARG
+    (``--config FILE:ARG``) may be.
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+        return None
+    doc = ast.get_docstring(tree) or ""
+    summary = " ".join(doc.split("\n\n", 1)[0].split())
+    args = ""
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else (
+            node.target if isinstance(node, ast.AnnAssign) else None)
+        if isinstance(target, ast.Name) and target.id == "ARGS" and node.value is not None:
+            args = ast.literal_eval(node.value)
+    return {"name": path.stem, "summary": summary, "args": " ".join(str(args).split())}
+
+
+def shipped_configs(folder: Path = SHIPPED_CONFIGS) -> list[dict]:
+    """`describe_config` of every config file in ``folder``, by name."""
+    found = (describe_config(p) for p in sorted(folder.glob("*.py")))
+    return [d for d in found if d is not None]
+
+
+def configs_help(folder: Path = SHIPPED_CONFIGS, width: int = 100) -> str:
+    """The `--help` section listing the shipped configs, their ARGs and summaries."""
+    lines = [f"Shipped configs ({folder}): --config NAME[:ARG] or --config configs/NAME.py[:ARG]"]
+    for d in shipped_configs(folder):
+        lines.append(f"  {d['name']}")
+        for label, text in (("", d["summary"]), ("ARG: ", d["args"] or "(none)")):
+            lines += textwrap.wrap(label + text, width, initial_indent=" " * 6,
+                                   subsequent_indent=" " * (6 + len(label)))
+    return "\n".join(lines)
+
+
+def resolve_config(spec: str, folder: Path = SHIPPED_CONFIGS) -> str:
+    """``FILE[:ARG]`` with FILE made a path that exists where it can be.
+
+    A FILE that exists (relative to the working directory) is kept, so a user's own
+    ``configs/x.py`` wins. Otherwise ``configs/NAME.py``, ``NAME.py`` and ``NAME`` name the
+    shipped config ``NAME`` when there is one. Anything else is returned unchanged (and then
+    reported as missing).
+    """
+    file, sep, arg = spec.partition(":")
+    if os.path.isfile(file):
+        return spec
+    parts = Path(file).parts
+    if len(parts) == 2 and parts[0] == "configs":
+        parts = parts[1:]
+    if len(parts) == 1:
+        name = parts[0][:-3] if parts[0].endswith(".py") else parts[0]
+        shipped = folder / f"{name}.py"
+        if name and shipped.is_file():
+            return f"{shipped}{sep}{arg}"
+    return spec
+
+
+def _resolve_config_argv(argv: list[str]) -> list[str]:
+    """argv with the `--config` value passed through `resolve_config`."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--":
+            break
+        if a.startswith("--config="):
+            out[i] = "--config=" + resolve_config(a.split("=", 1)[1])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
+_HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
+def _print_help_and_exit(argv: list[str]) -> None:
+    """Usage, the shipped configs, and the flags (all of absl's with --helpfull); exit 0."""
+    full = "--helpfull" in argv
+    flag_help = flags.FLAGS.get_help() if full else flags.FLAGS.main_module_help()
+    print(f"{__doc__.strip()}\n\n{configs_help()}\n\nflags:\n{flag_help}")
+    if not full:
+        print("\nTry --helpfull to see the flags of all modules.")
+    sys.exit(0)
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -106,12 +210,17 @@ def _config_load_error(path: str | None) -> str | None:
         return None
     file = path.split(":", 1)[0]
     if not os.path.isfile(file):
-        return f"config file {file!r} not found (--config={path})"
+        names = ", ".join(d["name"] for d in shipped_configs())
+        return f"config file {file!r} not found (--config={path}); shipped configs: {names}"
     return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with readable errors for bad `--config.*` overrides."""
+    """absl flag parsing with readable errors for bad `--config.*` overrides; `--help` lists
+    the shipped configs; `--config` values are resolved by `resolve_config`."""
+    if any(a in _HELP for a in argv[1:argv.index("--") if "--" in argv else len(argv)]):
+        _print_help_and_exit(argv)
+    argv = _resolve_config_argv(argv)
     missing = _config_load_error(_config_path(argv))
     if missing:
         _fail(missing)

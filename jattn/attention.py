@@ -25,7 +25,10 @@ supported there, else xla.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,6 +42,9 @@ from jattn.masks import Mask
 __all__ = ["attention", "attention_weights", "IMPLEMENTATIONS"]
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -192,9 +198,90 @@ def _prepare(q, k, v, *, mask, bias, scale, normalizer, sinks, logits_soft_cap, 
     return spec, bias4, sinks, dense, seg_q, seg_k
 
 
-def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax", sinks=None,
-              logits_soft_cap=None, segment_ids=None, return_lse=False, implementation=None,
-              context_axis=None, context_strategy="ring", score_mod=None):
+def _convenience_mask(q, k, mask, is_causal: bool, local_window_size):
+    """``mask`` ANDed with ``is_causal`` / ``local_window_size`` (jax.nn.dot_product_attention's
+    spellings, mapped onto :mod:`jattn.masks`); ``mask`` itself when neither is given."""
+    if not isinstance(is_causal, bool | np.bool_):
+        raise TypeError(f"is_causal must be a Python bool, got {type(is_causal).__name__}")
+    structural = masks_lib.causal() if is_causal else None
+    if local_window_size is not None:
+        if isinstance(local_window_size, int | np.integer) and not isinstance(
+                local_window_size, bool | np.bool_):
+            left = right = local_window_size
+        elif (isinstance(local_window_size, tuple | list) and len(local_window_size) == 2
+              and all(isinstance(w, int | np.integer) and not isinstance(w, bool | np.bool_)
+                      for w in local_window_size)):
+            left, right = local_window_size
+        else:
+            raise TypeError("local_window_size must be an int or a pair of ints (left, right), "
+                            f"got {local_window_size!r}")
+        if left < 0 or right < 0:
+            raise ValueError(f"local_window_size must be >= 0, got {local_window_size!r}")
+        window = masks_lib.local(int(left), int(right))
+        structural = window if structural is None else structural & window
+    if structural is None:
+        return mask
+    if mask is None:
+        return structural
+    if isinstance(mask, Mask):
+        return mask & structural
+    # A dense bool mask (e.g. from flax's MultiHeadAttention): AND the structural mask densely.
+    _check_qkv(q, k, k)
+    b, tq, hq, _ = q.shape
+    tk = k.shape[1]
+    _, dense = _check_mask(mask, b, hq, tq, tk)
+    return dense & structural.dense(tq, tk)
+
+
+def _flax_keywords(q, k, v, mask, *, dropout_rate, deterministic, dtype, module):
+    """Accept what ``flax.nnx.MultiHeadAttention`` passes to its ``attention_fn``; jattn has no
+    dropout and sows no weights, so those requests are errors rather than silently ignored."""
+    if deterministic is not None and mask is not None and not isinstance(mask, Mask):
+        # flax always passes `deterministic`; its masks are float 0/1 arrays by convention
+        # (nnx.make_attention_mask), read as `jnp.where(mask, ...)`: nonzero = visible. Without
+        # flax's keywords a float mask stays a TypeError (it may be meant as an additive bias).
+        if hasattr(mask, "dtype") and mask.dtype != jnp.bool_:
+            mask = jnp.asarray(mask) != 0
+    if dropout_rate and not deterministic:
+        raise ValueError(f"jattn.attention has no attention dropout: got dropout_rate="
+                         f"{dropout_rate} with deterministic={deterministic!r}; use "
+                         "dropout_rate=0.0 or deterministic=True")
+    if module is not None:
+        raise NotImplementedError("jattn.attention does not sow attention weights "
+                                  "(MultiHeadAttention(sow_weights=True)); call "
+                                  "jattn.attention_weights on the same q, k instead")
+    if dtype is not None:  # flax's computation dtype: inputs are cast to it, as flax does
+        q, k, v = (jnp.asarray(x, dtype) for x in (q, k, v))
+    return q, k, v, mask
+
+
+def attention(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike,
+    *,
+    mask: Mask | ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    scale: float | None = None,
+    normalizer: str = "softmax",
+    sinks: ArrayLike | None = None,
+    logits_soft_cap: float | None = None,
+    segment_ids: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
+    return_lse: bool = False,
+    implementation: str | None = None,
+    context_axis: str | None = None,
+    context_strategy: str = "ring",
+    score_mod: Callable[..., Array] | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    broadcast_dropout: bool = True,
+    deterministic: bool | None = None,
+    dtype: Any = None,
+    precision: Any = None,
+    module: Any = None,
+) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention with masks, sinks, soft-capping and other normalizers.
 
     Args:
@@ -217,6 +304,19 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       context_axis: a mesh axis of the current mesh (``jax.set_mesh``) splitting ``T``: context
         parallelism, see :func:`jattn.context_parallel.attention` (zigzag load balance inside).
       context_strategy: ``"ring"`` (K/V rotate, O(T / n) memory) or ``"allgather"``.
+      is_causal: as in ``jax.nn.dot_product_attention``: ANDs :func:`jattn.masks.causal` with
+        ``mask``. jattn's causal mask is end-aligned (``j <= i + Tk - Tq``, what decoding with a
+        KV cache needs); for ``Tq == Tk`` it is JAX's.
+      local_window_size: ``(left, right)`` or ``w`` for ``(w, w)``, as in
+        ``jax.nn.dot_product_attention``: ANDs ``jattn.masks.local(left, right)`` with ``mask``
+        (query ``i`` sees keys ``i - left .. i + right``, end-aligned like ``is_causal``).
+      dropout_rng, dropout_rate, broadcast_dropout, deterministic, dtype, precision, module: what
+        ``flax.nnx.MultiHeadAttention`` passes to its ``attention_fn``, so that
+        ``nnx.MultiHeadAttention(..., attention_fn=jattn.attention)`` works. jattn has no
+        dropout: ``dropout_rate > 0`` without ``deterministic=True`` is a ValueError (the rng
+        and ``broadcast_dropout`` are then unused). ``dtype`` casts q, k, v (flax's computation
+        dtype); ``precision`` is ignored (scores accumulate in fp32); a ``module`` (flax's
+        ``sow_weights=True``) is a NotImplementedError: use :func:`attention_weights`.
       score_mod: ``score_mod(s, b, h, q_idx, kv_idx) -> s'``, elementwise jnp code on
         scalars-as-arrays (fp32 ``s``; int32 batch, query head, query and key positions),
         applied after ``scale * q.k + bias`` and before the soft-cap, mask and normalizer (see
@@ -232,6 +332,10 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
       shaped (empty or zero) outputs with zero gradients; ``Tk = 0`` means no query sees a key
       (output 0, ``lse`` = the sink or -inf). Heads and head dims must be >= 1.
     """
+    del dropout_rng, broadcast_dropout, precision  # see the docstring: no dropout, fp32 scores
+    q, k, v, mask = _flax_keywords(q, k, v, mask, dropout_rate=dropout_rate,
+                                   deterministic=deterministic, dtype=dtype, module=module)
+    mask = _convenience_mask(q, k, mask, is_causal, local_window_size)
     if context_axis is not None:
         if score_mod is not None:
             raise NotImplementedError("score_mod with context_axis is not supported yet")
@@ -266,17 +370,34 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, normalizer="softmax"
     return _dispatch.run(choice, pallas, xla_or_reference)
 
 
-def attention_weights(q, k, v=None, *, mask=None, bias=None, scale=None, normalizer="softmax",
-                      sinks=None, logits_soft_cap=None, segment_ids=None, return_lse=False,
-                      implementation=None, score_mod=None):
+def attention_weights(
+    q: ArrayLike,
+    k: ArrayLike,
+    v: ArrayLike | None = None,
+    *,
+    mask: Mask | ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    scale: float | None = None,
+    normalizer: str = "softmax",
+    sinks: ArrayLike | None = None,
+    logits_soft_cap: float | None = None,
+    segment_ids: ArrayLike | tuple[ArrayLike, ArrayLike] | None = None,
+    return_lse: bool = False,
+    implementation: str | None = None,
+    score_mod: Callable[..., Array] | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+) -> Array:
     """The normalized weights ``p [B, Hq, Tq, Tk]`` (fp32, reference path), for analysis.
 
-    Takes the same arguments as :func:`attention` (``score_mod`` included); ``v`` (only its
-    shape matters) and ``implementation``/``return_lse`` are accepted for symmetry and ignored.
+    Takes the same arguments as :func:`attention` (``score_mod``, ``is_causal`` and
+    ``local_window_size`` included); ``v`` (only its shape matters) and
+    ``implementation``/``return_lse`` are accepted for symmetry and ignored.
     With sinks, a row sums to less than one: the remainder went to the sink.
     """
     if v is None:
         v = k
+    mask = _convenience_mask(q, k, mask, is_causal, local_window_size)
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=False,
