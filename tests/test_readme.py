@@ -47,12 +47,14 @@ def test_readme_has_python_blocks():
     assert _python_blocks(), "README.md has no ```python block"
 
 
-@pytest.mark.parametrize("index", range(len(_python_blocks())))
-def test_readme_python_block_runs_verbatim(tmp_path, index):
-    snippet = tmp_path / f"readme_block_{index}.py"
-    snippet.write_text(_python_blocks()[index])
+def test_readme_python_blocks_run_verbatim_in_order(tmp_path):
+    """The blocks as a reader pastes them, one after another into one session (a later block
+    may use names an earlier one defined)."""
+    blocks = _python_blocks()
+    snippet = tmp_path / "readme_blocks.py"
+    snippet.write_text("\n".join(f"# --- README block {i}\n{b}" for i, b in enumerate(blocks)))
     out = _run([str(snippet)], cwd=tmp_path)
-    assert out.returncode == 0, f"README block {index} failed:\n{out.stderr[-3000:]}"
+    assert out.returncode == 0, f"a README block failed:\n{out.stderr[-3000:]}"
 
 
 def test_help_exits_0_and_names_every_config_with_its_arg(tmp_path):
