@@ -89,8 +89,12 @@ def test_traced_block_map_exports():
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
 @pytest.mark.parametrize("mask", [masks.chunked(128), masks.neighborhood((16, 16), 5),
                                   masks.causal() & masks.strided(3, 1),
-                                  masks.with_prefix_tokens(masks.grid_windows((15, 17), 4), 1)],
-                         ids=["chunked", "neighborhood2d", "strided", "grid_windows_prefix"])
+                                  masks.with_prefix_tokens(masks.grid_windows((15, 17), 4), 1),
+                                  masks.a_shape(4, 100),
+                                  masks.vertical_slash([0, 1, 2, 77], [0, 1, 2, 3, 150]),
+                                  masks.cross_shaped((16, 16), 4, "vertical")],
+                         ids=["chunked", "neighborhood2d", "strided", "grid_windows_prefix",
+                              "a_shape", "vertical_slash", "cross_shaped"])
 def test_export_masks_with_integer_division(platform, mask):
     # Index functions that divide (chunk ids, grid coordinates, strides) must lower for TPU
     # from a CPU host too: masks use lax.div/rem rather than jnp.floor_divide (which goes

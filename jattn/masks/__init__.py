@@ -26,16 +26,18 @@ returns ``f(q_idx, kv_idx, head) -> bool`` built from ``jnp`` integer ops only (
 iota inside a Pallas kernel).
 
 Layout: ``_base`` (the :class:`Mask` class, block-map views, ``&``/``|``/``~``), ``_sequence``
-(1-D constructors), ``_grid`` (grid constructors), ``_intmath`` (TPU-lowerable floor division);
+(1-D constructors), ``_grid`` (grid constructors),
+``_long_context`` (A-shape, vertical-slash), ``_intmath`` (TPU-lowerable floor division);
 block-map codes and segment block maps come from :mod:`pallas_kernels.block_map`.
 """
 
 
 from jattn.masks._base import Mask, _evaluate_blocks  # noqa: F401 (kept at the old path)
-from jattn.masks._grid import grid_windows, neighborhood, with_prefix_tokens
+from jattn.masks._grid import cross_shaped, grid_windows, neighborhood, with_prefix_tokens
 
 # Integer helpers stay importable here for Mask subclasses elsewhere (TPU-lowerable division).
 from jattn.masks._intmath import _floordiv, _mod  # noqa: F401
+from jattn.masks._long_context import a_shape, vertical_slash
 from jattn.masks._sequence import (
     causal,
     chunked,
@@ -63,6 +65,9 @@ __all__ = [
     "neighborhood",
     "grid_windows",
     "with_prefix_tokens",
+    "a_shape",
+    "vertical_slash",
+    "cross_shaped",
     "full",
     "from_array",
     "per_head",

@@ -76,6 +76,41 @@ class _WithPrefixTokens(Mask):
         return (q < self.n) | (k < self.n) | inner
 
 
+@dataclasses.dataclass(frozen=True)
+class _CrossShaped(Mask):
+    """CSWin stripes on a row-major ``(rows, cols)`` grid (see :func:`cross_shaped`)."""
+
+    grid: tuple[int, int]
+    stripe_width: int
+    horizontal: bool
+
+    def _check(self, q_len, kv_len):
+        n_tokens = self.grid[0] * self.grid[1]
+        if q_len != n_tokens or kv_len != n_tokens:
+            raise ValueError(
+                f"cross_shaped mask over grid {self.grid} needs q_len = kv_len = {n_tokens}, "
+                f"got q_len={q_len}, kv_len={kv_len}"
+            )
+
+    def _stripe(self, x):
+        cols, w = self.grid[1], self.stripe_width
+        # Horizontal stripes of w rows are runs of w * cols consecutive tokens.
+        return _floordiv(x, w * cols) if self.horizontal else _floordiv(_mod(x, cols), w)
+
+    def _visible(self, q, k, h, q_len, kv_len):
+        self._check(q_len, kv_len)
+        return self._stripe(q) == self._stripe(k)
+
+    def _block_bounds(self, q0, q1, k0, k1, q_len, kv_len):
+        self._check(q_len, kv_len)
+        if not self.horizontal:
+            return None  # column stripes wrap around rows: evaluated (exact)
+        cq0, cq1, ck0, ck1 = (self._stripe(x) for x in (q0, q1, k0, k1))
+        empty = (cq1 < ck0) | (ck1 < cq0)
+        full = (cq0 == cq1) & (ck0 == ck1) & (cq0 == ck0)
+        return empty, full
+
+
 def _axis_window(qx, kx, n: int, kernel: int, dilation: int, stride: int, is_causal: bool):
     """Is key coordinate ``kx`` inside query coordinate ``qx``'s window along one axis.
 
@@ -173,3 +208,30 @@ def with_prefix_tokens(mask: Mask, num_tokens: int) -> Mask:
     _check_mask(mask, "mask")
     n = _check_nonneg(num_tokens, "num_tokens")
     return mask if n == 0 else _WithPrefixTokens(mask, n)
+
+
+def cross_shaped(grid, stripe_width: int, orientation: str) -> Mask:
+    """Cross-shaped window attention's stripes (CSWin Transformer) on a 2-D grid.
+
+    Tokens are the cells of a ``grid = (rows, cols)`` flattened row-major (sequence length
+    ``rows * cols``). ``orientation="horizontal"``: the grid is cut into stripes of
+    ``stripe_width`` rows, and a query at ``(r, c)`` sees key ``(r', c')`` iff
+    ``r // stripe_width == r' // stripe_width``; ``"vertical"``: stripes of ``stripe_width``
+    columns, ``c // stripe_width == c' // stripe_width`` (a last, narrower stripe where the
+    width does not divide the axis). CSWin gives half of the heads horizontal and half vertical
+    stripes, which together form the cross: ``per_head([cross_shaped(g, w, "horizontal")] *
+    (H // 2) + [cross_shaped(g, w, "vertical")] * (H // 2))``. Dong et al., "CSWin Transformer"
+    (2022). Block maps are exact (closed form for horizontal stripes, evaluated for vertical).
+    """
+    if not isinstance(grid, Sequence) or len(grid) != 2:
+        raise ValueError(f"grid must be (rows, cols), got {grid!r}")
+    grid = (_check_len(grid[0], "grid"), _check_len(grid[1], "grid"))
+    width = _check_len(stripe_width, "stripe_width")
+    if orientation not in ("horizontal", "vertical"):
+        raise ValueError(f"orientation must be 'horizontal' or 'vertical', got {orientation!r}")
+    horizontal = orientation == "horizontal"
+    axis_len = grid[0] if horizontal else grid[1]
+    if width > axis_len:
+        raise ValueError(f"stripe_width = {width} exceeds the grid's {axis_len} "
+                         f"{'rows' if horizontal else 'columns'} (grid {grid})")
+    return _CrossShaped(grid, width, horizontal)
