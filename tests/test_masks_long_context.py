@@ -49,6 +49,12 @@ def test_vertical_slash_against_numpy():
         i, j = _aligned(tq, tk)
         want = (j <= i) & (np.isin(j, cols) | np.isin(i - j, offs))
         _check(M.vertical_slash(cols, offs), want, tq, tk, [(1, 2), (4, 3)])
+    # MInference's always-on parts (sinks, nearest diagonals) make full blocks: claimed exactly.
+    mask = M.vertical_slash(range(4), range(7))
+    i, j = _aligned(24, 24)
+    want = (j <= i) & ((j < 4) | (i - j < 7))
+    _check(mask, want, 24, 24, [(4, 4)])
+    assert (np.asarray(mask.block_map(24, 24, 4, 4)) == M.FULL).sum() == 5  # the sink column
     # Duplicates and order do not matter (a static jit key built from runs).
     assert M.vertical_slash([2, 1, 0, 1], [3]) == M.vertical_slash(range(3), [3])
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn.masks._base import Mask, _check_len, _check_nonneg, _evaluate_blocks
+from jattn.masks._base import Mask, _check_len, _check_nonneg
 
 Runs = tuple[tuple[int, int], ...]  # sorted, disjoint, non-adjacent inclusive ranges [a, b]
 
@@ -83,11 +84,41 @@ class _VerticalSlash(Mask):
         return (k <= qa) & (_in_runs(k, self.columns) | _in_runs(qa - k, self.offsets))
 
     def _bounds_or_eval(self, q0, q1, k0, k1, q_len, kv_len, block_q, block_kv):
-        # Exact on both claims: evaluate the predicate per block (O(Tq * Tk) integer ops at
-        # trace time, O(block_q * Tk) memory). "Empty" has a closed form (run overlaps), but
-        # "full" does not (each uncovered column needs its whole query range of diagonals), and
-        # the block map is computed once per (mask, shape).
-        return _evaluate_blocks(self, q_len, kv_len, block_q, block_kv)
+        # Both claims exact. Empty: a column run meets the block iff it overlaps
+        # [k0, min(k1, q1')]; an offset run iff it overlaps the block's range of i' - j,
+        # [q0' - k1, q1' - k0] (offsets are >= 0, so those cells are causal). Full: every key
+        # column j of the block is a visible column for the first row (j in columns, j <= q0')
+        # or carries the whole diagonal range [q0' - j, q1' - j] in offsets (counted with the
+        # runs). One query block at a time: O(nq * Tk * runs) ops, O(Tk) memory, instead of the
+        # O(Tq * Tk * runs) of evaluating the predicate.
+        off = kv_len - q_len
+        qa0, qa1 = q0 + off, q1 + off
+        shape = jnp.broadcast_shapes(q0.shape, k0.shape)
+        meets = jnp.zeros(shape, bool)
+        for a, b in self.columns:
+            meets = meets | (jnp.maximum(k0, a) <= jnp.minimum(jnp.minimum(k1, qa1), b))
+        for a, b in self.offsets:
+            meets = meets | (jnp.maximum(qa0 - k1, a) <= jnp.minimum(qa1 - k0, b))
+
+        nk = shape[1]
+        j = jnp.arange(nk * block_kv, dtype=jnp.int32)
+        is_column = _in_runs(j, self.columns)
+
+        def offsets_upto(x):  # how many offsets are <= x
+            n = jnp.zeros(jnp.shape(x), jnp.int32)
+            for a, b in self.offsets:
+                n = n + jnp.clip(x - a + 1, 0, b - a + 1)
+            return n
+
+        def one_block(rows):
+            r0, r1 = rows[0], rows[1]
+            lo, hi = r0 - j, r1 - j
+            whole_diagonals = offsets_upto(hi) - offsets_upto(lo - 1) == hi - lo + 1
+            ok = (is_column & (j <= r0)) | whole_diagonals
+            return jnp.all(ok.reshape(nk, block_kv), axis=-1)
+
+        full = jax.lax.map(one_block, jnp.stack([qa0[:, 0], qa1[:, 0]], axis=-1))
+        return ~meets, full
 
 
 def a_shape(sink: int, window: int) -> Mask:
@@ -114,8 +145,8 @@ def vertical_slash(columns: Sequence[int], offsets: Sequence[int]) -> Mask:
     top-k it estimates from the last 64 queries; here the lists are given as they are (static
     Python ints; pass ``range(30)`` / ``range(100)`` in them to match). Duplicates are ignored;
     consecutive values are stored as runs, and the predicate's cost grows with the number of
-    runs. Block maps are exact on both claims: evaluated from the predicate (O(Tq * Tk) integer
-    ops once per shape, O(block_q * Tk) memory).
+    runs. Block maps are exact on both claims (empty from run overlaps, full one query block at a
+    time: O(nq * Tk * runs) integer ops once per shape).
     """
     col_runs = _runs(columns, "columns")
     off_runs = _runs(offsets, "offsets")
