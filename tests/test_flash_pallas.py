@@ -120,7 +120,7 @@ CASES = {
                            masks.per_head([masks.causal(), masks.local(3, 3)]), "tpu", "f32", 0,
                            None, None),
     # Issue 18's masks (block maps exact; the kernel skips empty blocks, drops the mask on full).
-    "a_shape_tpu": ((1, 40, 40, 2, 1, 16), masks.a_shape(3, 9), "tpu", "f32", 0, None, None),
+    "a_shape_cuda": ((1, 40, 40, 2, 1, 16), masks.a_shape(3, 9), "cuda", "f32", 0, None, None),
     "vertical_slash_cuda": ((1, 40, 40, 2, 1, 16),
                             masks.vertical_slash([0, 1, 17, 18, 30], [0, 1, 2, 13]), "cuda",
                             "f32", 0, None, None),
