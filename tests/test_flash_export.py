@@ -105,3 +105,13 @@ def test_export_masks_with_integer_division(platform, mask):
     args = (_spec((1, t, 2, D)), _spec((1, t, 2, D)), _spec((1, t, 2, D)))
     _, calls = _export(fwd, platform, *args)
     assert calls == 1
+
+
+@pytest.mark.parametrize("mask", [masks.a_shape(4, 100),
+                                  masks.vertical_slash([0, 1, 2, 77], [0, 1, 2, 3, 150]),
+                                  masks.cross_shaped((16, 16), 4, "vertical")],
+                         ids=["a_shape", "vertical_slash", "cross_shaped"])
+def test_export_long_context_and_stripe_masks_for_tpu(mask):
+    # Issue 18's masks through the same TPU lowering (the platform whose Mosaic rules reject
+    # floor_divide); the GPU lowering of their integer ops is the same as the masks above.
+    test_export_masks_with_integer_division("tpu", mask)

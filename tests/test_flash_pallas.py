@@ -119,6 +119,15 @@ CASES = {
     "per_head_masks_tpu": ((1, 32, 32, 2, 1, 16),
                            masks.per_head([masks.causal(), masks.local(3, 3)]), "tpu", "f32", 0,
                            None, None),
+    # Issue 18's masks (block maps exact; the kernel skips empty blocks, drops the mask on full).
+    "a_shape_cuda": ((1, 40, 40, 2, 1, 16), masks.a_shape(3, 9), "cuda", "f32", 0, None, None),
+    "vertical_slash_cuda": ((1, 40, 40, 2, 1, 16),
+                            masks.vertical_slash([0, 1, 17, 18, 30], [0, 1, 2, 13]), "cuda",
+                            "f32", 0, None, None),
+    "cross_shaped_per_head_cuda": ((1, 48, 48, 2, 1, 16),
+                                   masks.per_head([masks.cross_shaped((6, 8), 2, "horizontal"),
+                                                   masks.cross_shaped((6, 8), 3, "vertical")]),
+                                   "cuda", "f32", 0, None, None),
 }
 
 

@@ -1,0 +1,238 @@
+"""Pallas kernels of the chunked linear-attention backbone: shared pieces (private; see
+``chunk.py``). Config, matmul/gated-Gram helpers, compiler params and the parallel driver.
+
+The passes live one per module, as in flash-linear-attention: ``_chunk_state`` (sequential
+boundary states, forward and reverse), ``_chunk_output`` (parallel outputs and gradients),
+``_chunk_wy`` (the delta rule's UT transform), ``_chunk_kernels`` (the backbone's custom VJP).
+
+All arrays are flattened to ``[B*H, T_pad, D]`` (time-major inside a head) and the recurrent
+state is carried TRANSPOSED, ``[V, K]`` in fp32, so that every per-key-channel gate acts along
+the lane (last) dimension and no in-kernel transpose of a gate vector is ever needed.
+
+Within one chunk of ``C`` steps, ``G`` is the inclusive cumulative sum of the log-gates from
+the chunk start (``G <= 0``, non-increasing). The backbone, shared by GLA and the delta rule:
+
+    delta = u - w h_c                         (GLA: w = 0, u = v)
+    h_{c+1} = exp(G_last) * h_c + (k * exp(G_last - G))^T delta
+    o = scale * [(q * exp(G)) h_c + A delta],  A_ij = sum_d q_id k_jd exp(G_id - G_jd), i >= j
+
+``A`` is a *gated Gram* matrix. It cannot be factored as ``(q e^G)(k e^-G)^T`` because
+``e^-G`` overflows under strong decay, so rows are processed in sub-blocks of ``s`` steps:
+pairs in different sub-blocks factor through a reference row between them (every exponent
+<= 0), pairs inside a diagonal sub-block are formed elementwise with the exponent clamped to
+<= 0 and masked (``_gram``). Scalar gates (or none) skip this: the decay factors out of
+the K sum, so ``A = (q k^T) * exp(min(G_i - G_j, 0))`` masked.
+
+Kernels (see ``_seq_call`` for the sequential drivers):
+* ``states_fwd``   sequential over chunks: boundary states ``h_c`` (and ``delta``).
+* ``output_fwd``   parallel over (bh, chunk): ``o``.
+* ``dlocal_bwd``   parallel: ``scale * A^T do`` (delta rule only).
+* ``states_bwd``   sequential, reverse: ``dh_{c+1}`` per chunk, ``dh_0`` (and full ``d delta``).
+* ``grads_bwd``    parallel: ``dq, dk, d delta, dG`` (and ``dw``).
+* ``wy_gram_fwd`` / ``wy_solve_fwd``: the delta rule's UT transform (``A^kk``; the inverse
+  of ``I + diag(beta) A^kk`` by forward substitution; ``u``, ``w``); ``wy_solve_bwd`` /
+  ``wy_gram_bwd`` its backward.
+
+Sequential kernels have two drivers from the same chunk body: on TPU the chunk index is an
+"arbitrary" grid axis and the state lives in VMEM scratch; on GPU (Triton) and in interpret
+mode one program per (b, h, V tile) runs a ``fori_loop`` over chunks carrying the state in
+registers. Only ``h_c`` (chunk-start states, fp32) and, for the delta rule, ``delta``,
+``A^kk`` and the inverse are saved for the backward; the reverse pass recomputes the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static configuration of one backbone call (hashable: used as a nondiff argument)."""
+
+    scale: float
+    chunk: int  # C
+    sub: int  # s, rows per sub-block of the gated Gram
+    target: str  # "tpu" | "gpu" | "cpu"
+    interpret: bool
+    # "channel": per-key-channel gates (sub-blocked gated Gram); "scalar": one gate per step
+    # (gates broadcast over K: Gram = masked matmul * [C, C] decay); "none": all gates 0.
+    gate: str = "channel"
+    # True sequence length (0: unknown = no padding). Padded steps have g = 0, so the last
+    # real row of the final chunk is where G_last is reached; grads_bwd needs it (see there).
+    t_real: int = 0
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _mm(a, b, ta=False, tb=False, dtype=None):
+    """2-D matmul with fp32 accumulation; operands cast to ``dtype`` (default: a's dtype)."""
+    dtype = a.dtype if dtype is None else dtype
+    if ta:  # explicit fp32 transpose, as JAX's TPU flash-attention backward does (p.T, ds.T)
+        a = a.astype(F32).T
+    a = a.astype(dtype)
+    b = b.astype(dtype)
+    dims = ((1,), (1,) if tb else (0,))
+    return lax.dot_general(a, b, (dims, ((), ())), preferred_element_type=F32)
+
+
+def _row(x, i):
+    """Row ``i`` of a 2-D value as ``[1, D]`` (masked sum: no dynamic slicing of values)."""
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.sum(jnp.where(rows == i, x, 0.0), axis=0, keepdims=True)
+
+
+def _gram(
+    gate,
+    a_p,
+    gs_p,
+    b_all,
+    gs_all,
+    b_p,
+    gs_bp,
+    blk,
+    s,
+    mode,
+    dm_p=None,
+    want_m=True,
+    acc_strict=False,
+):
+    """Gated Gram rows for sub-block ``blk`` of a chunk, optionally contracted with ``dm_p``.
+
+    ``gate`` (static): "channel" as below; "scalar" / "none" (gates equal across K, or 0):
+    the decay factors out, ``m = (a b^T) * exp(min(gs_p - gs_c, 0))`` masked.
+
+    ``a_p, gs_p`` [s, K]: the block's rows (index p); ``b_all, gs_all`` [C, K]: every row of
+    the chunk (index c); ``b_p, gs_bp`` [s, K]: ``b``'s rows of the same block. Returns
+    ``m`` [s, C] with ``m_pc = sum_d a_pd b_cd exp(gs_pd - gs_cd)`` on valid pairs (0
+    elsewhere) and ``acc`` [s, K] with ``acc_p = sum_c dm_pc b_c exp(gs_p - gs_c)``.
+    ``mode``: "lower" (c <= p), "strict" (c < p), "upper" (c >= p; pass gs = -G). On valid
+    pairs ``gs_p <= gs_c``, and every exponent below is clamped to <= 0 before ``exp``.
+    ``acc_strict``: leave the diagonal pair ``c == p`` out of ``acc`` (not of ``m``).
+    """
+    c_len, kdim = b_all.shape
+    nb = c_len // s
+    start = blk * s
+    upper = mode == "upper"
+    if gate in ("none", "scalar"):  # the decay factors out of the K sum: masked matmuls
+        cols = lax.broadcasted_iota(jnp.int32, (s, c_len), 1)
+        p_glob = start + lax.broadcasted_iota(jnp.int32, (s, 1), 0)
+        ok = {"lower": cols <= p_glob, "strict": cols < p_glob, "upper": cols >= p_glob}[mode]
+        if gate == "scalar":
+            # columns of gs are equal: max over K is exact. The [1, C] row of gs_all comes
+            # from a masked max over a [C, C] broadcast (no transpose in the kernel).
+            gp = jnp.max(gs_p, axis=1, keepdims=True)
+            gc = jnp.max(gs_all, axis=1, keepdims=True)
+            eye = lax.broadcasted_iota(jnp.int32, (c_len, c_len), 0) == lax.broadcasted_iota(
+                jnp.int32, (c_len, c_len), 1
+            )
+            gc_row = jnp.max(jnp.where(eye, gc, -jnp.inf), axis=0, keepdims=True)
+            w = jnp.where(ok, jnp.exp(jnp.minimum(gp - gc_row, 0.0)), 0.0)
+        else:
+            w = jnp.where(ok, 1.0, 0.0)
+        m = w * _mm(a_p, b_all, tb=True) if want_m else None
+        acc = None
+        if dm_p is not None:
+            w_acc = jnp.where(cols == p_glob, 0.0, w) if acc_strict else w
+            acc = _mm(w_acc * dm_p.astype(F32), b_all, dtype=b_all.dtype)
+        return m, acc
+    m = jnp.zeros((s, c_len), F32)
+    acc = jnp.zeros((s, kdim), F32)
+    has_off = blk < nb - 1 if upper else blk > 0
+    if has_off:
+        r = start + s if upper else start - 1
+        gs_r = _row(gs_all, r)
+        rows_c = lax.broadcasted_iota(jnp.int32, (c_len, 1), 0)
+        valid_c = rows_c >= start + s if upper else rows_c < start
+        e_p = jnp.exp(jnp.minimum(gs_p - gs_r, 0.0))
+        bc = jnp.where(valid_c, b_all.astype(F32) * jnp.exp(jnp.minimum(gs_r - gs_all, 0.0)), 0.0)
+        bc = bc.astype(b_all.dtype)
+        if want_m:
+            m = _mm((a_p.astype(F32) * e_p).astype(a_p.dtype), bc, tb=True)
+        if dm_p is not None:
+            acc = _mm(dm_p, bc, dtype=b_all.dtype) * e_p
+
+    p_loc = lax.broadcasted_iota(jnp.int32, (s, 1), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (s, c_len), 1)
+    a32 = a_p.astype(F32)
+    b32 = b_p.astype(F32)
+
+    def diag(t, carry):
+        m, acc = carry
+        bt = _row(b32, t)
+        gt = _row(gs_bp, t)
+        if mode == "lower":
+            ok = p_loc >= t
+        elif mode == "strict":
+            ok = p_loc > t
+        else:
+            ok = p_loc <= t
+        e = jnp.where(ok, jnp.exp(jnp.minimum(gs_p - gt, 0.0)), 0.0)
+        col_mask = cols == start + t
+        if want_m:
+            col = jnp.sum(a32 * bt * e, axis=1, keepdims=True)
+            m = jnp.where(col_mask, col, m)
+        if dm_p is not None:
+            dcol = jnp.sum(jnp.where(col_mask, dm_p.astype(F32), 0.0), axis=1, keepdims=True)
+            e_acc = jnp.where(p_loc == t, 0.0, e) if acc_strict else e
+            acc = acc + dcol * bt * e_acc
+        return m, acc
+
+    m, acc = lax.fori_loop(0, s, diag, (m, acc))
+    return m, acc
+
+
+def _rows(i, s):
+    return pl.ds(i * s, s)
+
+
+def _params(cfg: Config, semantics, num_warps=4):
+    """TPU: Mosaic params (grid semantics); GPU: Triton params, which also select the Triton
+    lowering over Mosaic GPU (the default for ``pallas_call`` on GPU); CPU: none."""
+    if cfg.target == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return pltpu.CompilerParams(dimension_semantics=semantics)
+    if cfg.target == "gpu":
+        from jax.experimental.pallas import triton as plgpu
+
+        return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+    return None
+
+
+def _spec(block, index_map):
+    return pl.BlockSpec(block, index_map)
+
+
+def _par_call(cfg, kernel, name, chunk_ins, state_ins, outs):
+    """Grid (BH, N): ``chunk_ins`` [BH, T, D] as [C, D] blocks, ``state_ins`` [BH, N, V, K]
+    as [V, K] blocks; ``outs`` ShapeDtypeStructs [BH, T, D]."""
+    c = cfg.chunk
+    bh, t_len = chunk_ins[0].shape[:2]
+    n = t_len // c
+    in_specs = [_spec((None, c, x.shape[-1]), lambda b, j: (b, j, 0)) for x in chunk_ins] + [
+        _spec((None, None) + x.shape[2:], lambda b, j: (b, j, 0, 0)) for x in state_ins
+    ]
+    out_specs = [_spec((None, c, o.shape[-1]), lambda b, j: (b, j, 0)) for o in outs]
+    return pl.pallas_call(
+        kernel,
+        grid=(bh, n),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=outs,
+        # Untuned (no GPU measured): more warps when [C, 128] tiles and [128, 128] states
+        # are live, as JAX's Triton attention does for head_dim > 64.
+        compiler_params=_params(
+            cfg,
+            ("parallel", "parallel"),
+            num_warps=8 if max(x.shape[-1] for x in chunk_ins) > 64 else 4,
+        ),
+        interpret=cfg.interpret,
+        name=name,
+    )(*chunk_ins, *state_ins)

@@ -1,0 +1,161 @@
+"""Parallel passes of the chunked backbone over (bh, chunk): ``output_fwd`` (``o``),
+``dlocal_bwd`` (``scale * A^T do``, delta rule) and ``grads_bwd`` (``dq, dk, d delta, dG, dw``).
+See ``_chunk_common`` for the math."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._chunk_common import F32, _gram, _mm, _par_call, _rows
+
+# ----------------------------------------------------------------------------- parallel
+
+
+def output_fwd(cfg, q, k, d, g, hs):
+    """``o = scale * [(q e^G) h_c + A delta]`` per chunk, in q's dtype."""
+    s, nb, dt, scale = cfg.sub, cfg.chunk // cfg.sub, q.dtype, cfg.scale
+
+    def kernel(q_ref, k_ref, d_ref, g_ref, h_ref, o_ref):
+        k_all, g_all, d_all, h = k_ref[...], g_ref[...], d_ref[...], h_ref[...]
+        for i in range(nb):
+            q_i, g_i, k_i = q_ref[_rows(i, s), :], g_ref[_rows(i, s), :], k_ref[_rows(i, s), :]
+            a_i, _ = _gram(cfg.gate, q_i, g_i, k_all, g_all, k_i, g_i, i, s, "lower")
+            qg = q_i.astype(F32) * jnp.exp(g_i)
+            o = _mm(qg, h, tb=True, dtype=dt) + _mm(a_i, d_all, dtype=dt)
+            o_ref[_rows(i, s), :] = (scale * o).astype(o_ref.dtype)
+
+    out = [jax.ShapeDtypeStruct(d.shape[:2] + (d.shape[-1],), dt)]
+    return _par_call(cfg, kernel, "chunk_output_fwd", [q, k, d, g], [hs], out)[0]
+
+
+def dlocal_bwd(cfg, q, k, g, do):
+    """``scale * A^T do`` per chunk (the intra-chunk part of d delta), fp32."""
+    s, nb, dt, scale = cfg.sub, cfg.chunk // cfg.sub, q.dtype, cfg.scale
+
+    def kernel(q_ref, k_ref, g_ref, do_ref, o_ref):
+        q_all, ng_all, do_all = q_ref[...], -g_ref[...], do_ref[...]
+        for i in range(nb):
+            k_i, ng_i, q_i = k_ref[_rows(i, s), :], -g_ref[_rows(i, s), :], q_ref[_rows(i, s), :]
+            at_i, _ = _gram(cfg.gate, k_i, ng_i, q_all, ng_all, q_i, ng_i, i, s, "upper")
+            o_ref[_rows(i, s), :] = scale * _mm(at_i, do_all, dtype=dt)
+
+    out = [jax.ShapeDtypeStruct(do.shape, F32)]
+    return _par_call(cfg, kernel, "chunk_dlocal_bwd", [q, k, g, do], [], out)[0]
+
+
+def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None):
+    """Per-chunk gradients ``dq, dk, d delta, dG`` (+ ``dw`` when ``dd_full`` is given).
+
+    ``dG`` is w.r.t. the within-chunk cumulative gate ``G`` (the caller's ``cumsum``
+    autodiff turns it into ``dg``): ``dG = q dq - k dk`` plus, on the chunk's last row,
+    ``sum_v h dh e^{G_last} + sum_j k_j dk^state_j`` from ``h_{c+1}``'s dependence on
+    ``G_last``; pairs whose two terms cancel exactly (weight ``e^0``) are left out.
+    """
+    s, nb, dt, scale = cfg.sub, cfg.chunk // cfg.sub, q.dtype, cfg.scale
+    delta = dd_full is not None
+
+    def kernel(*refs):
+        if delta:
+            q_ref, k_ref, d_ref, g_ref, do_ref, ddf_ref, h_ref, dh_ref = refs[:8]
+            dq_ref, dk_ref, dg_ref, dw_ref = refs[8:]
+        else:
+            q_ref, k_ref, d_ref, g_ref, do_ref, h_ref, dh_ref = refs[:7]
+            dq_ref, dk_ref, dd_ref, dg_ref = refs[7:]
+        q_all, k_all, d_all, do_all = q_ref[...], k_ref[...], d_ref[...], do_ref[...]
+        g_all = g_ref[...]
+        ng_all = -g_all
+        h, dh = h_ref[...], dh_ref[...]
+        c = g_all.shape[0]
+        gl = g_ref[pl.ds(c - 1, 1), :]
+        # Row whose k enters h_{c+1} with weight e^{G_last - G_j} = e^0: the chunk's last
+        # real row (padded steps have g = 0). Its dG terms -k dk_state (own row) and +k
+        # dk_state (G_last, on the same row here) cancel exactly: both are left out, and
+        # the G_last terms are put on that row (rows after it are padding).
+        last = c - 1
+        if cfg.t_real:
+            last = jnp.minimum(c - 1, cfg.t_real - 1 - pl.program_id(1) * c)
+        rows_all = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+        dks_all = jnp.exp(jnp.minimum(gl - g_all, 0.0)) * _mm(d_all, dh, dtype=dt)
+        dks_all = jnp.where(rows_all == last, 0.0, dks_all)
+        extra = jnp.sum(h * dh, axis=0, keepdims=True) * jnp.exp(gl) + jnp.sum(
+            k_all.astype(F32) * dks_all, axis=0, keepdims=True
+        )
+        for i in range(nb):
+            rows = _rows(i, s)
+            q_i, k_i, g_i = q_ref[rows, :], k_ref[rows, :], g_ref[rows, :]
+            d_i, do_i = d_ref[rows, :], do_ref[rows, :]
+            # dq: rows i, contraction over keys j <= i. The diagonal pair (i == j, weight
+            # e^0 = 1) is added separately: its dG terms q_i dA_ii k_i - k_i dA_ii q_i cancel
+            # exactly, so dG is formed without them (no O(1) cancellation under strong decay,
+            # where the true dG is ~e^-30).
+            da_i = scale * _mm(do_i, d_all, tb=True, dtype=dt)
+            cols = lax.broadcasted_iota(jnp.int32, da_i.shape, 1)
+            p_glob = i * s + lax.broadcasted_iota(jnp.int32, (s, 1), 0)
+            da_ii = jnp.sum(jnp.where(cols == p_glob, da_i, 0.0), axis=1, keepdims=True)
+            _, dq_in = _gram(
+                cfg.gate,
+                q_i,
+                g_i,
+                k_all,
+                g_all,
+                k_i,
+                g_i,
+                i,
+                s,
+                "lower",
+                dm_p=da_i,
+                want_m=False,
+                acc_strict=True,
+            )
+            dq_g = scale * jnp.exp(g_i) * _mm(do_i, h, dtype=dt) + dq_in
+            dq = dq_g + da_ii * k_i.astype(F32)
+            # dk and d delta: rows j, contraction over queries i >= j (upper, gs = -G).
+            dat_i = scale * _mm(d_i, do_all, tb=True, dtype=dt)
+            at_i, dk_in = _gram(
+                cfg.gate,
+                k_i,
+                -g_i,
+                q_all,
+                ng_all,
+                q_i,
+                -g_i,
+                i,
+                s,
+                "upper",
+                dm_p=dat_i,
+                want_m=not delta,
+                acc_strict=True,
+            )
+            e_last = jnp.exp(jnp.minimum(gl - g_i, 0.0))
+            dk_state = e_last * _mm(d_i, dh, dtype=dt)
+            dk = dk_state + dk_in + da_ii * q_i.astype(F32)
+            is_last = p_glob == last
+            dk_state_g = jnp.where(is_last, 0.0, dk_state)
+            dgv = q_i.astype(F32) * dq_g - k_i.astype(F32) * (dk_in + dk_state_g)
+            dgv = dgv + jnp.where(is_last, extra, 0.0)
+            dq_ref[rows, :] = dq
+            dk_ref[rows, :] = dk
+            dg_ref[rows, :] = dgv
+            if delta:
+                dw_ref[rows, :] = -_mm(ddf_ref[rows, :], h, dtype=dt)
+            else:
+                kd = k_i.astype(F32) * e_last
+                dd = _mm(kd, dh, tb=True, dtype=dt) + scale * _mm(at_i, do_all, dtype=dt)
+                dd_ref[rows, :] = dd
+
+    kshape = jax.ShapeDtypeStruct(q.shape, F32)
+    if delta:
+        outs = [kshape, kshape, kshape, kshape]
+        ins = [q, k, d, g, do, dd_full]
+    else:
+        outs = [kshape, kshape, jax.ShapeDtypeStruct(d.shape, F32), kshape]
+        ins = [q, k, d, g, do]
+    res = _par_call(cfg, kernel, "chunk_grads_bwd", ins, [hs, dhs], outs)
+    if delta:
+        dq, dk, dg, dw = res
+        return dq, dk, dd_full, dg, dw
+    dq, dk, dd, dg = res
+    return dq, dk, dd, dg, None

@@ -1,0 +1,219 @@
+"""GPU (Triton lowering) driver of the flash kernels: an in-kernel loop over the compacted
+block list; forward and backward ``pallas_call``s (see ``_flash_kernels``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _flash_tiles as tiles  # the tile math, shared with _flash_tpu
+from pallas_kernels._flash_tiles import _SQ, MASK_VALUE, Config, f32
+
+
+# ------------------------------------------------------------------------------------------
+# GPU driver (Triton lowering): in-kernel loop over the compacted list.
+# ------------------------------------------------------------------------------------------
+def _triton_params(d):
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
+
+
+def _full(x):
+    """BlockSpec for a whole (small, 1-D) array."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _pow2_pad(x, fill=0):
+    n = x.shape[0]
+    p = max(1, pl.next_power_of_2(n))
+    return jnp.pad(x, (0, p - n), constant_values=fill)
+
+
+def _gpu_row(cfg, b, h, i, n_rows):
+    head_row = tiles._sel(b, cfg.map_batch) * cfg.map_heads + tiles._sel(h, cfg.map_heads)
+    return head_row * n_rows + i
+
+
+def gpu_forward(cfg: Config, ents, cnts, q, k, v, sinks, seg_q, seg_k):
+    """q ``[B, Tq_pad, Hq, D]``, k/v ``[B, Tk_pad, Hkv, D]`` -> o, m, log_l ``[B, Hq, Tq_pad]``."""
+    b_, hq, bq, bk = cfg.batch, cfg.num_q_heads, cfg.block_q, cfg.block_kv
+    d, dv, g, w = q.shape[-1], v.shape[-1], cfg.group, cfg.width
+    ents_f, cnts_f = _pow2_pad(ents.reshape(-1)), _pow2_pad(cnts.reshape(-1))
+    has_seg = seg_q is not None
+
+    def kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, sink_ref, qseg_ref, kseg_ref,
+               o_ref, m_ref, log_l_ref):
+        i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        row = _gpu_row(cfg, b, h, i, cfg.nq)
+        q_blk = q_ref[...]
+        q_seg = qseg_ref[...][:, None] if has_seg else None
+        if cfg.has_sinks:
+            m0 = jnp.zeros((bq,), f32) + sink_ref[h]
+            l0 = jnp.ones((bq,), f32)
+        else:
+            m0 = jnp.full((bq,), MASK_VALUE, f32)
+            l0 = jnp.zeros((bq,), f32)
+        acc0 = jnp.zeros((bq, dv), f32)
+
+        def body(j, carry):
+            kb, kind = tiles._entry(ent_ref[row * w + j])
+            sl = pl.ds(kb * bk, bk)
+            k_blk, v_blk = k_ref[sl, :], v_ref[sl, :]
+
+            def masked(c):
+                k_seg = kseg_ref[sl][None, :] if has_seg else None
+                vis = tiles._visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
+                return tiles._fwd_update(q_blk, k_blk, v_blk, *c, vis, cfg, (b, h, i * bq, kb * bk))
+
+            def full(c):
+                return tiles._fwd_update(q_blk, k_blk, v_blk, *c, None, cfg,
+                                         (b, h, i * bq, kb * bk))
+
+            return lax.cond(kind == 1, masked, full, carry)
+
+        m, l, acc = lax.fori_loop(0, cnt_ref[row], body, (m0, l0, acc0))
+        o, m, log_l = tiles._finalize(m, l, acc)
+        o_ref[...] = o.astype(o_ref.dtype)
+        m_ref[...] = m
+        log_l_ref[...] = log_l
+
+    in_specs = [
+        _full(cnts_f), _full(ents_f),
+        pl.BlockSpec((_SQ, bq, _SQ, d), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((_SQ, cfg.kv_pad, _SQ, d), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+        pl.BlockSpec((_SQ, cfg.kv_pad, _SQ, dv), lambda i, b, h: (b, 0, lax.div(h, g), 0)),
+        None, None, None,
+    ]
+    sinks_in = seg_q_in = seg_k_in = None
+    if cfg.has_sinks:
+        sinks_in = _pow2_pad(sinks.astype(f32))
+        in_specs[5] = _full(sinks_in)
+    if has_seg:
+        seg_q_in, seg_k_in = seg_q, seg_k
+        in_specs[6] = pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i))
+        in_specs[7] = pl.BlockSpec((_SQ, cfg.kv_pad), lambda i, b, h: (b, 0))
+    stat_shape = jax.ShapeDtypeStruct((b_, hq, cfg.q_pad), f32)
+    stat_spec = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))
+    o, m, log_l = pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct((b_, cfg.q_pad, hq, dv), q.dtype), stat_shape,
+                   stat_shape],
+        grid=(cfg.nq, b_, hq), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((_SQ, bq, _SQ, dv), lambda i, b, h: (b, i, h, 0)), stat_spec,
+                   stat_spec],
+        interpret=cfg.interpret, compiler_params=_triton_params(d), name="flash_fwd",
+    )(cnts_f, ents_f, q, k, v, sinks_in, seg_q_in, seg_k_in)
+    return o, m, log_l
+
+
+def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, m, log_l, di, seg_q,
+                 seg_k):
+    """dq ``[B, Tq_pad, Hq, D]``; dk/dv ``[B, Tk_pad, Hkv, .]`` (summed over each group)."""
+    b_, hq, bq, bk = cfg.batch, cfg.num_q_heads, cfg.block_q, cfg.block_kv
+    d, dv, g = q.shape[-1], v.shape[-1], cfg.group
+    has_seg = seg_q is not None
+    params = _triton_params(d)
+
+    # ---- dq
+    ents_f, cnts_f = _pow2_pad(ents.reshape(-1)), _pow2_pad(cnts.reshape(-1))
+    w = cfg.width
+
+    def dq_kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref,
+                  qseg_ref, kseg_ref, dq_ref):
+        i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        row = _gpu_row(cfg, b, h, i, cfg.nq)
+        q_blk, do_blk, di_r = q_ref[...], do_ref[...], di_ref[...]
+        m_r, log_l_r = m_ref[...], log_l_ref[...]
+        q_seg = qseg_ref[...][:, None] if has_seg else None
+
+        def body(j, acc):
+            kb, kind = tiles._entry(ent_ref[row * w + j])
+            sl = pl.ds(kb * bk, bk)
+            k_blk, v_blk = k_ref[sl, :], v_ref[sl, :]
+
+            def tile(vis):
+                _, ds = tiles._bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg,
+                                  (b, h, i * bq, kb * bk))
+                return acc + tiles._mm(ds.astype(k_blk.dtype), k_blk)
+
+            def masked():
+                k_seg = kseg_ref[sl][None, :] if has_seg else None
+                return tile(tiles._visible(cfg, i * bq, kb * bk, h, q_seg, k_seg))
+
+            return lax.cond(kind == 1, masked, lambda: tile(None))
+
+        acc = lax.fori_loop(0, cnt_ref[row], body, jnp.zeros((bq, d), f32))
+        dq_ref[...] = (acc * cfg.scale).astype(dq_ref.dtype)
+
+    qspec = lambda dd: pl.BlockSpec((_SQ, bq, _SQ, dd), lambda i, b, h: (b, i, h, 0))  # noqa: E731
+    kvfull = lambda dd: pl.BlockSpec(  # noqa: E731
+        (_SQ, cfg.kv_pad, _SQ, dd), lambda i, b, h: (b, 0, lax.div(h, g), 0))
+    stat = pl.BlockSpec((_SQ, _SQ, bq), lambda i, b, h: (b, h, i))
+    in_specs = [_full(cnts_f), _full(ents_f), qspec(d), kvfull(d), kvfull(dv), qspec(dv),
+                stat, stat, stat,
+                pl.BlockSpec((_SQ, bq), lambda i, b, h: (b, i)) if has_seg else None,
+                pl.BlockSpec((_SQ, cfg.kv_pad), lambda i, b, h: (b, 0)) if has_seg else None]
+    dq = pl.pallas_call(
+        dq_kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(cfg.nq, b_, hq), in_specs=in_specs, out_specs=qspec(d),
+        interpret=cfg.interpret, compiler_params=params, name="flash_bwd_dq",
+    )(cnts_f, ents_f, q, k, v, do, m, log_l, di, seg_q, seg_k)
+
+    # ---- dk/dv: one program per (key block, batch, query head).
+    ents_tf, cnts_tf = _pow2_pad(ents_t.reshape(-1)), _pow2_pad(cnts_t.reshape(-1))
+    wt = cfg.width_t
+
+    def dkv_kernel(cnt_ref, ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref,
+                   qseg_ref, kseg_ref, dk_ref, dv_ref):
+        c, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+        row = _gpu_row(cfg, b, h, c, cfg.nk)
+        k_blk, v_blk = k_ref[...], v_ref[...]
+        k_seg = kseg_ref[...][None, :] if has_seg else None
+
+        def body(j, carry):
+            dk_acc, dv_acc = carry
+            qb, kind = tiles._entry(ent_ref[row * wt + j])
+            sl = pl.ds(qb * bq, bq)
+            q_blk, do_blk = q_ref[sl, :], do_ref[sl, :]
+            m_r, log_l_r, di_r = m_ref[sl], log_l_ref[sl], di_ref[sl]
+
+            def tile(vis):
+                p, ds = tiles._bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg,
+                                  (b, h, qb * bq, c * bk))
+                return (dk_acc + tiles._mm(ds.T.astype(q_blk.dtype), q_blk),
+                        dv_acc + tiles._mm(p.T.astype(do_blk.dtype), do_blk))
+
+            def masked():
+                q_seg = qseg_ref[sl][:, None] if has_seg else None
+                return tile(tiles._visible(cfg, qb * bq, c * bk, h, q_seg, k_seg))
+
+            return lax.cond(kind == 1, masked, lambda: tile(None))
+
+        dk_acc, dv_acc = lax.fori_loop(0, cnt_ref[row], body,
+                                       (jnp.zeros((bk, d), f32), jnp.zeros((bk, dv), f32)))
+        dk_ref[...] = (dk_acc * cfg.scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc.astype(dv_ref.dtype)
+
+    kvspec = lambda dd: pl.BlockSpec((_SQ, bk, _SQ, dd), lambda c, b, h: (b, c, lax.div(h, g), 0))  # noqa: E731
+    qfull = lambda dd: pl.BlockSpec((_SQ, cfg.q_pad, _SQ, dd), lambda c, b, h: (b, 0, h, 0))  # noqa: E731
+    statf = pl.BlockSpec((_SQ, _SQ, cfg.q_pad), lambda c, b, h: (b, h, 0))
+    outspec = lambda dd: pl.BlockSpec((_SQ, bk, _SQ, dd), lambda c, b, h: (b, c, h, 0))  # noqa: E731
+    in_specs = [_full(cnts_tf), _full(ents_tf), qfull(d), kvspec(d), kvspec(dv), qfull(dv),
+                statf, statf, statf,
+                pl.BlockSpec((_SQ, cfg.q_pad), lambda c, b, h: (b, 0)) if has_seg else None,
+                pl.BlockSpec((_SQ, bk), lambda c, b, h: (b, c)) if has_seg else None]
+    acc_dtype = (lambda x: x.dtype) if g == 1 else (lambda x: f32)
+    dk, dv_ = pl.pallas_call(
+        dkv_kernel,
+        out_shape=[jax.ShapeDtypeStruct((b_, cfg.kv_pad, hq, d), acc_dtype(k)),
+                   jax.ShapeDtypeStruct((b_, cfg.kv_pad, hq, dv), acc_dtype(v))],
+        grid=(cfg.nk, b_, hq), in_specs=in_specs, out_specs=[outspec(d), outspec(dv)],
+        interpret=cfg.interpret, compiler_params=params, name="flash_bwd_dkv",
+    )(cnts_tf, ents_tf, q, k, v, do, m, log_l, di, seg_q, seg_k)
+    if g > 1:
+        dk = dk.reshape(b_, cfg.kv_pad, cfg.num_kv_heads, g, d).sum(3).astype(k.dtype)
+        dv_ = dv_.reshape(b_, cfg.kv_pad, cfg.num_kv_heads, g, dv).sum(3).astype(v.dtype)
+    return dq, dk, dv_

@@ -1,0 +1,151 @@
+"""Backend-neutral tile math of the flash kernels (private; see ``_flash_kernels``): the
+static ``Config``, logits with score_mod / soft-cap, the visibility of a tile, the online-softmax
+update, the backward tile and the block-list helpers shared by the TPU and GPU drivers."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+LANES, SUBLANES = 128, 8
+_NT = (((1,), (1,)), ((), ()))
+_SQ = getattr(pl, "squeezed", None)  # squeezed block dim (None in older JAX)
+f32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static configuration of one flash call (hashable: custom_vjp nondiff argument)."""
+
+    backend: str  # "tpu" | "cuda"
+    interpret: bool
+    batch: int
+    q_len: int
+    kv_len: int
+    num_q_heads: int
+    num_kv_heads: int
+    block_q: int
+    block_kv: int
+    nq: int
+    nk: int
+    width: int  # forward / dq list width (TPU grid extent)
+    width_t: int  # dk/dv list width
+    map_batch: int  # 1 or B: leading dims of the block lists
+    map_heads: int  # 1 or Hq
+    scale: float
+    soft_cap: float | None
+    mask_fn: Callable | None
+    has_sinks: bool
+    has_segments: bool
+    # score_mod(s, b, h, q_idx, kv_idx) capturing no arrays (jattn checks), applied to the
+    # scaled logits before the soft-cap; scalars b, h and [bq, bk] iota indices.
+    score_mod: Callable | None = None
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def q_pad(self) -> int:
+        return self.nq * self.block_q
+
+    @property
+    def kv_pad(self) -> int:
+        return self.nk * self.block_kv
+
+
+# ------------------------------------------------------------------------------------------
+# Tile math shared by both drivers.
+# ------------------------------------------------------------------------------------------
+def _logits(q, k, cfg: Config, pos):
+    """``s = cap(score_mod(scale * q k^T))`` in fp32 and ``ds / d(scale q k^T)`` (None if 1).
+
+    ``pos = (b, h, q0, k0)``: the tile's batch, query head and first row/column (score_mod).
+    """
+    s = lax.dot_general(q, k, _NT, preferred_element_type=f32) * cfg.scale
+    grad = None
+    if cfg.score_mod is not None:
+        b, h, q0, k0 = pos
+        shape = (cfg.block_q, cfg.block_kv)
+        # clamp padding rows/columns into the sequence, as the xla path does
+        qi = jnp.minimum(q0 + lax.broadcasted_iota(jnp.int32, shape, 0), cfg.q_len - 1)
+        ki = jnp.minimum(k0 + lax.broadcasted_iota(jnp.int32, shape, 1), cfg.kv_len - 1)
+        # elementwise in s, so the JVP with a tangent of ones is the derivative
+        s, grad = jax.jvp(lambda x: cfg.score_mod(x, b, h, qi, ki).astype(f32), (s,),
+                          (jnp.ones_like(s),))
+    if cfg.soft_cap is None:
+        return s, grad
+    t = jnp.tanh(s * (1.0 / cfg.soft_cap))
+    cap_grad = 1.0 - t * t
+    return t * cfg.soft_cap, cap_grad if grad is None else cap_grad * grad
+
+
+def _visible(cfg: Config, q0, k0, head, q_seg, k_seg):
+    """Bool ``[bq, bk]`` of visible pairs in the tile at rows ``q0``, columns ``k0``."""
+    shape = (cfg.block_q, cfg.block_kv)
+    qi = q0 + lax.broadcasted_iota(jnp.int32, shape, 0)
+    ki = k0 + lax.broadcasted_iota(jnp.int32, shape, 1)
+    vis = ki < cfg.kv_len
+    if cfg.mask_fn is not None:
+        vis = vis & cfg.mask_fn(qi, ki, head)
+    if q_seg is not None:
+        vis = vis & (q_seg == k_seg)
+    return vis
+
+
+def _fwd_update(q, k, v, m_prev, l_prev, acc_prev, vis, cfg: Config, pos):
+    """One online-softmax step; ``m, l`` are ``[bq]``, ``acc`` is ``[bq, Dv]`` (fp32)."""
+    s, _ = _logits(q, k, cfg, pos)
+    if vis is not None:
+        s = jnp.where(vis, s, MASK_VALUE)
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+    alpha = jnp.exp(m_prev - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         preferred_element_type=f32)
+    return m_new, l_new, alpha[:, None] * acc_prev + pv
+
+
+def _finalize(m, l, acc):
+    """Output ``acc / l`` (0 where l = 0) and the backward's row stats ``m`` (+inf where
+    l = 0) and ``log l`` (0 where l = 0)."""
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o = acc / l_safe[:, None]
+    return o, jnp.where(empty, jnp.inf, m), jnp.log(l_safe)
+
+
+def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config, pos):
+    """``p`` and ``ds = dL/ds`` (before ``scale``) of a tile; m, log_l, di are ``[bq]``."""
+    s, grad = _logits(q, k, cfg, pos)
+    p = jnp.exp((s - m[:, None]) - log_l[:, None])  # s - m first: exact for tied maxima
+    if vis is not None:
+        p = jnp.where(vis, p, 0.0)
+    dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
+    ds = p * (dp - di[:, None])
+    if grad is not None:
+        ds = ds * grad
+    return p, ds
+
+
+def _mm(a, b):
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+
+
+def _entry(e):
+    """Unpack ``block * 4 + kind``."""
+    return lax.div(e, 4), lax.rem(e, 4)
+
+
+def _sel(idx, n):
+    return idx if n > 1 else 0

@@ -1,0 +1,291 @@
+"""TPU (Mosaic) driver of the flash kernels: scalar-prefetched block lists drive the k/v
+index maps; forward and backward ``pallas_call``s (see ``_flash_kernels``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._flash_tiles import (
+    _SQ,
+    LANES,
+    MASK_VALUE,
+    SUBLANES,
+    Config,
+    _bwd_tile,
+    _entry,
+    _finalize,
+    _fwd_update,
+    _mm,
+    _sel,
+    _visible,
+    f32,
+)
+
+
+# ------------------------------------------------------------------------------------------
+# TPU driver (Mosaic): scalar-prefetched block lists drive the k/v index maps.
+# ------------------------------------------------------------------------------------------
+def _tpu():
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu
+
+
+def _tpu_params(pltpu, semantics):
+    cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+    return cls(dimension_semantics=semantics)
+
+
+def _row_stat(ref):
+    """[bq] from a lane-broadcast [bq, 128] ref (all lanes equal)."""
+    return jnp.max(ref[...], axis=1)
+
+
+def _lanes(x, shape):
+    return lax.broadcast_in_dim(x, shape, (0,))
+
+
+def _tpu_seg_inputs(cfg, seg_q, seg_k):
+    """Lane/sublane-broadcast segment ids: q ``[B, Tq, 128]``, kv ``[B, 8, Tk]`` (splash)."""
+    if seg_q is None:
+        return None, None
+    b = cfg.batch
+    sq = lax.broadcast_in_dim(seg_q, (b, cfg.q_pad, LANES), (0, 1))
+    sk = lax.broadcast_in_dim(seg_k, (b, SUBLANES, cfg.kv_pad), (0, 2))
+    return sq, sk
+
+
+def _tpu_segs(qseg_ref, kseg_ref):
+    if qseg_ref is None:
+        return None, None
+    return qseg_ref[...][:, :1], kseg_ref[...][:1, :]
+
+
+def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
+    """q ``[B, Hq, Tq_pad, D]``, k/v ``[B, Hkv, Tk_pad, D]`` -> o and the row stats m, log_l
+    (lane-broadcast ``[B, Hq, Tq_pad, 128]``)."""
+    pltpu = _tpu()
+    b_, hq, bq, bk = cfg.batch, cfg.num_q_heads, cfg.block_q, cfg.block_kv
+    d, dv, g, w = q.shape[-1], v.shape[-1], cfg.group, cfg.width
+
+    def kv_block(b, h, i, j, ent):
+        return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])[0]
+
+    def kernel(ent_ref, q_ref, k_ref, v_ref, sink_ref, qseg_ref, kseg_ref,
+               o_ref, m_ref, log_l_ref, m_sc, l_sc, acc_sc):
+        b, h, i, j = (pl.program_id(a) for a in range(4))
+
+        @pl.when(j == 0)
+        def _init():
+            if cfg.has_sinks:
+                m_sc[...] = sink_ref[0, h] * jnp.ones_like(m_sc)
+                l_sc[...] = jnp.ones_like(l_sc)
+            else:
+                m_sc[...] = jnp.full_like(m_sc, MASK_VALUE)
+                l_sc[...] = jnp.zeros_like(l_sc)
+            acc_sc[...] = jnp.zeros_like(acc_sc)
+
+        kb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])
+
+        def step(masked):
+            vis = None
+            if masked:
+                q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
+                vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
+            m, l, acc = _fwd_update(q_ref[...], k_ref[...], v_ref[...], _row_stat(m_sc),
+                                    _row_stat(l_sc), acc_sc[...], vis, cfg,
+                                    (b, h, i * bq, kb * bk))
+            m_sc[...] = _lanes(m, m_sc.shape)
+            l_sc[...] = _lanes(l, l_sc.shape)
+            acc_sc[...] = acc
+
+        pl.when(kind == 1)(lambda: step(True))
+        pl.when(kind == 2)(lambda: step(False))
+
+        @pl.when(j == w - 1)
+        def _final():
+            o, m, log_l = _finalize(_row_stat(m_sc), _row_stat(l_sc), acc_sc[...])
+            o_ref[...] = o.astype(o_ref.dtype)
+            m_ref[...] = _lanes(m, m_ref.shape)
+            log_l_ref[...] = _lanes(log_l, log_l_ref.shape)
+
+    sq, sk = _tpu_seg_inputs(cfg, seg_q, seg_k)
+    has_seg = sq is not None
+    in_specs = [
+        pl.BlockSpec((_SQ, _SQ, bq, d), lambda b, h, i, j, e: (b, h, i, 0)),
+        pl.BlockSpec((_SQ, _SQ, bk, d),
+                     lambda b, h, i, j, e: (b, lax.div(h, g), kv_block(b, h, i, j, e), 0)),
+        pl.BlockSpec((_SQ, _SQ, bk, dv),
+                     lambda b, h, i, j, e: (b, lax.div(h, g), kv_block(b, h, i, j, e), 0)),
+        pl.BlockSpec((SUBLANES, hq), lambda *_: (0, 0), memory_space=pltpu.SMEM)
+        if cfg.has_sinks else None,
+        pl.BlockSpec((_SQ, bq, LANES), lambda b, h, i, j, e: (b, i, 0)) if has_seg else None,
+        pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, h, i, j, e: (b, 0, kv_block(b, h, i, j, e)))
+        if has_seg else None,
+    ]
+    sinks_in = (jnp.broadcast_to(sinks.astype(f32)[None], (SUBLANES, hq))
+                if cfg.has_sinks else None)
+    stat_spec = pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda b, h, i, j, e: (b, h, i, 0))
+    out_specs = [
+        pl.BlockSpec((_SQ, _SQ, bq, dv), lambda b, h, i, j, e: (b, h, i, 0)),
+        stat_spec, stat_spec,
+    ]
+    stat_shape = jax.ShapeDtypeStruct((b_, hq, cfg.q_pad, LANES), f32)
+    out_shape = [jax.ShapeDtypeStruct((b_, hq, cfg.q_pad, dv), q.dtype), stat_shape, stat_shape]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1, grid=(b_, hq, cfg.nq, w), in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[pltpu.VMEM((bq, LANES), f32), pltpu.VMEM((bq, LANES), f32),
+                        pltpu.VMEM((bq, dv), f32)],
+    )
+    o, m, log_l = pl.pallas_call(
+        kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=cfg.interpret,
+        compiler_params=_tpu_params(pltpu, ("parallel", "parallel", "parallel", "arbitrary")),
+        name="flash_fwd",
+    )(ents, q, k, v, sinks_in, sq, sk)
+    return o, m, log_l
+
+
+def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, seg_k):
+    """dq ``[B, Hq, Tq_pad, D]``, dk ``[B, Hkv, Tk_pad, D]``, dv ``[B, Hkv, Tk_pad, Dv]``.
+
+    ``m``/``log_l``/``di`` come lane-broadcast ``[B, Hq, Tq_pad, 128]``.
+    """
+    pltpu = _tpu()
+    b_, hq, hkv, bq, bk = cfg.batch, cfg.num_q_heads, cfg.num_kv_heads, cfg.block_q, cfg.block_kv
+    d, dv, g = q.shape[-1], v.shape[-1], cfg.group
+    sq, sk = _tpu_seg_inputs(cfg, seg_q, seg_k)
+    has_seg = sq is not None
+
+    # ---- dq: same grid and lists as the forward pass.
+    def kv_block(b, h, i, j, ent):
+        return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])[0]
+
+    def dq_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref, qseg_ref,
+                  kseg_ref, dq_ref, dq_sc):
+        b, h, i, j = (pl.program_id(a) for a in range(4))
+
+        @pl.when(j == 0)
+        def _init():
+            dq_sc[...] = jnp.zeros_like(dq_sc)
+
+        kb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])
+
+        def step(masked):
+            vis = None
+            if masked:
+                q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
+                vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
+            k_blk = k_ref[...]
+            _, ds = _bwd_tile(q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(m_ref),
+                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
+                              (b, h, i * bq, kb * bk))
+            dq_sc[...] += _mm(ds.astype(k_blk.dtype), k_blk)
+
+        pl.when(kind == 1)(lambda: step(True))
+        pl.when(kind == 2)(lambda: step(False))
+
+        @pl.when(j == cfg.width - 1)
+        def _final():
+            dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+    row = lambda b, h, i, j, e: (b, h, i, 0)  # noqa: E731
+    kv = lambda b, h, i, j, e: (b, lax.div(h, g), kv_block(b, h, i, j, e), 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((_SQ, _SQ, bq, d), row),
+        pl.BlockSpec((_SQ, _SQ, bk, d), kv),
+        pl.BlockSpec((_SQ, _SQ, bk, dv), kv),
+        pl.BlockSpec((_SQ, _SQ, bq, dv), row),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
+        pl.BlockSpec((_SQ, bq, LANES), lambda b, h, i, j, e: (b, i, 0)) if has_seg else None,
+        pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, h, i, j, e: (b, 0, kv_block(b, h, i, j, e)))
+        if has_seg else None,
+    ]
+    dq = pl.pallas_call(
+        dq_kernel,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b_, hq, cfg.nq, cfg.width), in_specs=in_specs,
+            out_specs=pl.BlockSpec((_SQ, _SQ, bq, d), row),
+            scratch_shapes=[pltpu.VMEM((bq, d), f32)],
+        ),
+        interpret=cfg.interpret,
+        compiler_params=_tpu_params(pltpu, ("parallel", "parallel", "parallel", "arbitrary")),
+        name="flash_bwd_dq",
+    )(ents, q, k, v, do, m, log_l, di, sq, sk)
+
+    # ---- dk/dv: grid (B, Hkv, nk, group, Wq); query heads of a group accumulate in scratch.
+    wt = cfg.width_t
+
+    def q_block(b, hk, c, gi, j, ent):
+        h = hk * g + gi
+        return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), c, j])[0]
+
+    def dkv_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref, qseg_ref,
+                   kseg_ref, dk_ref, dv_ref, dk_sc, dv_sc):
+        b, hk, c, gi, j = (pl.program_id(a) for a in range(5))
+        h = hk * g + gi
+
+        @pl.when((gi == 0) & (j == 0))
+        def _init():
+            dk_sc[...] = jnp.zeros_like(dk_sc)
+            dv_sc[...] = jnp.zeros_like(dv_sc)
+
+        qb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), c, j])
+
+        def step(masked):
+            vis = None
+            if masked:
+                q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
+                vis = _visible(cfg, qb * bq, c * bk, h, q_seg, k_seg)
+            q_blk, do_blk = q_ref[...], do_ref[...]
+            p, ds = _bwd_tile(q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref),
+                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
+                              (b, h, qb * bq, c * bk))
+            dv_sc[...] += _mm(p.T.astype(do_blk.dtype), do_blk)
+            dk_sc[...] += _mm(ds.T.astype(q_blk.dtype), q_blk)
+
+        pl.when(kind == 1)(lambda: step(True))
+        pl.when(kind == 2)(lambda: step(False))
+
+        @pl.when((gi == g - 1) & (j == wt - 1))
+        def _final():
+            dk_ref[...] = (dk_sc[...] * cfg.scale).astype(dk_ref.dtype)
+            dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+    qrow = lambda b, hk, c, gi, j, e: (b, hk * g + gi, q_block(b, hk, c, gi, j, e), 0)  # noqa: E731
+    kvrow = lambda b, hk, c, gi, j, e: (b, hk, c, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((_SQ, _SQ, bq, d), qrow),
+        pl.BlockSpec((_SQ, _SQ, bk, d), kvrow),
+        pl.BlockSpec((_SQ, _SQ, bk, dv), kvrow),
+        pl.BlockSpec((_SQ, _SQ, bq, dv), qrow),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
+        pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
+        pl.BlockSpec((_SQ, bq, LANES),
+                     lambda b, hk, c, gi, j, e: (b, q_block(b, hk, c, gi, j, e), 0))
+        if has_seg else None,
+        pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, hk, c, gi, j, e: (b, 0, c))
+        if has_seg else None,
+    ]
+    dk, dv_ = pl.pallas_call(
+        dkv_kernel,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(b_, hkv, cfg.nk, g, wt), in_specs=in_specs,
+            out_specs=[pl.BlockSpec((_SQ, _SQ, bk, d), kvrow),
+                       pl.BlockSpec((_SQ, _SQ, bk, dv), kvrow)],
+            scratch_shapes=[pltpu.VMEM((bk, d), f32), pltpu.VMEM((bk, dv), f32)],
+        ),
+        interpret=cfg.interpret,
+        compiler_params=_tpu_params(
+            pltpu, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
+        name="flash_bwd_dkv",
+    )(ents_t, q, k, v, do, m, log_l, di, sq, sk)
+    return dq, dk, dv_
