@@ -286,7 +286,7 @@ def test_context_parallel_training_matches_one_device(tmp_path):
     one-device loss curve; its batch is split over context."""
     one, _ = _loss_curve(decoder_config(), tmp_path / "one")
     got, run = _loss_curve(decoder_config(**{"mesh.data": 2, "mesh.context": 4,
-                                             "implementation": ""}), tmp_path / "cp")
+                                             "model.implementation": ""}), tmp_path / "cp")
     inputs = run["batch"]["inputs"]  # [B=8, T=16]
     assert inputs.sharding.spec == P("data", "context")
     assert inputs.addressable_shards[0].data.shape == (4, 4)
