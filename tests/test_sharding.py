@@ -33,6 +33,8 @@ def _override(config, overrides: dict):
         *parents, last = key.split(".")
         for p in parents:
             node = node[p]
+        if last not in node:  # a typo or a moved key would silently add an unused one
+            raise KeyError(f"config has no key {key!r}")
         node[last] = value
     return config
 
