@@ -332,10 +332,14 @@ class DeltaProduct(GatedDeltaNet):
         return {"beta": beta.reshape(b, t * self.opts.num_householder, -1),
                 "g": self.delta_gates(inp)}
 
-    def run(self, q, k, v, state, want_state, beta, g):
+    # jattn.linear.delta_product takes no context_axis (yet): config time refuses a split.
+    context_parallel = False
+
+    def run(self, q, k, v, state, want_state, context_axis=None, *, beta, g):
         return jattn.linear.delta_product(
             q, k, v, beta, num_householder=self.opts.num_householder, g=g, initial_state=state,
-            output_final_state=want_state, use_qk_l2norm=True, **linear_kwargs(self.cfg))
+            output_final_state=want_state, use_qk_l2norm=True,
+            **{k: v for k, v in linear_kwargs(self.cfg).items() if k != "context_axis"})
 
 
 class _LoRA(nnx.Module):
@@ -391,9 +395,16 @@ class RWKV7(_RecurrentBase):
         self.k_a = param(rngs, ones, (h, dh), ("heads", "kv"))
         self.r_k = param(rngs, zeros, (h, dh), ("heads", "kv"))
 
+    # jattn.linear.dplr_delta_rule takes no context_axis (yet): config time refuses a split.
+    context_parallel = False
+
     def init_cache(self, batch, max_len, policy):
         return {**super().init_cache(batch, max_len, policy),
                 "x_prev": jnp.zeros((batch, self.cfg.d_model), jnp.float32)}
+
+    def state_size(self, seq_len):
+        """``H K V`` plus the last token's input that the token shift keeps (``d_model``)."""
+        return super().state_size(seq_len) + self.cfg.d_model
 
     def decode(self, inp, cache, index, policy):
         o, state = self._time_mix(inp, cache["state"], True, cache["x_prev"])
@@ -416,6 +427,7 @@ class RWKV7(_RecurrentBase):
         kappa = jattn.linear.l2norm(k * self.k_k[...])
         k = k * (1 + (a - 1) * self.k_a[...])
         kw = linear_kwargs(self.cfg)
+        del kw["context_axis"]  # dplr_delta_rule has no context split (context_parallel False)
         kw.update(scale=1.0 if self.cfg.scale is None else self.cfg.scale)
         if kw["implementation"] == "pallas":
             kw["implementation"] = None  # no DPLR kernel: None falls back to the chunk form
