@@ -13,6 +13,7 @@ from jattn import (
     normalizers,
     position,
     score_mods,
+    sparse,
 )
 from jattn._block_mask import attention_block_sizes
 from jattn.attention import attention, attention_weights
@@ -31,4 +32,5 @@ __all__ = [
     "normalizers",
     "position",
     "score_mods",
+    "sparse",
 ]

@@ -1,0 +1,132 @@
+"""jattn.sparse: routers vs direct numpy computations, attention over the chosen support vs
+the reference with the same support (forward and gradients)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jattn
+from jattn import _blocked, sparse
+
+B, T, HQ, HKV, D = 2, 60, 4, 2, 8
+
+
+def _qk(seed=0, t=T):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (B, t, HQ, D))
+    k = jax.random.normal(ks[1], (B, t, HKV, D))
+    v = jax.random.normal(ks[2], (B, t, HKV, D))
+    return q, k, v
+
+
+def _moba_numpy(q, k, bq, bk, k_blocks, causal, pooling):
+    """MoBA's rule written out per (batch, head, query block)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    b, t, hq, _ = q.shape
+    g = hq // k.shape[2]
+    nq, nk = -(-t // bq), -(-t // bk)
+    out = np.zeros((b, hq, nq, nk), bool)
+    for bb in range(b):
+        for h in range(hq):
+            for i in range(nq):
+                rows = range(i * bq, min((i + 1) * bq, t))
+                qbar = q[bb, list(rows), h].mean(0)
+                scored = []
+                for j in range(nk):
+                    keys = k[bb, j * bk: min((j + 1) * bk, t), h // g]
+                    kpool = keys.mean(0) if pooling == "mean" else keys.max(0)
+                    future = causal and j * bk > rows[-1]
+                    own = j * bk <= rows[-1] and (j + 1) * bk > rows[0]
+                    if future:
+                        continue
+                    if own:
+                        out[bb, h, i, j] = True
+                    else:
+                        scored.append((-qbar @ kpool, j))
+                for _, j in sorted(scored)[:k_blocks]:
+                    out[bb, h, i, j] = True
+    return out
+
+
+@pytest.mark.parametrize("causal,pooling,bq,bk,kb", [
+    (True, "mean", 16, 8, 2), (False, "max", 8, 16, 1), (True, "mean", 4, 4, 3)])
+def test_topk_blocks_matches_moba_rule(causal, pooling, bq, bk, kb):
+    q, k, _ = _qk()
+    route = jax.jit(lambda q, k: sparse.topk_blocks(
+        q, k, block_q=bq, block_kv=bk, k_blocks=kb, pooling=pooling,
+        mask=jattn.masks.causal() if causal else None))
+    got = route(q, k)
+    want = _moba_numpy(q, k, bq, bk, kb, causal, pooling)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    if causal:  # never a future block
+        nq, nk = want.shape[2:]
+        first_key = np.arange(nk)[None, :] * bk
+        last_query = np.minimum((np.arange(nq)[:, None] + 1) * bq, T) - 1
+        assert not np.asarray(got)[..., first_key > last_query].any()
+
+
+def test_moba_attention_xla_matches_reference(monkeypatch):
+    # The router's map through the blocked path vs the reference with the same support.
+    monkeypatch.setattr(_blocked, "default_block_sizes", lambda tq, tk: (16, 16))
+    q, k, v = _qk(1, t=64)
+    bq, bk = jattn.attention_block_sizes(64, 64, "xla")
+    bm = sparse.topk_blocks(q, k, block_q=bq, block_kv=bk, k_blocks=1, mask=jattn.masks.causal())
+
+    def loss(impl):
+        def f(q, k, v):
+            o = jattn.attention(q, k, v, mask=jattn.masks.causal(), block_mask=bm,
+                                implementation=impl)
+            return jnp.sum(o * jnp.sin(o)), o
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, o_x), g_x = loss("xla")
+    (_, o_r), g_r = loss("reference")
+    for a, b in zip((o_x, *g_x), (o_r, *g_r), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
+
+
+def _indexer_inputs(seed=2, t=24, hi=3, di=5):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (B, t, hi, di)), jax.random.normal(ks[1], (B, t, di)),
+            jax.random.uniform(ks[2], (B, t, hi)))
+
+
+def test_lightning_indexer_scores_and_selection_match_numpy():
+    q_idx, k_idx, w = _indexer_inputs()
+    t, top_k = q_idx.shape[1], 5
+    index = jax.jit(lambda q, k, w: sparse.lightning_indexer(q, k, w, top_k,
+                                                             mask=jattn.masks.causal()))
+    scores, idx, valid = (np.asarray(x) for x in index(q_idx, k_idx, w))
+    qn, kn, wn = (np.asarray(x, np.float64) for x in (q_idx, k_idx, w))
+    for b in range(B):
+        for ti in range(t):
+            dots = qn[b, ti] @ kn[b, : ti + 1].T  # [H_I, s <= t]
+            want = (wn[b, ti][:, None] * np.maximum(dots, 0.0)).sum(0)
+            np.testing.assert_allclose(scores[b, ti, : ti + 1], want, rtol=1e-5, atol=1e-5)
+            assert np.all(np.isneginf(scores[b, ti, ti + 1:]))
+            n = min(top_k, ti + 1)
+            assert int(valid[b, ti].sum()) == n
+            top = set(np.argsort(-want, kind="stable")[:n].tolist())
+            assert set(idx[b, ti][valid[b, ti]].tolist()) == top
+
+
+def test_gathered_attention_matches_reference_with_the_selection_mask():
+    q_idx, k_idx, w = _indexer_inputs(3)
+    t = q_idx.shape[1]
+    q, k, v = _qk(4, t=t)
+    _, idx, valid = jax.jit(lambda *a: sparse.lightning_indexer(
+        *a, 4, mask=jattn.masks.causal()))(q_idx, k_idx, w)
+    dense = jax.jit(sparse.selection_mask, static_argnums=2)(idx, valid, t)[:, None]
+
+    def loss(fn):
+        def f(q, k, v):
+            o = fn(q, k, v)
+            return jnp.sum(o * jnp.cos(o)), o
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, o_g), g_g = loss(lambda q, k, v: sparse.gathered_attention(q, k, v, idx, valid))
+    (_, o_r), g_r = loss(lambda q, k, v: jattn.attention(q, k, v, mask=dense,
+                                                         implementation="reference"))
+    for a, b in zip((o_g, *g_g), (o_r, *g_r), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5)
