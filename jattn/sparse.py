@@ -3,6 +3,8 @@
 * :func:`topk_blocks`: MoBA's block router (Lu et al. 2025, "MoBA: Mixture of Block Attention
   for Long-Context LLMs"), returning a run-time block mask for
   ``jattn.attention(..., block_mask=...)``.
+* :func:`nsa`: Native Sparse Attention (Yuan et al. 2025): compressed, selected and
+  sliding-window branches combined by learned gates.
 * :func:`lightning_indexer`: DeepSeek Sparse Attention's indexer and top-k token selection
   (DeepSeek-AI 2025, DeepSeek-V3.2-Exp), with :func:`selection_mask` (the dense reference form)
   and :func:`gathered_attention` (attention over the gathered selected tokens).
@@ -20,9 +22,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jattn import masks as masks_lib
+from jattn.attention import attention as _attention
 from jattn.masks import Mask
 
-__all__ = ["topk_blocks", "lightning_indexer", "selection_mask", "gathered_attention"]
+__all__ = ["topk_blocks", "nsa", "lightning_indexer", "selection_mask", "gathered_attention"]
 
 F32 = jnp.float32
 
@@ -210,3 +214,117 @@ def gathered_attention(q, k, v, indices, valid, *, scale: float | None = None):
     p = e / jnp.where(z > 0, z, 1.0)
     out = jnp.einsum("bthgn,btnhd->bthgd", p, v_sel)
     return out.reshape(b, t, hq, -1).astype(q.dtype)
+
+
+def _masked_softmax(s, vis):
+    """Softmax over the last axis restricted to ``vis``; rows with nothing visible give 0."""
+    m = jnp.max(jnp.where(vis, s, -jnp.inf), axis=-1, keepdims=True)
+    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    e = jnp.where(vis, jnp.exp(jnp.where(vis, s, m) - m), 0.0)
+    z = e.sum(-1, keepdims=True)
+    return e / jnp.where(z > 0, z, 1.0)
+
+
+def nsa(q, k, v, *, gates, block_size: int, compress_stride: int, select_blocks: int,
+        window: int, scale: float | None = None, return_branches: bool = False):
+    """Native Sparse Attention (Yuan et al. 2025), causal self-attention, reference-grade.
+
+    ``o_t = g_t^cmp Attn(q_t, K~cmp, V~cmp) + g_t^slc Attn(q_t, K~slc, V~slc)
+    + g_t^win Attn(q_t, K~win, V~win)`` with the gates ``g in [0, 1]`` from the caller (the
+    paper: an MLP with sigmoid on the input). Per head, with ``l = block_size``,
+    ``d = compress_stride`` (``d | l``):
+
+    * compression (eq. 7): ``K~cmp_t = {phi(k_{id : id + l}) : 0 <= i <= (t - l) / d}``, the
+      blocks ending at or before ``t``; ``phi`` is the mean here (the paper learns an MLP with
+      an intra-block position encoding; apply it to ``k`` / ``v`` beforehand if wanted);
+    * selection (eqs. 8-12): ``p_cmp_t = softmax(q_t . K~cmp_t)``, selection blocks of size
+      ``l' = l`` score ``p_slc_t[j] = sum_{m < l'/d} sum_{n < l/d} p_cmp_t[(l'/d) j - m - n]``,
+      summed over the query heads of a GQA group (one choice per kv head); the query's own
+      block plus the ``select_blocks`` best earlier blocks are kept, and ``K~slc`` is their
+      tokens up to ``t``;
+    * sliding window: ``K~win_t = k_{t - w + 1 : t}``.
+
+    Trainable end to end: gradients reach ``q, k, v`` through all three branches and the
+    gates; the block choice is discrete. Memory is ``O(T^2)`` here (the selected branch runs
+    as ``jattn.attention`` with a dense mask): an exact oracle for faster kernels.
+
+    Args:
+      q: ``[B, T, Hq, D]``. k: ``[B, T, Hkv, D]``. v: ``[B, T, Hkv, Dv]``.
+      gates: ``[B, T, Hq, 3]`` (compressed, selected, window).
+      block_size, compress_stride: ``l`` and ``d``. select_blocks: ``n`` (``>= 0``).
+      window: ``w >= 1``. scale: default ``1 / sqrt(D)``.
+      return_branches: also return a dict with ``cmp``, ``slc``, ``win`` (each
+        ``[B, T, Hq, Dv]``), ``p_cmp [B, Hq, T, nc]`` and ``selected [B, Hkv, T, ns]``.
+
+    Returns:
+      ``[B, T, Hq, Dv]`` in q's dtype (and the dict).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k.shape[:3] != v.shape[:3] \
+            or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q, k, v must be [B, T, Hq, D], [B, T, Hkv, D], [B, T, Hkv, Dv] "
+                         f"(self-attention), got {q.shape}, {k.shape}, {v.shape}")
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} must be divisible by Hkv={hkv}")
+    if gates.shape != (b, t, hq, 3):
+        raise ValueError(f"gates must be [B={b}, T={t}, Hq={hq}, 3], got {gates.shape}")
+    for name, n, low in (("block_size", block_size, 1), ("compress_stride", compress_stride, 1),
+                         ("select_blocks", select_blocks, 0), ("window", window, 1)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {n!r}")
+    if block_size % compress_stride:
+        raise ValueError(f"compress_stride={compress_stride} must divide "
+                         f"block_size={block_size}")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    g = hq // hkv
+    l_, d_ = block_size, compress_stride
+    r = l_ // d_
+    pos = jnp.arange(t)
+
+    # compressed branch: mean-pooled blocks [i d, i d + l), visible once complete
+    nc = (t - l_) // d_ + 1 if t >= l_ else 0
+    starts = jnp.arange(nc) * d_
+    gather = starts[:, None] + jnp.arange(l_)[None, :]  # [nc, l]
+    k_cmp = k.astype(F32)[:, gather].mean(2)  # [B, nc, Hkv, D]
+    v_cmp = v.astype(F32)[:, gather].mean(2)
+    q5 = q.astype(F32).reshape(b, t, hkv, g, d)
+    s_cmp = scale * jnp.einsum("bthgd,bchd->bhgtc", q5, k_cmp)
+    vis_cmp = (starts[None, :] + l_ - 1) <= pos[:, None]  # [T, nc]
+    p_cmp = _masked_softmax(s_cmp, vis_cmp)  # [B, Hkv, G, T, nc]
+    o_cmp = jnp.einsum("bhgtc,bchd->bthgd", p_cmp, v_cmp).reshape(b, t, hq, -1)
+
+    # selection: block scores from p_cmp (eq. 9 with l' = l), shared by the GQA group
+    ns = -(-t // l_)
+    j = jnp.arange(ns)
+    src = r * j[:, None, None] - jnp.arange(r)[None, :, None] - jnp.arange(r)[None, None, :]
+    src = src.reshape(ns, r * r)
+    ok = (src >= 0) & (src < nc)
+    if nc:
+        p_slc = jnp.where(ok, p_cmp[..., jnp.clip(src, 0, nc - 1)], 0.0).sum(-1)
+    else:  # no complete compressed block yet: every earlier block scores 0 (ties: lowest)
+        p_slc = jnp.zeros((b, hkv, g, t, ns), F32)  # [B, Hkv, G, T, ns]
+    p_shared = lax.stop_gradient(p_slc.sum(2))  # [B, Hkv, T, ns]
+    own = (pos // l_)[:, None] == j[None, :]  # [T, ns]
+    earlier = (j[None, :] * l_ <= pos[:, None]) & ~own
+    selected = jnp.broadcast_to(own, (b, hkv, t, ns))
+    if select_blocks > 0:
+        kk = min(select_blocks, ns)
+        top, idx = lax.top_k(jnp.where(earlier, p_shared, -jnp.inf), kk)
+        selected = selected | (jax.nn.one_hot(idx, ns, dtype=bool)
+                               & (top > -jnp.inf)[..., None]).any(-2)
+    token_sel = selected[..., pos // l_] & (pos[None, :] <= pos[:, None])  # [B, Hkv, T, T]
+    dense = jnp.repeat(token_sel, g, axis=1)  # [B, Hq, T, T]
+    o_slc = _attention(q, k, v, mask=dense, scale=scale).astype(F32)
+
+    # sliding window
+    o_win = _attention(q, k, v, mask=masks_lib.sliding_window(window),
+                                      scale=scale).astype(F32)
+
+    gf = gates.astype(F32)
+    out = (gf[..., 0:1] * o_cmp + gf[..., 1:2] * o_slc + gf[..., 2:3] * o_win).astype(q.dtype)
+    if not return_branches:
+        return out
+    return out, {"cmp": o_cmp, "slc": o_slc, "win": o_win,
+                 "p_cmp": p_cmp.reshape(b, hq, t, nc), "selected": selected}
+
