@@ -57,7 +57,9 @@ def topk_blocks(q, k, *, block_q: int, block_kv: int, k_blocks: int, mask: Mask 
     one choice (``block_mask`` granularity), so ``q`` is the mean of the block's queries:
     ``s_ij = <mean_{t in Q_i} q_t, pool_{t in I_j} k_t>`` per query head (the key pool of its
     kv head: grouped-query heads share key blocks, not choices). ``block_q = 1`` is the
-    per-token rule exactly.
+    per-token rule exactly. Caveat for autoregressive training: with ``block_q > 1`` the
+    choice for query ``t`` depends on the later queries of its block (through the pooled
+    query), a small causal leak; models route per token (``models.cores.sparse.moba_support``).
 
     Candidates exclude the blocks ``mask`` leaves empty (its block map: with
     :func:`jattn.masks.causal`, every block after the query block) and, when ``Tq == Tk``, the
