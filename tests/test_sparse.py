@@ -206,9 +206,10 @@ def test_moba_core_rule_is_topk_blocks_at_token_granularity():
 
     q, k, _ = _qk(7, t=40)
     causal = jnp.tril(jnp.ones((40, 40), bool))[None, None]
-    got = moba_support(q, k, causal, 8, 2)
-    bm = sparse.topk_blocks(q, k, block_q=1, block_kv=8, k_blocks=2, mask=jattn.masks.causal())
-    want = bm[..., np.arange(40) // 8] & causal
+    got = jax.jit(lambda q, k: moba_support(q, k, causal, 8, 2))(q, k)
+    bm = jax.jit(lambda q, k: sparse.topk_blocks(q, k, block_q=1, block_kv=8, k_blocks=2,
+                                                 mask=jattn.masks.causal()))(q, k)
+    want = np.asarray(bm)[..., np.arange(40) // 8] & np.asarray(causal)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -223,12 +224,13 @@ def test_sparse_mechanisms_train_and_moba_decodes_like_the_forward():
     moba = Decoder(DecoderConfig(**base, mechanism="moba",
                                  attention_options=(("moba_block_size", 4),
                                                     ("moba_top_k", 1))), rngs=nnx.Rngs(0))
-    full = moba(tokens)
+    graphdef, state = nnx.split(moba)
+    full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, tokens)
+    step = jax.jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i))
     cache = moba.init_cache(2, 12, CachePolicy())
-    logits, cache = moba.decode(tokens[:, :5], cache, jnp.int32(0))
-    steps = [logits]
-    for i in range(5, 12):
-        logits, cache = moba.decode(tokens[:, i:i + 1], cache, jnp.int32(i))
+    steps = []
+    for i in range(12):  # one token per step: one compile
+        logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-4, rtol=1e-4)
 
@@ -239,7 +241,7 @@ def test_sparse_mechanisms_train_and_moba_decodes_like_the_forward():
     def loss(m):
         return m(tokens).mean() + m.aux_loss()
 
-    grads = nnx.grad(loss)(dsa)
+    grads = nnx.jit(nnx.grad(loss))(dsa)
     index_grad = grads["layers"][0]["attn"]["core"]["index_q"]["kernel"][...]
     assert float(jnp.abs(index_grad).sum()) > 0  # the indexer learns from its KL loss
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
