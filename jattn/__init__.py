@@ -13,7 +13,9 @@ from jattn import (
     normalizers,
     position,
     score_mods,
+    sparse,
 )
+from jattn._block_mask import attention_block_sizes
 from jattn.attention import attention, attention_weights
 
 # One version for jattn and its kernels distribution (see pallas_kernels/_version.py).
@@ -22,6 +24,7 @@ from pallas_kernels._version import __version__ as __version__
 __all__ = [
     "analysis",
     "attention",
+    "attention_block_sizes",
     "attention_weights",
     "context_parallel",
     "linear",
@@ -29,4 +32,5 @@ __all__ = [
     "normalizers",
     "position",
     "score_mods",
+    "sparse",
 ]

@@ -65,11 +65,14 @@ def default_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
     return max(1, min(512, q_len)), max(1, min(512, kv_len))
 
 
-def block_table(spec: Spec, dense_mask, seg_q, seg_k, block_q: int, block_kv: int):
+def block_table(spec: Spec, dense_mask, seg_q, seg_k, block_q: int, block_kv: int,
+                block_mask=None):
     """Combined int8 block map ``[nq, nk]`` (empty/partial/full over all batches and heads).
 
     numpy (a trace-time constant) when every input map is static: always for a mask object
-    alone, whose ``block_map`` is computed from Python ints.
+    alone, whose ``block_map`` is computed from Python ints. A run-time ``block_mask``
+    (bool ``[B, Hq, nq, nk]``) enters as full (True) or empty (False) codes, so the table is
+    traced then and compacted on device.
     """
     if spec.q_len == 0 or spec.kv_len == 0:  # nothing is visible: one empty block, never visited
         return np.zeros((_num_blocks(spec.q_len, block_q), _num_blocks(spec.kv_len, block_kv)),
@@ -83,6 +86,9 @@ def block_table(spec: Spec, dense_mask, seg_q, seg_k, block_q: int, block_kv: in
         maps.append(block_map_lib.dense_block_map(dense_mask, block_q, block_kv))
     if seg_q is not None:  # [B, 1, nq, nk]
         maps.append(block_map_lib.segment_block_map(seg_q, seg_k, block_q, block_kv)[:, None])
+    if block_mask is not None:  # [B, Hq, nq, nk]
+        maps.append(jnp.where(block_mask, block_map_lib.FULL, block_map_lib.EMPTY)
+                    .astype(jnp.int8))
     return block_map_lib.collapse(block_map_lib.intersect(*maps), axes=(0, 1))
 
 
@@ -101,17 +107,29 @@ def _pad_to(x, axis: int, size: int, value=0):
 
 
 def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-              *, block_q: int | None = None, block_kv: int | None = None):
+              *, block_q: int | None = None, block_kv: int | None = None, block_mask=None):
     """Blocked attention. Returns ``out [B, Tq, Hq, Dv]`` (fp32) and the row stat ``[B, Hq, Tq]``.
 
     ``bias`` is ``[Bb, Hb, Tq, Tk]`` and ``dense_mask`` ``[Bm, Hm, Tq, Tk]`` (leading dims 1 or
     full), ``seg_q``/``seg_k`` ``[B, Tq]``/``[B, Tk]``; all optional. ``spec.score_mod`` is the
     user's function; it is closure-converted here (see :func:`_convert_score_mod`).
+
+    ``block_mask``: optional bool ``[B, Hq, nq, nk]`` at ``(block_q, block_kv)`` (run-time block
+    sparsity, possibly traced). A key block is visited when some (batch, head) needs it; inside
+    a visited tile each (batch, head) still sees only its own blocks (the tile visibility ANDs
+    ``block_mask``), and K/V of a kv head none of whose query heads selected the block are
+    replaced by zeros, so whatever a skipped block holds (even NaN) never reaches the output or
+    the gradients.
     """
     dq, dk = default_block_sizes(spec.q_len, spec.kv_len)
     bq, bk = block_q or dq, block_kv or dk
     nq, nk = _num_blocks(spec.q_len, bq), _num_blocks(spec.kv_len, bk)
-    table = block_table(spec, dense_mask, seg_q, seg_k, bq, bk)
+    if block_mask is not None:
+        block_mask = jnp.asarray(block_mask).astype(jnp.bool_)
+        if block_mask.shape[-2:] != (nq, nk):
+            raise ValueError(f"block_mask must have shape [B, Hq, nq={nq}, nk={nk}] for blocks "
+                             f"({bq}, {bk}), got {block_mask.shape}")
+    table = block_table(spec, dense_mask, seg_q, seg_k, bq, bk, block_mask)
     # For each query block: its non-empty key blocks, ascending (column * 4 + kind), and how
     # many there are. A static table is compacted on the host (no sort for XLA to fold).
     entries, counts = (jnp.asarray(x) for x in block_map_lib.compact(table))
@@ -122,8 +140,12 @@ def attention(spec: Spec, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
     dense_mask = _pad_to(_pad_to(dense_mask, 2, tq, False), 3, tk, False)
     seg_q, seg_k = _pad_to(seg_q, 1, tq), _pad_to(seg_k, 1, tk)
     spec, mod_consts = _convert_score_mod(spec, q.shape[0], bq, bk)
+    if block_mask is not None:  # [B, Hq, nq, nk] -> [B, Hkv, G, nq, nk], the tiles' layout
+        block_mask = jnp.broadcast_to(block_mask, (q.shape[0], spec.num_kv_heads * spec.group,
+                                                   nq, nk))
+        block_mask = split_heads(block_mask, spec.num_kv_heads, spec.group)
     out, stat = _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                      entries, counts, mod_consts)
+                      entries, counts, mod_consts, block_mask)
     return out[:, : spec.q_len], stat[..., : spec.q_len]
 
 
@@ -147,14 +169,32 @@ def _sink_logits(spec: Spec, sinks):
     return split_heads(sinks.astype(F32)[None, :, None], spec.num_kv_heads, spec.group)
 
 
-def _tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk, seg_k, batch):
+def _tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk, seg_k, batch,
+                     block_tile=None):
     q_idx = i0 + jnp.arange(bq, dtype=jnp.int32)
     k_idx = j0 + jnp.arange(bk, dtype=jnp.int32)
     dense_blk = None
     if dense_mask is not None:
         dense_blk = lax.dynamic_slice_in_dim(_slice(dense_mask, i0, bq, 2), j0, bk, axis=3)
     seg_k_blk = _slice(seg_k, j0, bk, 1)
-    return visible(spec, q_idx, k_idx, dense_blk, seg_q_blk, seg_k_blk)
+    vis = visible(spec, q_idx, k_idx, dense_blk, seg_q_blk, seg_k_blk)
+    if block_tile is not None:  # [B, Hkv, G]: this tile's run-time block-mask bits
+        vis = vis & block_tile[..., None, None]
+    return vis
+
+
+def _block_tile(block_mask, i, j):
+    """``block_mask [B, Hkv, G, nq, nk]`` at tile ``(i, j)``: ``[B, Hkv, G]`` (or None)."""
+    return None if block_mask is None else block_mask[:, :, :, i, j]
+
+
+def _zero_unselected(block_tile, x_blk):
+    """``x_blk [B, bk, Hkv, D]`` with zeros for the kv heads whose query heads all skip this
+    block: a skipped block's contents (NaN, inf) must not reach ``0 * x`` products."""
+    if block_tile is None:
+        return x_blk
+    live = block_tile.any(axis=2)[:, None, :, None]  # [B, 1, Hkv, 1]
+    return jnp.where(live, x_blk, 0.0)
 
 
 def _convert_score_mod(spec: Spec, batch: int, bq: int, bk: int):
@@ -217,14 +257,14 @@ def _differentiable(mod_consts):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _core(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts,
-          mod_consts):
+          mod_consts, block_mask=None):
     out, stat, _ = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k,
-                            entries, counts, mod_consts)
+                            entries, counts, mod_consts, block_mask)
     return out, stat
 
 
 def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts,
-             mod_consts=()):
+             mod_consts=(), block_mask=None):
     """``out [B, Tq, Hq, Dv]``, the public row stat ``[B, Hq, Tq]`` and, for softmax, the
     backward's ``(m, log_l)`` (each ``[B, Hkv, G, Tq]``; ``m = +inf``, ``log_l = 0`` on rows that
     see nothing, so every recomputed weight is exactly 0 there); for softpick ``(m, z)`` (the
@@ -253,8 +293,9 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entri
         def visit(n, carry):
             j, kind = _decode(entries[i, _visit_order(norm, n, counts[i])])
             j0 = j * bk
-            k_blk = _slice(k, j0, bk, 1).astype(F32)
-            v_blk = _slice(v, j0, bk, 1).astype(F32)
+            tile = _block_tile(block_mask, i, j)
+            k_blk = _zero_unselected(tile, _slice(k, j0, bk, 1).astype(F32))
+            v_blk = _zero_unselected(tile, _slice(v, j0, bk, 1).astype(F32))
             _, s = scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk),
                           _tile_score_mod(spec, b, i0, j0, bq, bk, mod_consts))
 
@@ -295,7 +336,7 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entri
 
             def partial(_):
                 return update(_tile_visibility(spec, i0, j0, bq, bk, dense_mask, seg_q_blk,
-                                               seg_k, b))
+                                               seg_k, b, tile))
 
             return lax.cond(kind == FULL, lambda _: update(None), partial, None)
 
@@ -324,20 +365,22 @@ def _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entri
 
 
 def _core_fwd(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts,
-              mod_consts):
+              mod_consts, block_mask=None):
     out, stat, max_and_log_sum = _forward(spec, bq, bk, q, k, v, bias, sinks, dense_mask, seg_q,
-                                          seg_k, entries, counts, mod_consts)
+                                          seg_k, entries, counts, mod_consts, block_mask)
     res = (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts, out, stat,
-           max_and_log_sum, mod_consts)
+           max_and_log_sum, mod_consts, block_mask)
     return (out, stat), res
 
 
 def _core_bwd(spec, bq, bk, res, cotangents):
-    """Cotangents of ``_core``'s operands. ``res`` may omit the trailing ``mod_consts`` (callers
-    without a score_mod, e.g. the context-parallel hops); the result then ends at ``counts``."""
+    """Cotangents of ``_core``'s operands. ``res`` may omit the trailing ``mod_consts`` and
+    ``block_mask`` (callers without a score_mod, e.g. the context-parallel hops); the result
+    then ends at ``counts``."""
     (q, k, v, bias, sinks, dense_mask, seg_q, seg_k, entries, counts, out, stat,
      max_and_log_sum, *rest) = res
     mod_consts = rest[0] if rest else ()
+    block_mask = rest[1] if len(rest) > 1 else None
     # Floating operands of the score_mod: their cotangent is the tile VJP of the score_mod,
     # summed over tiles in the loops' fixed order (no scatter across tiles: deterministic).
     diff_pos = _differentiable(mod_consts)
@@ -372,8 +415,9 @@ def _core_bwd(spec, bq, bk, res, cotangents):
             dq_blk, dk_acc, dv_acc, dbias_acc, dmod_acc, right = c
             j, kind = _decode(entries[i, _visit_order(norm, n, counts[i])])
             j0 = j * bk
-            k_blk = _slice(k, j0, bk, 1).astype(F32)
-            v_blk = _slice(v, j0, bk, 1).astype(F32)
+            tile = _block_tile(block_mask, i, j)
+            k_blk = _zero_unselected(tile, _slice(k, j0, bk, 1).astype(F32))
+            v_blk = _zero_unselected(tile, _slice(v, j0, bk, 1).astype(F32))
             s_raw = raw_scores(spec, q_blk, k_blk, _bias_block(bias, i0, j0, bq, bk))
             mod_vjp = None
             if spec.score_mod is not None:
@@ -430,7 +474,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
 
             def partial(_):
                 return weights_and_ds(_tile_visibility(spec, i0, j0, bq, bk, dense_mask,
-                                                       seg_q_blk, seg_k, b))
+                                                       seg_q_blk, seg_k, b, tile))
 
             p, ds, right = lax.cond(kind == FULL,
                                     lambda _: weights_and_ds(None), partial, None)
@@ -481,7 +525,7 @@ def _core_bwd(spec, bq, bk, res, cotangents):
     dconsts = [None] * len(mod_consts)
     for n_, x in zip(diff_pos, dmod, strict=True):
         dconsts[n_] = x
-    return grads + (tuple(dconsts),)
+    return grads + (tuple(dconsts), None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -41,6 +41,11 @@ def _closes_over_array(mask: Mask) -> bool:
     return False
 
 
+def kernel_block_sizes(q_len: int, kv_len: int) -> tuple[int, int]:
+    """The kernel's ``(block_q, block_kv)`` for these lengths (where a ``block_mask`` lives)."""
+    return flash_lib.block_sizes(q_len, kv_len, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_KV)
+
+
 def unsupported_reason(*, mask=None, dense_mask=None, bias=None, normalizer="softmax",
                        **_unused) -> str | None:
     """Why the Pallas kernel cannot serve this call (None if it can)."""
@@ -87,13 +92,15 @@ def score_mod_captures(score_mod, block_q: int, block_kv: int) -> bool:
 
 def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sinks,
                      logits_soft_cap, segment_ids, return_lse, block_q=None, block_kv=None,
-                     interpret=None, backend=None, score_mod=None):
+                     interpret=None, backend=None, score_mod=None, block_mask=None):
     """Softmax attention through :func:`pallas_kernels.flash_attention`.
 
     ``mask`` is a :class:`jattn.masks.Mask` or None; ``dense_mask``/``bias`` must be None and
     ``normalizer`` ``"softmax"`` (else ``NotImplementedError``). Shapes as in
     :func:`jattn.attention`. ``score_mod`` must capture no arrays (else
-    ``NotImplementedError``): scalars and Python numbers are fine.
+    ``NotImplementedError``): scalars and Python numbers are fine. ``block_mask``: bool
+    ``[B|1, Hq|1, nq, nk]`` at the kernel's block sizes (see :func:`kernel_block_sizes`),
+    ANDed with the mask's static map into the kernel's per-(batch, head) block map.
     """
     reason = unsupported_reason(mask=mask, dense_mask=dense_mask, bias=bias,
                                 normalizer=normalizer)
@@ -116,6 +123,15 @@ def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sink
             with jax.ensure_compile_time_eval():  # static block map: the grid skips empty blocks
                 block_map = mask.block_map(tq, tk, bq, bk)
             mask_fn = mask.index_fn(tq, tk)
+    if block_mask is not None:
+        if block_q is not None or block_kv is not None:
+            raise ValueError("block_mask is defined at the kernel's default block sizes")
+        codes = jax.numpy.where(block_mask, 2, 0).astype(jax.numpy.int32)  # full / empty
+        if block_map is not None:  # [nq, nk] or [H, nq, nk] -> [1, H|1, nq, nk]
+            static = np.asarray(block_map, np.int32)
+            codes = jax.numpy.minimum(codes, static.reshape((1,) * (4 - static.ndim)
+                                                            + static.shape))
+        block_map = codes
     return flash_lib.flash_attention(
         q, k, v, block_map=block_map, mask_fn=mask_fn, scale=scale, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, block_q=bq, block_kv=bk,

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _blocked, _dispatch, _pallas_dispatch, _reference
+from jattn import _block_mask, _blocked, _dispatch, _pallas_dispatch, _reference
 from jattn import masks as masks_lib
 from jattn import normalizers as normalizers_lib
 from jattn import score_mods as score_mods_lib
@@ -272,6 +272,7 @@ def attention(
     context_axis: str | None = None,
     context_strategy: str = "ring",
     score_mod: Callable[..., Array] | None = None,
+    block_mask: ArrayLike | None = None,
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,
     dropout_rng: Array | None = None,
@@ -325,6 +326,11 @@ def attention(
         non-elementwise function is a TypeError naming it. The Pallas kernel takes only
         score_mods capturing no arrays (else NotImplementedError; ``None`` falls back to
         xla); not yet with ``context_axis`` (NotImplementedError).
+      block_mask: bool (or 0/1 int) ``[B|1, Hq|1, nq, nk]``, run-time block sparsity at the
+        block sizes ``jattn.attention_block_sizes(Tq, Tk, implementation)``: query block ``i``
+        of ``(b, h)`` sees key block ``j`` only where it is True (ANDed with ``mask``). May be
+        traced (no recompilation when it changes); empty blocks are skipped (their K/V,
+        even NaN, never reach the output or gradients). See :mod:`jattn._block_mask`.
 
     Returns:
       ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested. Empty
@@ -337,6 +343,8 @@ def attention(
                                    deterministic=deterministic, dtype=dtype, module=module)
     mask = _convenience_mask(q, k, mask, is_causal, local_window_size)
     if context_axis is not None:
+        if block_mask is not None:
+            raise NotImplementedError("block_mask with context_axis is not supported yet")
         if score_mod is not None:
             raise NotImplementedError("score_mod with context_axis is not supported yet")
         from jattn import context_parallel
@@ -349,21 +357,36 @@ def attention(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=return_lse,
         implementation=implementation, score_mod=score_mod)
+    bq = bk = None  # run-time block sparsity: at the documented block sizes on every path
+    if block_mask is not None:
+        bq, bk = _block_mask.attention_block_sizes(spec.q_len, spec.kv_len, implementation)
+        block_mask = _block_mask.check(block_mask, q.shape[0], q.shape[2], spec.q_len,
+                                       spec.kv_len, bq, bk)
     choice = _dispatch.choose(
         implementation, IMPLEMENTATIONS, fallback="xla",
         unsupported=lambda: _pallas_dispatch.unsupported_reason(
-            mask=spec.mask, dense_mask=dense, bias=bias4, normalizer=spec.normalizer.name))
+            mask=spec.mask, dense_mask=dense, bias=bias4, normalizer=spec.normalizer.name,
+            block_mask=block_mask, batch=q.shape[0], segment_ids=segment_ids,
+            score_mod=spec.score_mod))
 
     def pallas():
         return _pallas_dispatch.attention_pallas(
             q, k, v, mask=spec.mask, dense_mask=dense, bias=bias4, scale=spec.scale,
             normalizer=spec.normalizer.name, sinks=sinks, logits_soft_cap=spec.soft_cap,
-            segment_ids=segment_ids, return_lse=return_lse, score_mod=spec.score_mod)
+            segment_ids=segment_ids, return_lse=return_lse, score_mod=spec.score_mod,
+            block_mask=block_mask)
 
     def xla_or_reference(choice):
         args = (spec, q, k, v, bias4, sinks, dense, seg_q, seg_k)
-        impl = _reference if choice.name == "reference" else _blocked
-        out, stat = impl.attention(*args)
+        if block_mask is None:
+            impl = _reference if choice.name == "reference" else _blocked
+            out, stat = impl.attention(*args)
+        elif choice.name == "reference":
+            args = args[:6] + (_block_mask.with_dense(dense, block_mask, spec.q_len, spec.kv_len,
+                                                      bq, bk),) + args[7:]
+            out, stat = _reference.attention(*args)
+        else:
+            out, stat = _blocked.attention(*args, block_q=bq, block_kv=bk, block_mask=block_mask)
         out = out.astype(q.dtype)
         return (out, stat) if return_lse else out
 

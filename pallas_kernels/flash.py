@@ -128,7 +128,8 @@ def flash_attention(
 
     Args:
       q: ``[B, Tq, Hq, D]``. k: ``[B, Tk, Hkv, D]``. v: ``[B, Tk, Hkv, Dv]``; ``Hq % Hkv == 0``.
-      block_map: int ``[nq, nk]`` or ``[Hq, nq, nk]`` (0 empty, 1 partial, 2 full) for
+      block_map: int ``[nq, nk]``, ``[Hq, nq, nk]`` or ``[B|1, Hq|1, nq, nk]`` (0 empty,
+        1 partial, 2 full; may be traced: run-time block sparsity, compacted on device) for
         ``(block_q, block_kv)`` over the sequences padded to whole blocks, or None (every
         block partial if ``mask_fn`` is given, else full except padded key blocks).
       mask_fn: ``f(q_idx, kv_idx, head) -> bool`` of jnp integer ops (True = visible),
@@ -223,10 +224,13 @@ def flash_attention(
     # --- block map -> compacted lists (on the host when the map is static; see block_map)
     if block_map is None:
         bm = bsp.default_block_map(tq, tk, bq, bk, masked=mask_fn is not None)
+    elif np.ndim(block_map) == 4:  # per batch and head: [Bm, Hm, nq, nk]
+        bm = _normalize_batched_map(block_map, b, hq, nq, nk, tk, bk)
     else:
         bm = bsp.normalize_block_map(block_map, hq, nq, nk, tk, bk)
+    if bm.ndim == 3:
+        bm = bm[None]  # [1, Hm, nq, nk]
     width, width_t = bsp.static_width(bm), bsp.static_width(bsp.transpose(bm))
-    bm = bm[None]  # [1, Hm, nq, nk]
     if seg_q is not None:
         bm = bsp.intersect(bm, bsp.segment_block_map(seg_q, seg_k, bq, bk)[:, None])
     ents, cnts = bsp.compact(bm, width)
@@ -242,6 +246,18 @@ def flash_attention(
     )
     o, lse = _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t)
     return (o, lse) if return_lse else o
+
+
+def _normalize_batched_map(block_map, b: int, hq: int, nq: int, nk: int, kv_len: int,
+                           block_kv: int):
+    """Validate a ``[Bm, Hm, nq, nk]`` map (``Bm`` in {1, B}, ``Hm`` in {1, Hq}); int32."""
+    shape = tuple(np.shape(block_map))
+    if shape[2:] != (nq, nk) or shape[0] not in (1, b) or shape[1] not in (1, hq):
+        raise ValueError(f"block_map must have shape [B|1={b}, Hq|1={hq}, nq={nq}, nk={nk}] for "
+                         f"these block sizes, got {shape}")
+    maps = [bsp.normalize_block_map(block_map[n], hq, nq, nk, kv_len, block_kv)
+            for n in range(shape[0])]
+    return (np if all(bsp.concrete(m) is not None for m in maps) else jnp).stack(maps)
 
 
 def _without_keys(q, v, sinks, return_lse):
