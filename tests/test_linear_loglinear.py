@@ -117,3 +117,22 @@ def test_errors_name_the_argument():
         jattn.linear.loglinear_gla(q, k, v, g, lam, implementation="recurrent")
     with pytest.raises(ValueError, match="g"):
         jattn.linear.loglinear_gla(q, k, v, g[..., :2], lam)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_decoding_steps_match_the_sequence_form(per_channel):
+    T = 11
+    q, k, v, g, lam = _inputs(T=T, per_channel=per_channel, extra_levels=1)
+    L = lam.shape[-1]
+
+    @jax.jit
+    def run_steps(q, k, v, g, lam):
+        def step(levels, x):
+            o, levels = jattn.linear.loglinear_gla_step(*x[:5], levels, x[5], scale=0.5)
+            return levels, o
+        xs = tuple(x.swapaxes(0, 1) for x in (q, k, v, g, lam)) + (jnp.arange(T),)
+        levels0 = jnp.zeros((L - 1,) + q.shape[:1] + q.shape[2:] + v.shape[-1:])
+        return jax.lax.scan(step, levels0, xs)[1].swapaxes(0, 1)
+
+    want = jattn.linear.loglinear_gla(q, k, v, g, lam, scale=0.5, implementation="reference")
+    assert_close(run_steps(q, k, v, g, lam), want, atol=1e-5, rtol=1e-5, name="decoded o")

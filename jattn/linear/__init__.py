@@ -43,7 +43,7 @@ from jattn.linear.feature_maps import (
 )
 from jattn.linear.gla import gla, lightning_decay, retnet_decay
 from jattn.linear.kernelized import efficient_attention, linear_attention
-from jattn.linear.loglinear import loglinear_gla
+from jattn.linear.loglinear import loglinear_gla, loglinear_gla_step
 from jattn.linear.recurrent import (
     LinearAttentionState,
     delta_rule_step,
@@ -75,6 +75,7 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "loglinear_gla",
+    "loglinear_gla_step",
     "performer",
     "performer_features",
     "relu",

@@ -29,8 +29,10 @@ decayed to the current chunk's start; after chunk ``n`` the levels below ``p + 1
 number of trailing one bits of ``n``) merge, with chunk ``n``'s own summary, into level
 ``p + 1``. Work ``O(T C K + T log(T / C) K V)``, state memory ``O(log(T / C) K V)``.
 
-No recurrent decoding step (the Fenwick stack of states is not exposed); no initial or final
-state, no ``segment_ids``.
+Decoding: :func:`loglinear_gla_step` advances an explicit Fenwick stack of states
+``[L - 1, B, H, K, V]`` (level ``l >= 1`` at index ``l - 1``; level 0 is the current token)
+by one token, the chunk rule with ``C = 1``. The sequence function takes no initial and
+returns no final state, and has no ``segment_ids``.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def loglinear_chunk(q, k, v, g, lam, *, scale: float, chunk_size: int) -> jax.Ar
         G_end = Gk[..., -1:, :]  # [B, H, 1, K or 1]
         own = jnp.einsum("bhtk,bhtv->bhkv", x["k"] * jnp.exp(G_end - Gk), x["v"])
         S = S * jnp.exp(G_end[:, :, 0, :, None])[None]
-        p = jnp.int32(32) - lax.clz(~x["n"] & (x["n"] + 1)) - 1  # trailing ones of n
+        p = _trailing_ones(x["n"])
         lvl = jnp.arange(M)[:, None, None, None, None]
         merged = own + jnp.sum(jnp.where(lvl < p, S, 0.0), axis=0)
         S = jnp.where(lvl < p, 0.0, jnp.where(lvl == p, merged, S))
@@ -131,6 +133,51 @@ def loglinear_chunk(q, k, v, g, lam, *, scale: float, chunk_size: int) -> jax.Ar
     S0 = jnp.zeros((M, B, H, K, V), jnp.float32)
     _, o = lax.scan(jax.checkpoint(chunk_step), S0, xs)
     return _from_chunks(o, T)
+
+
+def _trailing_ones(n: jax.Array) -> jax.Array:
+    """Trailing one bits of a non-negative int32 ``n``: ``bit_length(~n & (n + 1)) - 1``."""
+    return jnp.int32(32) - lax.clz(~n & (n + 1)) - 1
+
+
+def loglinear_gla_step(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    level_weights: jax.Array,
+    levels: jax.Array,
+    index: jax.Array,
+    *,
+    scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """One decoding step of :func:`loglinear_gla` at absolute position ``index``.
+
+    Args:
+      q, k: ``[B, H, K]``; v: ``[B, H, V]``; g: ``[B, H]`` or ``[B, H, K]`` (log-decay).
+      level_weights: ``[B, H, L]``; ``levels``: the Fenwick stack ``[L - 1, B, H, K, V]``
+        (fp32; zeros at ``index = 0``), level ``l >= 1`` of the keys ``< index`` at ``l - 1``,
+        decayed to ``index - 1``. Positions up to ``2^(L - 1)`` fit.
+      index: int scalar (may be traced), the position of this token.
+
+    Returns:
+      ``(o [B, H, V] fp32, levels)``: ``o = scale (lambda^0 q.k v + sum_l lambda^l (q *
+      exp(g)) S^l)``; then every level decays by ``exp(g)`` and levels ``1..p`` merge with
+      the token into level ``p + 1`` (``p`` = trailing one bits of ``index``).
+    """
+    f32 = jnp.float32
+    q, k, v, lam = (x.astype(f32) for x in (q, k, v, level_weights))
+    g = jnp.maximum(g.astype(f32), LOG_DECAY_FLOOR)
+    decay = jnp.exp(g[..., None] if g.ndim == 2 else g)  # [B, H, K or 1]
+    own = k[..., :, None] * v[..., None, :]  # [B, H, K, V]
+    q = q * scale
+    o = lam[..., 0, None] * jnp.einsum("bhk,bhkv->bhv", q, own)
+    o = o + jnp.einsum("bhl,bhk,lbhkv->bhv", lam[..., 1:], q * decay, levels)
+    levels = levels * decay[None, ..., None]
+    p = _trailing_ones(jnp.asarray(index, jnp.int32))
+    lvl = jnp.arange(levels.shape[0])[:, None, None, None, None]
+    merged = own + jnp.sum(jnp.where(lvl < p, levels, 0.0), axis=0)
+    return o, jnp.where(lvl < p, 0.0, jnp.where(lvl == p, merged, levels))
 
 
 @partial(jax.jit, static_argnames=("impl", "scale", "chunk_size"))
