@@ -136,9 +136,11 @@ class _RecurrentBase(RecurrentCore):
 
 
 def linear_kwargs(cfg: AttentionConfig, context_axis: str | None = None) -> dict:
-    """Keywords of the ``jattn.linear`` call of a core with config ``cfg``."""
-    return {"implementation": cfg.linear_implementation, "chunk_size": cfg.chunk_size,
-            "scale": cfg.scale, "context_axis": context_axis}
+    """Keywords of the ``jattn.linear`` call of a core with config ``cfg``; ``context_axis``
+    only when set (``delta_product`` and ``dplr_delta_rule`` take none)."""
+    kw = {"implementation": cfg.linear_implementation, "chunk_size": cfg.chunk_size,
+          "scale": cfg.scale}
+    return kw if context_axis is None else {**kw, "context_axis": context_axis}
 
 
 class _LowRankGate(nnx.Module):
@@ -298,6 +300,8 @@ class DeltaProduct(GatedDeltaNet):
     paper's short convolutions are omitted (as in this file's other cores).
     """
 
+    context_parallel = False  # jattn.linear.delta_product takes no context_axis
+
     @dataclasses.dataclass(frozen=True)
     class Options:
         num_householder: int = 2  # delta-rule steps per token (1: Gated DeltaNet)
@@ -332,7 +336,8 @@ class DeltaProduct(GatedDeltaNet):
         return {"beta": beta.reshape(b, t * self.opts.num_householder, -1),
                 "g": self.delta_gates(inp)}
 
-    def run(self, q, k, v, state, want_state, beta, g):
+    def run(self, q, k, v, state, want_state, context_axis=None, *, beta, g):
+        # _RecurrentBase.recur passes context_axis positionally; delta_product has no split
         return jattn.linear.delta_product(
             q, k, v, beta, num_householder=self.opts.num_householder, g=g, initial_state=state,
             output_final_state=want_state, use_qk_l2norm=True, **linear_kwargs(self.cfg))
@@ -394,6 +399,9 @@ class RWKV7(_RecurrentBase):
     def init_cache(self, batch, max_len, policy):
         return {**super().init_cache(batch, max_len, policy),
                 "x_prev": jnp.zeros((batch, self.cfg.d_model), jnp.float32)}
+
+    def state_size(self, seq_len):
+        return super().state_size(seq_len) + self.cfg.d_model  # the state and the token shift
 
     def decode(self, inp, cache, index, policy):
         o, state = self._time_mix(inp, cache["state"], True, cache["x_prev"])
