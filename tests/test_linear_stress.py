@@ -61,6 +61,11 @@ def _case(form, stress, T, seed=0, B=1, H=2, K=8, V=8):
             "beta_two": np.full((B, T, H), 2.0 - 1e-6),
             "parallel_keys": np.full((B, T, H), 2.0 - 1e-6)}.get(
         stress, rng.uniform(0.0, 2.0, (B, T, H)))
+    if form == "dplr" and stress in BETA_STRESS:
+        # DPLR's transition diag(exp g) - beta k^T k is not contractive for beta ~ 2 with a
+        # decay on top (eigenvalues down to -1.1): the exact float64 scan itself reaches 5e43
+        # at T = 2048, beyond fp32. Without decay it is a reflection (norm 1): keep that.
+        g = np.zeros(gshape)
     f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
     return f32(q), f32(k), f32(v), f32(g), f32(beta)
 
@@ -82,9 +87,9 @@ def _run(form, q, k, v, g, beta, chunk_size):
     return o, _scan64(q, k, v, g=gate, beta=beta, scale=scale)
 
 
+BETA_STRESS = ["beta_zero", "beta_two", "parallel_keys"]
 FORMS = ["gla_scalar", "gla_channel", "delta_rule", "gated", "kda", "dplr"]
 GATE_STRESS = ["tiny_gates", "huge_gates", "resets"]
-BETA_STRESS = ["beta_zero", "beta_two", "parallel_keys"]
 
 
 def _check(form, stress, T, chunk_size, tol=2e-3):
