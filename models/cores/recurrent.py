@@ -19,6 +19,9 @@ gated_deltanet         scalar decay + delta rule (Yang et al. 2025)
 kda                    Kimi Delta Attention: per-channel decay + delta rule (Kimi Team 2025)
 deltaproduct           num_householder delta steps per token, scalar decay (Siems et al. 2025)
 rwkv7                  RWKV-7 time mix (simplified): the DPLR delta rule (Peng et al. 2025)
+loglinear_gla          log-linear GLA, Fenwick-tree states (Guo et al. 2025): models.cores.loglinear
+loglinear_mamba2       log-linear Mamba-2 (Guo et al. 2025): models.cores.loglinear
+mamba2                 the full Mamba-2 layer (Dao & Gu 2024): models.cores.mamba2
 =====================  ==========================================================================
 """
 
