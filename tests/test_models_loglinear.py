@@ -1,5 +1,5 @@
 """The "loglinear_gla" and "loglinear_mamba2" mechanisms (models.cores.loglinear) in a decoder:
-chunk and reference forms agree, cached decoding on the Fenwick stack equals the forward, and
+cached decoding on the Fenwick stack equals the forward, and
 the level-weight projection gets gradients."""
 
 import jax
@@ -21,15 +21,11 @@ def _decoder(mechanism, **kw):
 
 
 @pytest.mark.parametrize("mechanism", ["loglinear_gla", "loglinear_mamba2"])
-def test_cached_decoding_matches_the_forward_and_reference(mechanism):
+def test_cached_decoding_matches_the_forward(mechanism):
     model = _decoder(mechanism)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 32)
     graphdef, state = nnx.split(model)
     full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, tokens)
-    ref_model = _decoder(mechanism, linear_implementation="reference")
-    ref_def, ref_state = nnx.split(ref_model)
-    ref = jax.jit(lambda s, x: nnx.merge(ref_def, s)(x))(ref_state, tokens)
-    assert_close(ref, full, rtol=1e-4, name="reference vs chunk logits")
     step = jax.jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i))
     cache = model.init_cache(2, 11)
     logits, cache = step(state, tokens[:, :5], cache, jnp.int32(0))
