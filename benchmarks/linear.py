@@ -14,6 +14,12 @@ input) time and compiled temp memory of
   (per-channel gate, ``a = -0.5 k_hat``, ``b = k_hat`` with ``k_hat`` the L2-normalized key),
   same two implementations; ``dplr_chunk16``: the chunk form with ``chunk_size=16`` (with
   per-channel gates the chunk's score work grows as ``T C K``: smaller chunks win on CPU);
+* ``loglinear_chunk`` / ``loglinear_ref``: ``jattn.linear.loglinear_gla`` (log-linear
+  attention, Guo et al. 2025) with a scalar gate (log-linear Mamba-2) and level weights
+  ``U(0.5, 1.5)``, the chunk form (``O(T log T)``) / the ``O(T^2)`` masked reference;
+  ``loglinear_gla_chunk``: the chunk form with a per-channel gate (log-linear GLA). The
+  summary's ``growth`` columns divide each chunk form's time by its time at the shortest
+  length (``T log T`` predicts 4 x 14/12 = 4.67x from 4K to 16K, linear 4x);
 * ``softmax``: causal softmax attention, ``jattn.attention(mask=causal(),
   implementation="xla")`` (falls back to ``jax.nn.dot_product_attention(is_causal=True)`` when
   ``jattn.attention`` is missing; the JSON says which ran).
@@ -57,7 +63,8 @@ def inputs(t, b, h, d, seed=0):
     g_chan = jnp.asarray(np.log(rng.uniform(0.9, 0.999, (b, t, h, d))), jnp.float32)
     g_head = g_chan[..., 0]
     beta = jnp.asarray(rng.uniform(0.1, 0.9, (b, t, h)), jnp.float32)
-    return q, k, v, g_chan, g_head, beta
+    lam = jnp.asarray(rng.uniform(0.5, 1.5, (b, t, h, jl.loglinear.num_levels(t))), jnp.float32)
+    return q, k, v, g_chan, g_head, beta, lam
 
 
 def cases(softmax):
@@ -80,6 +87,18 @@ def cases(softmax):
         "dplr_chunk": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "chunk"), "qkvG"),
         "dplr_chunk16": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "chunk", 16), "qkvG"),
         "dplr_scan": (lambda q, k, v, g: rwkv7_dplr(q, k, v, g, "reference"), "qkvG"),
+        "loglinear_chunk": (
+            lambda q, k, v, g, lam: jl.loglinear_gla(q, k, v, g, lam, implementation="chunk"),
+            "qkvgl",
+        ),
+        "loglinear_ref": (
+            lambda q, k, v, g, lam: jl.loglinear_gla(q, k, v, g, lam, implementation="reference"),
+            "qkvgl",
+        ),
+        "loglinear_gla_chunk": (
+            lambda q, k, v, g, lam: jl.loglinear_gla(q, k, v, g, lam, implementation="chunk"),
+            "qkvGl",
+        ),
         "softmax": (softmax, "qkv"),
     }
 
@@ -92,8 +111,8 @@ def rwkv7_dplr(q, k, v, g, implementation, chunk_size=64):
     )[0]
 
 
-def pick_args(spec, q, k, v, g_chan, g_head, beta):
-    table = {"q": q, "k": k, "v": v, "G": g_chan, "g": g_head, "b": beta}
+def pick_args(spec, q, k, v, g_chan, g_head, beta, lam):
+    table = {"q": q, "k": k, "v": v, "G": g_chan, "g": g_head, "b": beta, "l": lam}
     return tuple(table[c] for c in spec)
 
 
@@ -132,7 +151,7 @@ def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backw
             for pname, f in passes:
                 compiled = harness.compile_fn(f, *args)
                 row[f"{pname} temp MiB"] = harness.temp_bytes(compiled) / 2**20
-                if name.endswith("_scan") and t > skip_scan_above:
+                if name.endswith(("_scan", "_ref")) and t > skip_scan_above:
                     continue
                 row[f"{pname} ms"] = 1e3 * time_it(compiled, args, repeats, slow_s)
             rows.append(row)
@@ -152,6 +171,7 @@ def summarize(rows, lengths):
                 ("gdn", "gdn_chunk", "gdn_scan"),
                 ("dplr", "dplr_chunk", "dplr_scan"),
                 ("dplr16", "dplr_chunk16", "dplr_scan"),
+                ("loglinear", "loglinear_chunk", "loglinear_ref"),
             ):
                 chunk = by.get((chunk_name, t), {}).get(key)
                 scan = by.get((scan_name, t), {}).get(key)
@@ -160,6 +180,11 @@ def summarize(rows, lengths):
                     s[f"{mech} {pname} scan/chunk"] = scan / chunk
                 if chunk and soft:
                     s[f"{mech} {pname} softmax/chunk"] = soft / chunk
+            for name in ("loglinear_chunk", "loglinear_gla_chunk"):
+                base = by.get((name, lengths[0]), {}).get(key)
+                now = by.get((name, t), {}).get(key)
+                if base and now and t != lengths[0]:
+                    s[f"{name} {pname} growth"] = now / base
         out.append(s)
     return out
 

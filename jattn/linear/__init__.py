@@ -12,6 +12,7 @@ GPU/TPU when available, else chunk.
 * :func:`delta_rule`: DeltaNet, Gated DeltaNet, Kimi Delta Attention.
 * :func:`dplr_delta_rule`: the diagonal-plus-low-rank transition (RWKV-7).
 * :func:`delta_product`: DeltaProduct, ``n_h`` Householder steps per token.
+* :func:`loglinear_gla`: log-linear attention (Fenwick-tree states) over GLA / Mamba-2 gates.
 * :func:`linear_attention`: feature-map attention (elu+1, relu, Performer, Hedgehog, Based's
   Taylor map, DPFP, or any callable), causal or not, normalized or not.
 * :func:`efficient_attention`: Shen et al.'s softmax-over-features form (non-causal).
@@ -42,6 +43,7 @@ from jattn.linear.feature_maps import (
 )
 from jattn.linear.gla import gla, lightning_decay, retnet_decay
 from jattn.linear.kernelized import efficient_attention, linear_attention
+from jattn.linear.loglinear import loglinear_gla, loglinear_gla_step
 from jattn.linear.recurrent import (
     LinearAttentionState,
     delta_rule_step,
@@ -72,6 +74,8 @@ __all__ = [
     "lightning_decay",
     "linear_attention",
     "linear_attention_step",
+    "loglinear_gla",
+    "loglinear_gla_step",
     "performer",
     "performer_features",
     "relu",

@@ -5,13 +5,17 @@
 * :mod:`models.cores.recurrent`: :class:`RecurrentCore` (fixed-size state) and the linear family.
 * :mod:`models.cores.hybrid`: cores with both (Based).
 * :mod:`models.cores.sparse`: routed sparse attention (MoBA, DSA).
+* :mod:`models.cores.loglinear`: log-linear GLA / Mamba-2 (a Fenwick stack of states).
+* :mod:`models.cores.mamba2`: the full Mamba-2 layer (conv, dt, A_log, D, gated RMSNorm).
 """
 
 from models.cores.base import AuxLoss, Core, CoreInputs, repeat_kv
 from models.cores.hybrid import Based
+from models.cores.loglinear import LogLinearGLA, LogLinearMamba2
+from models.cores.mamba2 import Mamba2
 from models.cores.recurrent import RecurrentCore
 from models.cores.softmax import SoftmaxCore
 from models.cores.sparse import DSA, MoBA
 
-__all__ = ["DSA", "AuxLoss", "Based", "Core", "CoreInputs", "MoBA", "RecurrentCore", "SoftmaxCore",
-           "repeat_kv"]
+__all__ = ["DSA", "AuxLoss", "Based", "Core", "CoreInputs", "LogLinearGLA", "LogLinearMamba2",
+           "Mamba2", "MoBA", "RecurrentCore", "SoftmaxCore", "repeat_kv"]

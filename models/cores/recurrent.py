@@ -19,6 +19,9 @@ gated_deltanet         scalar decay + delta rule (Yang et al. 2025)
 kda                    Kimi Delta Attention: per-channel decay + delta rule (Kimi Team 2025)
 deltaproduct           num_householder delta steps per token, scalar decay (Siems et al. 2025)
 rwkv7                  RWKV-7 time mix (simplified): the DPLR delta rule (Peng et al. 2025)
+loglinear_gla          log-linear GLA, Fenwick-tree states (Guo et al. 2025): models.cores.loglinear
+loglinear_mamba2       log-linear Mamba-2 (Guo et al. 2025): models.cores.loglinear
+mamba2                 the full Mamba-2 layer (Dao & Gu 2024): models.cores.mamba2
 =====================  ==========================================================================
 """
 
@@ -136,9 +139,11 @@ class _RecurrentBase(RecurrentCore):
 
 
 def linear_kwargs(cfg: AttentionConfig, context_axis: str | None = None) -> dict:
-    """Keywords of the ``jattn.linear`` call of a core with config ``cfg``."""
-    return {"implementation": cfg.linear_implementation, "chunk_size": cfg.chunk_size,
-            "scale": cfg.scale, "context_axis": context_axis}
+    """Keywords of the ``jattn.linear`` call of a core with config ``cfg``; ``context_axis``
+    only when set (``delta_product`` and ``dplr_delta_rule`` take none)."""
+    kw = {"implementation": cfg.linear_implementation, "chunk_size": cfg.chunk_size,
+          "scale": cfg.scale}
+    return kw if context_axis is None else {**kw, "context_axis": context_axis}
 
 
 class _LowRankGate(nnx.Module):
@@ -298,6 +303,8 @@ class DeltaProduct(GatedDeltaNet):
     paper's short convolutions are omitted (as in this file's other cores).
     """
 
+    context_parallel = False  # jattn.linear.delta_product takes no context_axis
+
     @dataclasses.dataclass(frozen=True)
     class Options:
         num_householder: int = 2  # delta-rule steps per token (1: Gated DeltaNet)
@@ -332,14 +339,11 @@ class DeltaProduct(GatedDeltaNet):
         return {"beta": beta.reshape(b, t * self.opts.num_householder, -1),
                 "g": self.delta_gates(inp)}
 
-    # jattn.linear.delta_product takes no context_axis (yet): config time refuses a split.
-    context_parallel = False
-
     def run(self, q, k, v, state, want_state, context_axis=None, *, beta, g):
+        # _RecurrentBase.recur passes context_axis positionally; delta_product has no split
         return jattn.linear.delta_product(
             q, k, v, beta, num_householder=self.opts.num_householder, g=g, initial_state=state,
-            output_final_state=want_state, use_qk_l2norm=True,
-            **{k: v for k, v in linear_kwargs(self.cfg).items() if k != "context_axis"})
+            output_final_state=want_state, use_qk_l2norm=True, **linear_kwargs(self.cfg))
 
 
 class _LoRA(nnx.Module):
@@ -378,6 +382,7 @@ class RWKV7(_RecurrentBase):
     """
 
     out_gate = False
+    context_parallel = False  # jattn.linear.dplr_delta_rule takes no context_axis
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -395,16 +400,12 @@ class RWKV7(_RecurrentBase):
         self.k_a = param(rngs, ones, (h, dh), ("heads", "kv"))
         self.r_k = param(rngs, zeros, (h, dh), ("heads", "kv"))
 
-    # jattn.linear.dplr_delta_rule takes no context_axis (yet): config time refuses a split.
-    context_parallel = False
-
     def init_cache(self, batch, max_len, policy):
         return {**super().init_cache(batch, max_len, policy),
                 "x_prev": jnp.zeros((batch, self.cfg.d_model), jnp.float32)}
 
     def state_size(self, seq_len):
-        """``H K V`` plus the last token's input that the token shift keeps (``d_model``)."""
-        return super().state_size(seq_len) + self.cfg.d_model
+        return super().state_size(seq_len) + self.cfg.d_model  # the state and the token shift
 
     def decode(self, inp, cache, index, policy):
         o, state = self._time_mix(inp, cache["state"], True, cache["x_prev"])
@@ -427,7 +428,6 @@ class RWKV7(_RecurrentBase):
         kappa = jattn.linear.l2norm(k * self.k_k[...])
         k = k * (1 + (a - 1) * self.k_a[...])
         kw = linear_kwargs(self.cfg)
-        del kw["context_axis"]  # dplr_delta_rule has no context split (context_parallel False)
         kw.update(scale=1.0 if self.cfg.scale is None else self.cfg.scale)
         if kw["implementation"] == "pallas":
             kw["implementation"] = None  # no DPLR kernel: None falls back to the chunk form
