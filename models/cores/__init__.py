@@ -10,5 +10,6 @@ from models.cores.base import AuxLoss, Core, CoreInputs, repeat_kv
 from models.cores.hybrid import Based
 from models.cores.recurrent import RecurrentCore
 from models.cores.softmax import SoftmaxCore
+from models.cores.variants import Cog, Diff, FoX, Softpick, StickBreaking  # noqa: F401 (registers)
 
 __all__ = ["AuxLoss", "Based", "Core", "CoreInputs", "RecurrentCore", "SoftmaxCore", "repeat_kv"]
