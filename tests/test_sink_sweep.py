@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from configs.sink_sweep import MECHANISMS, get_config
+from experiments.config import ConfigError
+from experiments.tasks.bigram_backcopy import BigramBackcopyTask
 from studies import sink_sweep
 
 
@@ -36,3 +40,16 @@ def test_tiny_sweep_writes_table_json_and_plot(tmp_path):
     # a rerun reuses the finished runs (same rows, no training)
     again = sink_sweep.main(argv[:7] + ["--plot-only"])
     assert again == rows
+
+
+def test_bigram_backcopy_accepts_every_softmax_family_mechanism():
+    # the task used to allow only softmax/relu/sigmoid; the sweep needs fox, diff, ...
+    for mech in MECHANISMS:
+        config = get_config("tiny")
+        config.model.mechanism = mech
+        BigramBackcopyTask(config).validate()
+    for bad in ("tanh", "gla"):  # unknown; recurrent (no attention weights for the metrics)
+        config = get_config("tiny")
+        config.model.mechanism = bad
+        with pytest.raises(ConfigError, match="config.model.mechanism"):
+            BigramBackcopyTask(config).validate()
