@@ -2,6 +2,8 @@
 
 * :mod:`models.cores.base`: :class:`Core` (the interface), :class:`CoreInputs`, :class:`AuxLoss`.
 * :mod:`models.cores.softmax`: :class:`SoftmaxCore` (KV cache) and the softmax family.
+* :mod:`models.cores.variants`: softmax-family variants (fox, softpick, stick_breaking, diff,
+  cog).
 * :mod:`models.cores.recurrent`: :class:`RecurrentCore` (fixed-size state) and the linear family.
 * :mod:`models.cores.hybrid`: cores with both (Based).
 """
