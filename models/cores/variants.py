@@ -23,6 +23,7 @@ from flax import nnx
 
 import jattn
 from jattn import score_mods
+from models import kv_cache
 from models.cores.base import CoreInputs, repeat_kv
 from models.cores.softmax import _dense_visible, _SoftmaxBase
 from models.layers import Dense
@@ -96,8 +97,6 @@ class FoX(_SoftmaxBase):
         if policy.kind != "full":
             raise NotImplementedError(f"fox decodes with the full KV cache only, got "
                                       f"policy {policy.kind!r}")
-        from models import kv_cache
-
         tq = inp.q.shape[1]
         index = jnp.asarray(index, jnp.int32)
         new_pos = index + jnp.arange(tq, dtype=jnp.int32)
