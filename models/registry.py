@@ -13,9 +13,9 @@ is also a mechanism (softmax under that pattern: ``"sliding_window:64"``, ``"nei
 A registered factory is called as ``factory(cfg, mask, arg, rngs=rngs)`` and returns a
 :class:`models.cores.base.Core`; ``mask`` is the block's mask (causal & configured pattern).
 Softmax-family cores accept any mask; recurrent cores accept none. The built-in cores, with the
-math and the paper of each: :mod:`models.cores.softmax`, :mod:`models.cores.recurrent`,
-:mod:`models.cores.hybrid`; they register when :mod:`models.cores` loads (importing any of
-``models`` loads it).
+math and the paper of each: :mod:`models.cores.softmax`, :mod:`models.cores.variants`,
+:mod:`models.cores.recurrent`, :mod:`models.cores.hybrid`; they register when
+:mod:`models.cores` loads (importing any of ``models`` loads it).
 """
 
 from __future__ import annotations

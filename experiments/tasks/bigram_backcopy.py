@@ -102,6 +102,16 @@ PUBLISHED = {
 }
 
 
+def _weights_mechanism(name: str) -> bool:
+    """A registered softmax-family mechanism (its layers report ``attention_weights``)."""
+    from models.registry import mechanism_kind
+
+    try:
+        return mechanism_kind(name) == "softmax"
+    except ValueError:
+        return False
+
+
 def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     m = mask.astype(jnp.float32)
     return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
@@ -143,9 +153,10 @@ class BigramBackcopyTask(Task):
                 f"config.num_triggers={c.num_triggers!r}: too many for "
                 f"config.vocab_size={c.vocab_size}"
             )
-        if c.model.mechanism not in NORMALIZERS:
+        if c.model.mechanism not in NORMALIZERS and not _weights_mechanism(c.model.mechanism):
             raise ConfigError(
-                f"config.model.mechanism={c.model.mechanism!r}: must be one of {NORMALIZERS}"
+                f"config.model.mechanism={c.model.mechanism!r}: must be one of {NORMALIZERS} "
+                "or another softmax-family mechanism (the sink metrics read attention weights)"
             )
         if c.optimizer == "sgd" and c.learning_rate < 1e-3:
             print(

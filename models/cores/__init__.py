@@ -2,6 +2,8 @@
 
 * :mod:`models.cores.base`: :class:`Core` (the interface), :class:`CoreInputs`, :class:`AuxLoss`.
 * :mod:`models.cores.softmax`: :class:`SoftmaxCore` (KV cache) and the softmax family.
+* :mod:`models.cores.variants`: softmax-family variants (fox, softpick, stick_breaking, diff,
+  cog).
 * :mod:`models.cores.recurrent`: :class:`RecurrentCore` (fixed-size state) and the linear family.
 * :mod:`models.cores.hybrid`: cores with both (Based).
 * :mod:`models.cores.sparse`: routed sparse attention (MoBA, DSA).
@@ -16,6 +18,7 @@ from models.cores.mamba2 import Mamba2
 from models.cores.recurrent import RecurrentCore
 from models.cores.softmax import SoftmaxCore
 from models.cores.sparse import DSA, MoBA
+from models.cores.variants import Cog, Diff, FoX, Softpick, StickBreaking  # noqa: F401 (registers)
 
 __all__ = ["DSA", "AuxLoss", "Based", "Core", "CoreInputs", "LogLinearGLA", "LogLinearMamba2",
            "Mamba2", "MoBA", "RecurrentCore", "SoftmaxCore", "repeat_kv"]

@@ -67,25 +67,32 @@ class SoftmaxCore(Core):
     def sinks(self) -> jax.Array | None:
         return None
 
+    def score_mod(self, inp: CoreInputs):
+        """A ``jattn.score_mods`` function for the full-sequence call (None: no score_mod);
+        data-dependent members (FoX) build it from ``inp.x``."""
+        return None
+
     # --- the mechanism --------------------------------------------------------------------------
-    def attend(self, q, k, v, *, mask, bias, context_axis: str | None = None) -> jax.Array:
+    def attend(self, q, k, v, *, mask, bias, context_axis: str | None = None,
+               score_mod=None) -> jax.Array:
         """``o [B, Tq, Hq, Dh]`` from rotated ``q``, ``k`` (``mask``: Mask or bool array).
 
         ``context_axis``: the sequence is split over this mesh axis (full-sequence calls of a
-        block with ``cfg.context_axis``; only passed when set)."""
+        block with ``cfg.context_axis``; only passed when set). ``score_mod``: from
+        :meth:`score_mod` (only passed when not None)."""
         cfg = self.cfg
         return jattn.attention(q, k, v, mask=mask, bias=bias, scale=cfg.scale,
                                normalizer=self.normalizer, sinks=self.sinks(),
                                logits_soft_cap=cfg.logits_soft_cap,
                                implementation=cfg.implementation, context_axis=context_axis,
-                               context_strategy=cfg.context_strategy)
+                               context_strategy=cfg.context_strategy, score_mod=score_mod)
 
-    def weights(self, q, k, *, mask, bias) -> jax.Array:
+    def weights(self, q, k, *, mask, bias, score_mod=None) -> jax.Array:
         """Attention weights ``[B, Hq, Tq, Tk]`` (fp32) for analysis."""
         cfg = self.cfg
         return jattn.attention_weights(q, k, mask=mask, bias=bias, scale=cfg.scale,
                                        normalizer=self.normalizer, sinks=self.sinks(),
-                                       logits_soft_cap=cfg.logits_soft_cap)
+                                       logits_soft_cap=cfg.logits_soft_cap, score_mod=score_mod)
 
     def finish(self, inp: CoreInputs, o: jax.Array, intermediates: dict | None) -> jax.Array:
         """Post-process head outputs ``o [B, T, Hq, Dh]`` (identity by default)."""
@@ -115,9 +122,12 @@ class SoftmaxCore(Core):
             bias = jattn.position.alibi_bias(self.cfg.num_heads, t, t)[None]
         # the keyword only when set: subclasses' attend may predate context parallelism
         split = {} if self.cfg.context_axis is None else {"context_axis": self.cfg.context_axis}
-        o = self.attend(q, k, inp.v, mask=self.mask, bias=bias, **split)
+        mod = self.score_mod(inp)
+        extra = {} if mod is None else {"score_mod": mod}
+        o = self.attend(q, k, inp.v, mask=self.mask, bias=bias, **split, **extra)
         if intermediates is not None:
-            intermediates["attention_weights"] = self.weights(q, k, mask=self.mask, bias=bias)
+            intermediates["attention_weights"] = self.weights(q, k, mask=self.mask, bias=bias,
+                                                              **extra)
         return self.finish(inp, o, intermediates)
 
     # --- decoding -------------------------------------------------------------------------------
