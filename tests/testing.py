@@ -1,4 +1,4 @@
-"""Helpers for testing the runner (and tasks): tiny configs, subprocess runs, event reading."""
+"""Test helpers: tiny runner configs, subprocess runs, event reading, small attention tiles."""
 
 from __future__ import annotations
 
@@ -111,3 +111,17 @@ def persistent_compilation_cache(directory: str | os.PathLike) -> Iterator[None]
     finally:
         for n, v in old.items():
             jax.config.update(n, v)
+
+
+@contextlib.contextmanager
+def small_blocks(bq: int = 8, bk: int = 8) -> Iterator[None]:
+    """Force the xla attention path onto `bq x bk` tiles, so short sequences (e.g. T=21) span
+    several partial/full/padded tiles."""
+    from jattn import _blocked
+
+    saved = _blocked.default_block_sizes
+    _blocked.default_block_sizes = lambda tq, tk: (min(bq, tq), min(bk, tk))
+    try:
+        yield
+    finally:
+        _blocked.default_block_sizes = saved
