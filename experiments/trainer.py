@@ -10,14 +10,7 @@ Determinism: data example `i` depends on `(seed, i)`; the step's PRNG key is
 resumed from a checkpoint therefore produces bitwise the same losses on CPU as an
 uninterrupted run.
 
-Context parallelism: with `config.mesh.context > 1` the batch's sequence dimension is split
-over the `context` mesh axis, and a task model that is a `models.Decoder` gets
-`context_axis="context"` automatically (`models.decoder.set_context_parallel`, strategy
-`config.context_strategy`, default "ring"): every attention layer then runs split along the
-sequence. It is set on the built model, not in `config.model`, so the model config (and the
-checkpoint's compatibility check) is the same on every mesh. A Decoder whose mechanism cannot
-run split raises a ConfigError; other models (ViT, MLPs) are left as they are (XLA partitions
-them automatically around the split batch).
+Context parallelism (`config.mesh.context > 1`): see `experiments.context_axis`.
 
 Checkpoints hold global arrays and are restored into the shardings of the current mesh
 (`abstract_state`), so a run saved on one mesh shape resumes on another (e.g. saved with
@@ -43,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 from experiments import data as data_lib
 from experiments.checkpoint import Checkpointer, Restored, replicated_to_host
 from experiments.config import ConfigError, config_to_dict, validate_config
+from experiments.context_axis import with_context_axis
 from experiments.metrics import MetricLogger, final_metrics, param_histograms
 from experiments.metrics import format_metrics as format_metrics  # re-exported for run.py
 from experiments.optim import make_optimizer
@@ -63,7 +57,6 @@ from experiments.workdir import (
     summary_of_step,
     write_json_atomic,
 )
-from models.decoder import Decoder, set_context_parallel
 from models.sharding import DEFAULT_RULES, axis_rules, partition_specs
 
 
@@ -188,20 +181,9 @@ class Trainer:
         self.histograms_fn = jax.jit(param_histograms, out_shardings=self.replicated)
 
     def _with_context_axis(self, model: nnx.Module) -> nnx.Module:
-        """`model` with the sequence split over `context` in its attention (a Decoder on a
-        mesh with context > 1 that does not name a context axis itself); see the module
-        docstring."""
-        if self.context_axis is None or not isinstance(model, Decoder):
-            return model
-        if model.cfg.context_axis is not None:  # the task chose (e.g. another strategy)
-            return model
-        strategy = self.config.get("context_strategy", "ring")
-        try:
-            return set_context_parallel(model, self.context_axis, strategy)
-        except ValueError as e:
-            raise ConfigError(
-                f"config.mesh.context={self.mesh.shape['context']}: the model cannot run "
-                f"context-parallel: {e}") from None
+        """`model` split over this mesh's context axis (`experiments.context_axis`)."""
+        return with_context_axis(model, self.context_axis, self.mesh.shape["context"],
+                                 self.config)
 
     # ------------------------------------------------------------------ helpers
     @property

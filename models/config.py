@@ -19,6 +19,19 @@ POSITIONS = ("none", "rope", "alibi")
 CONTEXT_STRATEGIES = ("ring", "allgather")  # of jattn.context_parallel.attention
 
 
+
+def check_context_fields(context_axis: Any, context_strategy: Any, owner: str = "") -> None:
+    """Raise ValueError unless ``context_axis`` is None or a mesh axis name and
+    ``context_strategy`` is one of `CONTEXT_STRATEGIES` (``owner`` prefixes the field names)."""
+    prefix = f"{owner}." if owner else ""
+    if context_axis is not None and (not isinstance(context_axis, str) or not context_axis):
+        raise ValueError(f"{prefix}context_axis must be None or a mesh axis name (str), got "
+                         f"{context_axis!r}")
+    if context_strategy not in CONTEXT_STRATEGIES:
+        raise ValueError(f"{prefix}context_strategy must be one of {CONTEXT_STRATEGIES}, got "
+                         f"{context_strategy!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     """Static configuration of one attention block (hashable).
@@ -107,13 +120,7 @@ class AttentionConfig:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
         if not isinstance(self.mechanism, str) or not self.mechanism:
             raise ValueError(f"mechanism must be a non-empty str, got {self.mechanism!r}")
-        if self.context_axis is not None and (not isinstance(self.context_axis, str)
-                                              or not self.context_axis):
-            raise ValueError(f"context_axis must be None or a mesh axis name (str), got "
-                             f"{self.context_axis!r}")
-        if self.context_strategy not in CONTEXT_STRATEGIES:
-            raise ValueError(f"context_strategy must be one of {CONTEXT_STRATEGIES}, got "
-                             f"{self.context_strategy!r}")
+        check_context_fields(self.context_axis, self.context_strategy)
         if self.grid_shape is not None:
             object.__setattr__(self, "grid_shape", tuple(int(s) for s in self.grid_shape))
         try:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.block import TransformerBlock
-from models.config import CONTEXT_STRATEGIES, AttentionConfig
+from models.config import AttentionConfig, check_context_fields
 from models.cores.base import AuxLoss
 from models.kv_cache import CachePolicy
 from models.layers import MLPS, NORMS, Dense, Embed, make_norm
@@ -162,13 +162,7 @@ class DecoderConfig:
         if self.num_layers % len(self.layer_pattern):
             raise ValueError(f"{owner}.layer_pattern={self.layer_pattern!r} (length "
                              f"{len(self.layer_pattern)}) must tile num_layers={self.num_layers}")
-        if self.context_axis is not None and (not isinstance(self.context_axis, str)
-                                              or not self.context_axis):
-            raise ValueError(f"{owner}.context_axis must be None or a mesh axis name, got "
-                             f"{self.context_axis!r}")
-        if self.context_strategy not in CONTEXT_STRATEGIES:
-            raise ValueError(f"{owner}.context_strategy={self.context_strategy!r} is not one "
-                             f"of {CONTEXT_STRATEGIES}")
+        check_context_fields(self.context_axis, self.context_strategy, owner)
         fields = {f.name for f in dataclasses.fields(AttentionConfig)} | set(option_names())
         for name, _ in self.attention_options:
             if name not in fields:

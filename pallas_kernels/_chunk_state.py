@@ -146,17 +146,8 @@ def states_fwd(cfg, k, u, w, g, h0):
         ([k, u, w, g], [False, True, False, False]) if has_w else ([k, u, g], [False, True, False])
     )
     seq_outs = [jax.ShapeDtypeStruct(u.shape, dt)] if has_w else []
-    out = _seq_call(
-        cfg,
-        body,
-        "chunk_states_fwd",
-        seq_ins,
-        seq_v,
-        h0,
-        seq_outs,
-        [True] * len(seq_outs),
-        reverse=False,
-    )
+    out = _seq_call(cfg, body, "chunk_states_fwd", seq_ins, seq_v, h0, seq_outs,
+                    [True] * len(seq_outs), reverse=False)
     if has_w:
         hs, d, h_t = out
     else:
@@ -197,17 +188,8 @@ def states_bwd(cfg, q, g, do, dh_t, k=None, w=None, dloc=None):
         else ([q, g, do], [False, False, True])
     )
     seq_outs = [jax.ShapeDtypeStruct(do.shape, F32)] if has_w else []
-    out = _seq_call(
-        cfg,
-        body,
-        "chunk_states_bwd",
-        seq_ins,
-        seq_v,
-        dh_t,
-        seq_outs,
-        [True] * len(seq_outs),
-        reverse=True,
-    )
+    out = _seq_call(cfg, body, "chunk_states_bwd", seq_ins, seq_v, dh_t, seq_outs,
+                    [True] * len(seq_outs), reverse=True)
     if has_w:
         dhs, dd, dh0 = out
         return dhs, dh0, dd

@@ -64,6 +64,27 @@ def _tpu_segs(qseg_ref, kseg_ref):
     return qseg_ref[...][:, :1], kseg_ref[...][:1, :]
 
 
+def _bwd_tile_specs(q_index, kv_index, bq: int, bk: int, d: int, dv: int) -> list:
+    """BlockSpecs of a backward kernel's tiles: q, k, v, do, and the row stats m, log_l, di
+    (lane-broadcast), indexed by ``q_index`` (q rows) and ``kv_index`` (k/v rows)."""
+    return [
+        pl.BlockSpec((_SQ, _SQ, bq, d), q_index),
+        pl.BlockSpec((_SQ, _SQ, bk, d), kv_index),
+        pl.BlockSpec((_SQ, _SQ, bk, dv), kv_index),
+        pl.BlockSpec((_SQ, _SQ, bq, dv), q_index),
+        *[pl.BlockSpec((_SQ, _SQ, bq, LANES), q_index)] * 3,
+    ]
+
+
+def _tile_visible(cfg: Config, masked: bool, qseg_ref, kseg_ref, q0, k0, h):
+    """The ``[bq, bk]`` visibility of the tile at rows ``q0``, columns ``k0`` (None for a FULL
+    tile, which needs no mask)."""
+    if not masked:
+        return None
+    q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
+    return _visible(cfg, q0, k0, h, q_seg, k_seg)
+
+
 def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
     """q ``[B, Hq, Tq_pad, D]``, k/v ``[B, Hkv, Tk_pad, D]`` -> o and the row stats m, log_l
     (lane-broadcast ``[B, Hq, Tq_pad, 128]``)."""
@@ -91,10 +112,7 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
         kb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])
 
         def step(masked):
-            vis = None
-            if masked:
-                q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
-                vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
+            vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, i * bq, kb * bk, h)
             m, l, acc = _fwd_update(q_ref[...], k_ref[...], v_ref[...], _row_stat(m_sc),
                                     _row_stat(l_sc), acc_sc[...], vis, cfg,
                                     (b, h, i * bq, kb * bk))
@@ -175,10 +193,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
         kb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])
 
         def step(masked):
-            vis = None
-            if masked:
-                q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
-                vis = _visible(cfg, i * bq, kb * bk, h, q_seg, k_seg)
+            vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, i * bq, kb * bk, h)
             k_blk = k_ref[...]
             _, ds = _bwd_tile(q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(m_ref),
                               _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
@@ -195,13 +210,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
     row = lambda b, h, i, j, e: (b, h, i, 0)  # noqa: E731
     kv = lambda b, h, i, j, e: (b, lax.div(h, g), kv_block(b, h, i, j, e), 0)  # noqa: E731
     in_specs = [
-        pl.BlockSpec((_SQ, _SQ, bq, d), row),
-        pl.BlockSpec((_SQ, _SQ, bk, d), kv),
-        pl.BlockSpec((_SQ, _SQ, bk, dv), kv),
-        pl.BlockSpec((_SQ, _SQ, bq, dv), row),
-        pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
-        pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
-        pl.BlockSpec((_SQ, _SQ, bq, LANES), row),
+        *_bwd_tile_specs(row, kv, bq, bk, d, dv),
         pl.BlockSpec((_SQ, bq, LANES), lambda b, h, i, j, e: (b, i, 0)) if has_seg else None,
         pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, h, i, j, e: (b, 0, kv_block(b, h, i, j, e)))
         if has_seg else None,
@@ -239,10 +248,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
         qb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), c, j])
 
         def step(masked):
-            vis = None
-            if masked:
-                q_seg, k_seg = _tpu_segs(qseg_ref, kseg_ref)
-                vis = _visible(cfg, qb * bq, c * bk, h, q_seg, k_seg)
+            vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, qb * bq, c * bk, h)
             q_blk, do_blk = q_ref[...], do_ref[...]
             p, ds = _bwd_tile(q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref),
                               _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
@@ -261,13 +267,7 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
     qrow = lambda b, hk, c, gi, j, e: (b, hk * g + gi, q_block(b, hk, c, gi, j, e), 0)  # noqa: E731
     kvrow = lambda b, hk, c, gi, j, e: (b, hk, c, 0)  # noqa: E731
     in_specs = [
-        pl.BlockSpec((_SQ, _SQ, bq, d), qrow),
-        pl.BlockSpec((_SQ, _SQ, bk, d), kvrow),
-        pl.BlockSpec((_SQ, _SQ, bk, dv), kvrow),
-        pl.BlockSpec((_SQ, _SQ, bq, dv), qrow),
-        pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
-        pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
-        pl.BlockSpec((_SQ, _SQ, bq, LANES), qrow),
+        *_bwd_tile_specs(qrow, kvrow, bq, bk, d, dv),
         pl.BlockSpec((_SQ, bq, LANES),
                      lambda b, hk, c, gi, j, e: (b, q_block(b, hk, c, gi, j, e), 0))
         if has_seg else None,

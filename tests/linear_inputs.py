@@ -24,3 +24,12 @@ def random_log_decay(rng: np.random.Generator, shape: tuple[int, ...], strength)
 def gate_shape(gate: str, B: int, T: int, H: int, K: int) -> tuple[int, ...]:
     """``[B, T, H, K]`` for a per-channel gate, ``[B, T, H]`` for a scalar (per-head) one."""
     return (B, T, H, K) if gate == "channel" else (B, T, H)
+
+
+def np_start(q, v, g, S0):
+    """A float64 loop oracle's start: ``g [B, T, H]`` zeros when None, the ``[B, H, K, V]``
+    state (zeros when ``S0`` is None) and an empty ``o [B, T, H, V]``."""
+    (B, T, H, K), V = q.shape, v.shape[-1]
+    g = np.zeros((B, T, H)) if g is None else np.asarray(g, np.float64)
+    S = np.zeros((B, H, K, V)) if S0 is None else np.array(S0, np.float64)
+    return g, S, np.zeros((B, T, H, V))

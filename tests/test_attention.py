@@ -1,6 +1,5 @@
 """jattn.attention chain of trust: reference vs jax.nn.dot_product_attention, xla vs reference."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jattn
-from jattn import _blocked
 from jattn import masks as M
 from jattn.testing import assert_close
+from tests.testing import small_blocks
 
 
 def qkv(seed, b=2, tq=16, tk=16, hq=4, hkv=2, d=8, dv=None, dtype=jnp.float32):
@@ -21,17 +20,6 @@ def qkv(seed, b=2, tq=16, tk=16, hq=4, hkv=2, d=8, dv=None, dtype=jnp.float32):
     k = jax.random.normal(ks[1], (b, tk, hkv, d), dtype)
     v = jax.random.normal(ks[2], (b, tk, hkv, dv or d), dtype)
     return q, k, v
-
-
-@contextlib.contextmanager
-def small_blocks(bq, bk):
-    """Force the xla path onto tiny tiles so short sequences exercise many blocks."""
-    saved = _blocked.default_block_sizes
-    _blocked.default_block_sizes = lambda tq, tk: (min(bq, tq), min(bk, tk))
-    try:
-        yield
-    finally:
-        _blocked.default_block_sizes = saved
 
 
 # --- reference vs jax.nn.dot_product_attention ---------------------------------------------------

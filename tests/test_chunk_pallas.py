@@ -174,17 +174,8 @@ def test_delta_rule_matches_scan(case):
 
     def kernel(q, k, v, beta, g, s0):
         return pallas_kernels.chunk_delta_rule(
-            q,
-            k,
-            v,
-            beta,
-            g=g,
-            initial_state=s0,
-            output_final_state=True,
-            use_qk_l2norm=l2n,
-            chunk_size=chunk,
-            backend=backend,
-        )
+            q, k, v, beta, g=g, initial_state=s0, output_final_state=True, use_qk_l2norm=l2n,
+            chunk_size=chunk, backend=backend)
 
     def oracle(q, k, v, beta, g, s0):
         o, s = scan_delta(q, k, v, beta, g, scale, s0, l2norm=l2n)

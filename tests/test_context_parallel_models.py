@@ -25,13 +25,12 @@ from flax import nnx
 
 import jattn.context_parallel
 import jattn.linear.context_parallel
-from experiments import data as data_lib
 from experiments.config import ConfigError
-from experiments.sharding import make_global_batch, make_mesh
+from experiments.sharding import make_mesh
 from experiments.trainer import Trainer, train
 from models import Decoder, DecoderConfig, ViT, vit_config
 from models.decoder import set_context_parallel
-from models.sharding import axis_rules
+from tests.testing import loss_curve
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -210,20 +209,8 @@ class _Spy:
 
 def _loss_curve(config, workdir):
     """Losses of the runner's train step over the first STEPS batches, and the lowered step."""
-    trainer = Trainer(config, str(workdir))
-    b = config.batch_size
-    batches = data_lib.host_batches(trainer.task.train_source(), global_batch=b,
-                                    num_batches=STEPS, rows=range(b))
-    losses = []
-    with jax.set_mesh(trainer.mesh), axis_rules(trainer.rules):
-        state = trainer._init()
-        for i, local in enumerate(batches):
-            batch = make_global_batch(local, trainer.mesh, b, trainer.rules)
-            if i == 0:
-                lowered = trainer.train_step.lower(state, batch).as_text()
-            state, metrics = trainer.train_step(state, batch)
-            losses.append(float(metrics["loss"]))
-    return np.array(losses), lowered
+    losses, run = loss_curve(config, workdir, STEPS, lower_first=True)
+    return losses, run["lowered"]
 
 
 @pytest.fixture(scope="module")

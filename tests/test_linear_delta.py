@@ -7,7 +7,7 @@ import pytest
 
 import jattn.linear as L
 from jattn.testing import assert_close
-from tests.linear_inputs import gate_shape, random_log_decay, random_qkv
+from tests.linear_inputs import gate_shape, np_start, random_log_decay, random_qkv
 
 
 def np_l2norm(x):
@@ -20,10 +20,7 @@ def np_delta(q, k, v, beta, g, scale, S0=None, l2norm=False):
     if l2norm:
         q, k = np_l2norm(q), np_l2norm(k)
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    g = np.zeros((B, T, H)) if g is None else np.asarray(g, np.float64)
-    S = np.zeros((B, H, K, V)) if S0 is None else np.array(S0, np.float64)
-    o = np.zeros((B, T, H, V))
+    g, S, o = np_start(q, v, g, S0)
     for t in range(T):
         for b in range(B):
             for h in range(H):

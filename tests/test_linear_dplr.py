@@ -9,16 +9,14 @@ import pytest
 
 import jattn.linear as L
 from jattn.testing import assert_close
+from tests.linear_inputs import np_start
 
 
 def np_dplr(q, k, v, a, b, g, scale, S0=None):
     """Float64 loop: S = (diag(exp g) + a^T b) S + k^T v; o = scale q S (row vectors)."""
     q, k, v, a, b = (np.asarray(x, np.float64) for x in (q, k, v, a, b))
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    g = np.zeros((B, T, H)) if g is None else np.asarray(g, np.float64)
-    S = np.zeros((B, H, K, V)) if S0 is None else np.array(S0, np.float64)
-    o = np.zeros((B, T, H, V))
+    g, S, o = np_start(q, v, g, S0)
     for t in range(T):
         for i in range(B):
             for h in range(H):

@@ -1,7 +1,6 @@
 """Row-wise normalizers softpick (Zuhri et al. 2025) and stick-breaking (Tan et al. 2024) vs
 independent dense formulas of the papers."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -9,27 +8,38 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import _blocked
 from jattn import masks as M
 from jattn.testing import assert_close
+from tests.testing import small_blocks
 
 B, T, HQ, HKV, D = 2, 21, 4, 2, 8
-
-
-@contextlib.contextmanager
-def small_blocks(bq=8, bk=8):
-    saved = _blocked.default_block_sizes
-    _blocked.default_block_sizes = lambda tq, tk: (min(bq, tq), min(bk, tk))
-    try:
-        yield
-    finally:
-        _blocked.default_block_sizes = saved
 
 
 def _qkv(seed=0, scale=1.0):
     kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
     return (scale * jax.random.normal(kq, (B, T, HQ, D)), jax.random.normal(kk, (B, T, HKV, D)),
             jax.random.normal(kv, (B, T, HKV, D)))
+
+
+def _assert_matches_formula(q, k, v, mask, impl, normalizer, naive, w_seed):
+    """Output and gradients of `normalizer` under `mask` equal the dense formula `naive`."""
+    i = jnp.arange(T)
+    visible = mask.visible(i[:, None], i[None, :], 0, q_len=T, kv_len=T)
+    w = jax.random.normal(jax.random.PRNGKey(w_seed), q.shape)
+
+    def ours(q, k, v):
+        return jnp.sum(w * jattn.attention(q, k, v, mask=mask, normalizer=normalizer,
+                                           implementation=impl))
+
+    def want(q, k, v):
+        return jnp.sum(w * naive(q, k, v, visible))
+
+    with small_blocks():
+        got, g_got = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(q, k, v)
+    ref, g_ref = jax.value_and_grad(want, (0, 1, 2))(q, k, v)
+    assert_close(got, ref, rtol=1e-5)
+    for a, e, n in zip(g_got, g_ref, ("dq", "dk", "dv"), strict=True):
+        assert_close(a, e, rtol=1e-4, name=n)
 
 
 def _naive_softpick(q, k, v, visible, eps=1e-6):
@@ -45,23 +55,7 @@ def _naive_softpick(q, k, v, visible, eps=1e-6):
 @pytest.mark.parametrize("mask", [M.causal(), M.sliding_window(5)], ids=["causal", "window5"])
 def test_softpick_matches_the_paper_formula(impl, mask):
     q, k, v = _qkv()
-    i = jnp.arange(T)
-    visible = mask.visible(i[:, None], i[None, :], 0, q_len=T, kv_len=T)
-    w = jax.random.normal(jax.random.PRNGKey(1), q.shape)
-
-    def ours(q, k, v):
-        return jnp.sum(w * jattn.attention(q, k, v, mask=mask, normalizer="softpick",
-                                           implementation=impl))
-
-    def want(q, k, v):
-        return jnp.sum(w * _naive_softpick(q, k, v, visible))
-
-    with small_blocks():
-        got, g_got = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(q, k, v)
-    ref, g_ref = jax.value_and_grad(want, (0, 1, 2))(q, k, v)
-    assert_close(got, ref, rtol=1e-5)
-    for a, e, n in zip(g_got, g_ref, ("dq", "dk", "dv"), strict=True):
-        assert_close(a, e, rtol=1e-4, name=n)
+    _assert_matches_formula(q, k, v, mask, impl, "softpick", _naive_softpick, w_seed=1)
 
 
 def test_softpick_is_stable_for_huge_logits_and_empty_rows():
@@ -106,23 +100,8 @@ def _naive_stick_breaking(q, k, v, visible):
 @pytest.mark.parametrize("mask", [M.causal(), M.sliding_window(5)], ids=["causal", "window5"])
 def test_stick_breaking_matches_the_paper_formula(impl, mask):
     q, k, v = _qkv(4, scale=2.0)
-    i = jnp.arange(T)
-    visible = mask.visible(i[:, None], i[None, :], 0, q_len=T, kv_len=T)
-    w = jax.random.normal(jax.random.PRNGKey(5), q.shape)
-
-    def ours(q, k, v):
-        return jnp.sum(w * jattn.attention(q, k, v, mask=mask, normalizer="stick_breaking",
-                                           implementation=impl))
-
-    def want(q, k, v):
-        return jnp.sum(w * _naive_stick_breaking(q, k, v, visible))
-
-    with small_blocks():
-        got, g_got = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(q, k, v)
-    ref, g_ref = jax.value_and_grad(want, (0, 1, 2))(q, k, v)
-    assert_close(got, ref, rtol=1e-5)
-    for a, e, n in zip(g_got, g_ref, ("dq", "dk", "dv"), strict=True):
-        assert_close(a, e, rtol=1e-4, name=n)
+    _assert_matches_formula(q, k, v, mask, impl, "stick_breaking", _naive_stick_breaking,
+                            w_seed=5)
 
 
 def test_stick_breaking_weights_sum_to_at_most_one_and_favor_the_nearest_key():

@@ -5,7 +5,6 @@ logits are built explicitly, modified by a dense function of ``[B, H, Tq, Tk]`` 
 and normalized; gradients of captured arrays come from plain autodiff of that formula.
 """
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -13,23 +12,13 @@ import numpy as np
 import pytest
 
 import jattn
-from jattn import _blocked, position, score_mods
 from jattn import masks as M
+from jattn import position, score_mods
 from jattn.testing import assert_close
+from tests.testing import small_blocks
 
 B, T, HQ, HKV, D = 2, 21, 4, 2, 8  # T not a multiple of the tiles: padding is exercised
 IMPLS = ("reference", "xla")
-
-
-@contextlib.contextmanager
-def small_blocks(bq=8, bk=8):
-    """The xla path on 8x8 tiles, so T=21 spans several partial/full/padded tiles."""
-    saved = _blocked.default_block_sizes
-    _blocked.default_block_sizes = lambda tq, tk: (min(bq, tq), min(bk, tk))
-    try:
-        yield
-    finally:
-        _blocked.default_block_sizes = saved
 
 
 def _qkv(seed=0, t=T):

@@ -266,20 +266,7 @@ def test_context_mesh_axis_and_batch_spec():
 
 def _loss_curve(config, tmp_path, steps: int = 6) -> tuple[np.ndarray, dict]:
     """Losses of the runner's train step over the task's first `steps` batches."""
-    from experiments import data as data_lib
-
-    trainer = Trainer(config, str(tmp_path))
-    b = config.batch_size
-    batches = data_lib.host_batches(trainer.task.train_source(), global_batch=b,
-                                    num_batches=steps, rows=range(b))
-    losses = []
-    with jax.set_mesh(trainer.mesh), axis_rules(trainer.rules):
-        state = trainer._init()
-        for local in batches:
-            batch = make_global_batch(local, trainer.mesh, b, trainer.rules)
-            state, metrics = trainer.train_step(state, batch)
-            losses.append(float(metrics["loss"]))
-    return np.array(losses), {"batch": batch, "state": state}
+    return T.loss_curve(config, tmp_path, steps)
 
 
 def test_context_parallel_training_matches_one_device(tmp_path):

@@ -1,4 +1,4 @@
-"""Helpers for testing the runner (and tasks): tiny configs, subprocess runs, event reading."""
+"""Test helpers: tiny runner configs, subprocess runs, event reading, small attention tiles."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
@@ -111,3 +112,45 @@ def persistent_compilation_cache(directory: str | os.PathLike) -> Iterator[None]
     finally:
         for n, v in old.items():
             jax.config.update(n, v)
+
+
+@contextlib.contextmanager
+def small_blocks(bq: int = 8, bk: int = 8) -> Iterator[None]:
+    """Force the xla attention path onto `bq x bk` tiles, so short sequences (e.g. T=21) span
+    several partial/full/padded tiles."""
+    from jattn import _blocked
+
+    saved = _blocked.default_block_sizes
+    _blocked.default_block_sizes = lambda tq, tk: (min(bq, tq), min(bk, tk))
+    try:
+        yield
+    finally:
+        _blocked.default_block_sizes = saved
+
+
+def loss_curve(config: ml_collections.ConfigDict, workdir, steps: int,
+               lower_first: bool = False) -> tuple[Any, dict]:
+    """Losses of the runner's train step over the task's first `steps` batches, as an array,
+    and `{"batch", "state"}` after the last step (plus `"lowered"`, the first step's lowered
+    text, with `lower_first`)."""
+    import numpy as np
+
+    from experiments import data as data_lib
+    from experiments.sharding import make_global_batch
+    from experiments.trainer import Trainer
+    from models.sharding import axis_rules
+
+    trainer = Trainer(config, str(workdir))
+    b = config.batch_size
+    batches = data_lib.host_batches(trainer.task.train_source(), global_batch=b,
+                                    num_batches=steps, rows=range(b))
+    losses, run = [], {}
+    with jax.set_mesh(trainer.mesh), axis_rules(trainer.rules):
+        state = trainer._init()
+        for i, local in enumerate(batches):
+            batch = make_global_batch(local, trainer.mesh, b, trainer.rules)
+            if lower_first and i == 0:
+                run["lowered"] = trainer.train_step.lower(state, batch).as_text()
+            state, metrics = trainer.train_step(state, batch)
+            losses.append(float(metrics["loss"]))
+    return np.array(losses), {**run, "batch": batch, "state": state}

@@ -224,3 +224,48 @@ def pallas_segments(explicit: bool, segment_ids: Any, name: str) -> bool:
             "loop carries one state per sequence); use implementation='chunk' or None"
         )
     return True
+
+
+def dispatch(
+    implementation: str | None,
+    kernel: str,
+    segment_ids: Any,
+    call_kernel: Callable[[bool], Any],
+    call_xla: Callable[[str], Any],
+) -> Any:
+    """Run the Pallas kernel ``kernel`` when ``implementation`` picks it and it can serve,
+    else the XLA form.
+
+    ``call_kernel(explicit)`` calls :func:`call_pallas` (None means: fall back);
+    ``call_xla(impl)`` runs ``impl`` in ``{"chunk", "recurrent", ...}``. Segments the kernel
+    cannot take fall back to ``"chunk"`` (or raise when Pallas was asked for explicitly).
+    """
+    impl = pick(implementation)
+    if impl in ("pallas", "pallas?") and pallas_segments(impl == "pallas", segment_ids, kernel):
+        impl = "chunk"
+    if impl in ("pallas", "pallas?"):
+        res = call_kernel(impl == "pallas")
+        if res is not None:
+            return res
+        impl = "chunk"
+    return call_xla(impl)
+
+
+def check_run_options(
+    shape: tuple[int, int, int, int, int],
+    initial_state: Any,
+    segment_ids: Any,
+    chunk_size: Any,
+    implementation: Any,
+    scale: float | None,
+    context_axis: Any = None,
+) -> tuple[int, float]:
+    """The checks every chunked public function runs after its own inputs' (``shape`` is
+    ``(B, T, H, K, V)``); returns ``(chunk_size, scale)`` as used."""
+    B, T, H, K, V = shape
+    check_state("initial_state", initial_state, B, H, K, V)
+    check_segment_ids(segment_ids, B, T)
+    no_segments_with_context(segment_ids, context_axis)
+    chunk_size = check_chunk_size(chunk_size)
+    check_implementation(implementation)
+    return chunk_size, float(default_scale(scale, K))

@@ -220,18 +220,9 @@ def _delta_cp(xs, initial_state, *, scale, chunk_size, implementation, use_qk_l2
         eye = jnp.broadcast_to(jnp.eye(K, dtype=f32), (Bsz, H, K, K))
         S_aug0 = jnp.concatenate([jnp.zeros((Bsz, H, K, V), f32), eye], axis=-1)
         o_aug, S_aug = delta_rule(
-            q,
-            xs["k"],
-            v_aug,
-            xs["beta"],
-            g=xs.get("g"),
-            scale=scale,
-            initial_state=S_aug0,
-            output_final_state=True,
-            use_qk_l2norm=use_qk_l2norm,
-            chunk_size=chunk_size,
-            implementation=implementation,
-        )
+            q, xs["k"], v_aug, xs["beta"], g=xs.get("g"), scale=scale, initial_state=S_aug0,
+            output_final_state=True, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
+            implementation=implementation)
         S_in, S_n = _prefix_combine(S_aug[..., V:], S_aug[..., :V], S0, names, _apply_matrix)
         read_out = o_aug[..., V:].astype(f32)  # scale * q_t P_t, [B, L, H, K]
         o = o_aug[..., :V].astype(f32) + jnp.einsum("bthk,bhkv->bthv", read_out, S_in)

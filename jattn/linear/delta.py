@@ -98,12 +98,9 @@ def delta_rule(
     _checks.warn_if_unstable(k, beta, L2NORM_EPS if use_qk_l2norm else None)
     if g is not None:
         _checks.check_gate("g", g, B, T, H, K)
-    _checks.check_state("initial_state", initial_state, B, H, K, V)
-    _checks.check_segment_ids(segment_ids, B, T)
-    _checks.no_segments_with_context(segment_ids, context_axis)
-    chunk_size = _checks.check_chunk_size(chunk_size)
-    _checks.check_implementation(implementation)
-    scale = float(_checks.default_scale(scale, K))
+    chunk_size, scale = _checks.check_run_options(
+        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
+        context_axis)
     dtype = _checks.out_dtype(q, k, v)
     use_qk_l2norm = bool(use_qk_l2norm)
     if context_axis is not None:
@@ -115,41 +112,16 @@ def delta_rule(
             context_axis=context_axis)
         return o.astype(dtype), S
 
-    impl = _checks.pick(implementation)
-    if impl in ("pallas", "pallas?") and _checks.pallas_segments(
-        impl == "pallas", segment_ids, "chunk_delta_rule"
-    ):
-        impl = "chunk"
-    if impl in ("pallas", "pallas?"):
+    def call_kernel(explicit: bool):
         qn, kn = (l2norm(q).astype(q.dtype), l2norm(k).astype(k.dtype)) if use_qk_l2norm else (q, k)
-        res = _checks.call_pallas(
-            "chunk_delta_rule",
-            impl == "pallas",
-            qn,
-            kn,
-            v,
-            beta,
-            g=g,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            chunk_size=chunk_size,
-        )
-        if res is not None:
-            o, S = res
-            return o.astype(dtype), (S if output_final_state else None)
-        impl = "chunk"
-    o, S = _delta_xla(
-        q,
-        k,
-        v,
-        beta,
-        g,
-        initial_state,
-        segment_ids,
-        impl=impl,
-        scale=scale,
-        chunk_size=chunk_size,
-        use_qk_l2norm=use_qk_l2norm,
+        return _checks.call_pallas(
+            "chunk_delta_rule", explicit, qn, kn, v, beta, g=g, scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            chunk_size=chunk_size)
+
+    o, S = _checks.dispatch(
+        implementation, "chunk_delta_rule", segment_ids, call_kernel,
+        lambda impl: _delta_xla(q, k, v, beta, g, initial_state, segment_ids, impl=impl,
+                                scale=scale, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm),
     )
     return o.astype(dtype), (S if output_final_state else None)

@@ -96,17 +96,7 @@ def delta_product(
     g_steps = None if g is None else _interleave_first(g, n)
     seg_steps = None if segment_ids is None else jnp.repeat(segment_ids, n, axis=1)
     o, S = delta_rule(
-        q_steps,
-        k,
-        v,
-        beta,
-        g=g_steps,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        use_qk_l2norm=use_qk_l2norm,
-        chunk_size=chunk_size,
-        implementation=implementation,
-        segment_ids=seg_steps,
-    )
+        q_steps, k, v, beta, g=g_steps, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+        chunk_size=chunk_size, implementation=implementation, segment_ids=seg_steps)
     return o[:, n - 1 :: n], S

@@ -108,11 +108,8 @@ def dplr_delta_rule(
             raise ValueError(f"{name} must have shape [B, T, H, K] = {(B, T, H, K)}, got {x.shape}")
     if g is not None:
         _checks.check_gate("g", g, B, T, H, K)
-    _checks.check_state("initial_state", initial_state, B, H, K, V)
-    _checks.check_segment_ids(segment_ids, B, T)
-    chunk_size = _checks.check_chunk_size(chunk_size)
-    _checks.check_implementation(implementation)
-    scale = float(_checks.default_scale(scale, K))
+    chunk_size, scale = _checks.check_run_options(
+        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale)
     dtype = _checks.out_dtype(q, k, v, a, b)
     impl = _checks.pick(implementation)
     if impl == "pallas":

@@ -87,12 +87,9 @@ def gla(
     """
     B, T, H, K, V = _checks.check_qkv(q, k, v)
     _checks.check_gate("g", g, B, T, H, K)
-    _checks.check_state("initial_state", initial_state, B, H, K, V)
-    _checks.check_segment_ids(segment_ids, B, T)
-    _checks.no_segments_with_context(segment_ids, context_axis)
-    chunk_size = _checks.check_chunk_size(chunk_size)
-    _checks.check_implementation(implementation)
-    scale = float(_checks.default_scale(scale, K))
+    chunk_size, scale = _checks.check_run_options(
+        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
+        context_axis)
     dtype = _checks.out_dtype(q, k, v)
     if context_axis is not None:
         from jattn.linear.context_parallel import gla_context_parallel
@@ -102,30 +99,13 @@ def gla(
             implementation=implementation, context_axis=context_axis)
         return o.astype(dtype), S
 
-    impl = _checks.pick(implementation)
-    if impl in ("pallas", "pallas?") and _checks.pallas_segments(
-        impl == "pallas", segment_ids, "chunk_gla"
-    ):
-        impl = "chunk"
-    if impl in ("pallas", "pallas?"):
-        res = _checks.call_pallas(
-            "chunk_gla",
-            impl == "pallas",
-            q,
-            k,
-            v,
-            g,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            chunk_size=chunk_size,
-        )
-        if res is not None:
-            o, S = res
-            return o.astype(dtype), (S if output_final_state else None)
-        impl = "chunk"
-    o, S = _gla_xla(
-        q, k, v, g, initial_state, segment_ids, impl=impl, scale=scale, chunk_size=chunk_size
+    o, S = _checks.dispatch(
+        implementation, "chunk_gla", segment_ids,
+        lambda explicit: _checks.call_pallas(
+            "chunk_gla", explicit, q, k, v, g, scale=scale, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size),
+        lambda impl: _gla_xla(q, k, v, g, initial_state, segment_ids, impl=impl, scale=scale,
+                              chunk_size=chunk_size),
     )
     return o.astype(dtype), (S if output_final_state else None)
 

@@ -28,6 +28,14 @@ def _starts(start: jax.Array | None, T: int) -> jax.Array:
     return jnp.zeros((T, 1), bool) if start is None else jnp.moveaxis(start, 1, 0)
 
 
+def _initial_state(q: jax.Array, v: jax.Array, initial_state: jax.Array | None) -> jax.Array:
+    """The float32 ``[B, H, K, V]`` state to start from (zeros when none is given)."""
+    (B, _, H, K), V = q.shape, v.shape[-1]
+    if initial_state is None:
+        return jnp.zeros((B, H, K, V), jnp.float32)
+    return initial_state.astype(jnp.float32)
+
+
 def _decay(g_t: jax.Array, K: int) -> jax.Array:
     """``exp(g_t)`` as ``[B, H, K, 1]`` from a scalar ``[B, H]`` or channel ``[B, H, K]`` gate."""
     if g_t.ndim == 2:
@@ -40,10 +48,8 @@ def gla_reference(q, k, v, g, *, scale, initial_state=None, start=None):
 
     ``start [B, T]`` bool (optional, every function here): ``S_{t-1}`` is replaced by 0 where
     a new segment starts."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
-    S0 = S0.astype(jnp.float32)
+    T, K = q.shape[1], q.shape[-1]
+    S0 = _initial_state(q, v, initial_state)
 
     def step(S, xs):
         (q_t, k_t, v_t, g_t), s_t = xs
@@ -57,12 +63,9 @@ def gla_reference(q, k, v, g, *, scale, initial_state=None, start=None):
 def delta_rule_reference(q, k, v, beta, g=None, *, scale, initial_state=None, start=None):
     """``S'_t = exp(g_t) S_{t-1}``; ``S_t = S'_t + beta_t k_t^T (v_t - k_t S'_t)``;
     ``o_t = scale q_t S_t`` (scan)."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
-    S0 = S0.astype(jnp.float32)
-    if g is None:
-        g = jnp.zeros((B, T, H), jnp.float32)
+    T, K = q.shape[1], q.shape[-1]
+    S0 = _initial_state(q, v, initial_state)
+    g = jnp.zeros(q.shape[:3], jnp.float32) if g is None else g
 
     def step(S, xs):
         (q_t, k_t, v_t, b_t, g_t), s_t = xs
@@ -124,12 +127,9 @@ def dplr_reference(q, k, v, a, b, g=None, *, scale, initial_state=None, start=No
     ``a_t^T b_t`` is the ``[K, K]`` outer product: ``a_t^T (b_t S_{t-1})`` reads the state along
     ``b_t`` and writes the read-out row along ``a_t``. ``g`` None means ``diag(exp g) = I``.
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    S0 = jnp.zeros((B, H, K, V), jnp.float32) if initial_state is None else initial_state
-    S0 = S0.astype(jnp.float32)
-    if g is None:
-        g = jnp.zeros((B, T, H), jnp.float32)
+    T, K = q.shape[1], q.shape[-1]
+    S0 = _initial_state(q, v, initial_state)
+    g = jnp.zeros(q.shape[:3], jnp.float32) if g is None else g
 
     def step(S, xs):
         (q_t, k_t, v_t, a_t, b_t, g_t), s_t = xs
