@@ -22,6 +22,7 @@ import ml_collections
 from configs.bigram_backcopy import get_config as bigram_backcopy_config
 from configs.common import parse_tokens, set_fields
 
+ARGS = "optional: tiny (tests); run the sweep with python -m studies.sink_sweep"
 TOKENS = ("tiny",)
 # Gu et al.'s and the issue's list: softmax, no normalization, softpick, FoX, output gate,
 # learnable sink logit, stick-breaking, differential

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from experiments.config import parse_overrides
@@ -36,3 +38,21 @@ def parse_args(
     except ValueError as e:
         parser.error(str(e))
     return args, overrides
+
+
+def train_unless_done(path: str, make_config: Callable[[], Any], overrides: dict,
+                      label: str) -> str:
+    """Trains the config ``make_config()`` (with the ``--config.k=v`` overrides, no progress
+    bar) into ``path`` unless the run already finished there; returns its ``summary.json``
+    path. A study rerun therefore only trains what is missing."""
+    summary_path = os.path.join(path, "summary.json")
+    if not os.path.exists(summary_path):
+        from experiments.trainer import train
+
+        config = make_config()
+        config.progress_bar = False
+        config.update_from_flattened_dict(overrides)
+        t0 = time.time()
+        train(config, path)
+        print(f"[{label}]: {time.time() - t0:.0f}s", flush=True)
+    return summary_path

@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
-from studies.cli import parse_args
+from studies.cli import parse_args, train_unless_done
 
 
 def run_name(mechanism: str, d_model: int) -> str:
@@ -27,21 +26,17 @@ def run_name(mechanism: str, d_model: int) -> str:
 
 def run_one(workdir: str, preset: str, mechanism: str, d_model: int, overrides: dict) -> dict:
     """Trains (or reuses) one run; returns its table row."""
-    path = os.path.join(workdir, run_name(mechanism, d_model))
-    summary_path = os.path.join(path, "summary.json")
-    if not os.path.exists(summary_path):
-        from configs.mqar import get_config
-        from experiments.trainer import train
+    from configs.mqar import get_config
 
+    def make_config():
         config = get_config(preset)
         config.model.mechanism = mechanism
         config.model.d_model = d_model
-        config.progress_bar = False
-        config.update_from_flattened_dict(overrides)
-        t0 = time.time()
-        train(config, path)
-        print(f"[mqar_sweep] {mechanism} d={d_model}: {time.time() - t0:.0f}s", flush=True)
-    return row(summary_path)
+        return config
+
+    path = os.path.join(workdir, run_name(mechanism, d_model))
+    return row(train_unless_done(path, make_config, overrides,
+                                 f"mqar_sweep {mechanism} d={d_model}"))
 
 
 def row(summary_path: str) -> dict:

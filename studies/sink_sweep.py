@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
-from studies.cli import parse_args
+from studies.cli import parse_args, train_unless_done
 
 #: Gu et al. 2024 (a small LM, not this setup): Sink_1^0.3 in percent.
 PUBLISHED = {"softmax": 18.0, "sigmoid": 0.4}
@@ -26,20 +25,15 @@ PUBLISHED = {"softmax": 18.0, "sigmoid": 0.4}
 
 def run_one(workdir: str, preset: str, mechanism: str, overrides: dict) -> dict:
     """Trains (or reuses) one run; returns its table row."""
-    path = os.path.join(workdir, mechanism.replace(":", "-"))
-    summary_path = os.path.join(path, "summary.json")
-    if not os.path.exists(summary_path):
-        from configs.sink_sweep import get_config
-        from experiments.trainer import train
+    from configs.sink_sweep import get_config
 
+    def make_config():
         config = get_config(preset or None)
         config.model.mechanism = mechanism
-        config.progress_bar = False
-        config.update_from_flattened_dict(overrides)
-        t0 = time.time()
-        train(config, path)
-        print(f"[sink_sweep] {mechanism}: {time.time() - t0:.0f}s", flush=True)
-    return row(summary_path)
+        return config
+
+    path = os.path.join(workdir, mechanism.replace(":", "-"))
+    return row(train_unless_done(path, make_config, overrides, f"sink_sweep {mechanism}"))
 
 
 def row(summary_path: str) -> dict:

@@ -5,6 +5,7 @@
 * :mod:`models.cores.variants`: softmax-family variants (fox, softpick, stick_breaking, diff,
   cog).
 * :mod:`models.cores.recurrent`: :class:`RecurrentCore` (fixed-size state) and the linear family.
+* :mod:`models.cores.rwkv7`: RWKV-7 time mixing on the DPLR delta rule.
 * :mod:`models.cores.hybrid`: cores with both (Based).
 * :mod:`models.cores.sparse`: routed sparse attention (MoBA, DSA).
 * :mod:`models.cores.loglinear`: log-linear GLA / Mamba-2 (a Fenwick stack of states).
@@ -16,6 +17,7 @@ from models.cores.hybrid import Based
 from models.cores.loglinear import LogLinearGLA, LogLinearMamba2
 from models.cores.mamba2 import Mamba2
 from models.cores.recurrent import RecurrentCore
+from models.cores.rwkv7 import RWKV7  # noqa: F401 (registers)
 from models.cores.softmax import SoftmaxCore
 from models.cores.sparse import DSA, MoBA
 from models.cores.variants import Cog, Diff, FoX, Softpick, StickBreaking  # noqa: F401 (registers)
