@@ -62,7 +62,10 @@ def _check(n, strategy, *, tq=64, tk=None, hq=4, hkv=2, use_sinks=False, **kwarg
     want_o, want_g = reference(q, k, v, sinks)
     with jax.set_mesh(_mesh(n)):
         got_o, got_g = split(q, k, v, sinks)
+        hlo = split.lower(q, k, v, sinks).as_text()
     assert got_o.sharding.spec[1] == "context"  # the result stays split along the sequence
+    # the strategy really communicates: K/V rotate (ring) or are gathered once (allgather)
+    assert ("collective_permute" if strategy == "ring" else "all_gather") in hlo, strategy
     assert_close(got_o, want_o, name="out")
     names = ("dq", "dk", "dv", "dsinks") if use_sinks else ("dq", "dk", "dv")
     for name, got, want in zip(names, got_g, want_g, strict=False):
