@@ -30,7 +30,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.kv_cache import CachePolicy, check_cache_index
+from models.kv_cache import (
+    ABSOLUTE_SLOT_POLICIES,
+    PER_HEAD_POLICIES,
+    CachePolicy,
+    check_cache_index,
+)
 from models.validation import check_ids, is_concrete
 
 __all__ = ["decode_fns", "generate", "sample"]
@@ -58,7 +63,7 @@ def sample(logits: jax.Array, rng: jax.Array | None, temperature: float) -> jax.
 
 def _prefill(model, tokens, cache, policy: CachePolicy):
     """Logits of the last prompt token ``[B, V]`` and the filled cache."""
-    if policy.kind == "full":
+    if policy.kind != "streaming":  # one call; streaming renumbers, so token by token
         logits, cache = model.decode(tokens, cache, jnp.zeros((), jnp.int32), policy)
         return logits[:, -1], cache
 
@@ -74,7 +79,7 @@ def _prefill(model, tokens, cache, policy: CachePolicy):
 
 def _cache_slots(cache) -> int | None:
     """Slots of the smallest KV cache in a decoder's cache (None: no KV cache)."""
-    sizes = [leaf.shape[0] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
+    sizes = [leaf.shape[-1] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
              if path and getattr(path[-1], "key", None) == "pos"]
     return min(sizes) if sizes else None
 
@@ -92,8 +97,11 @@ def _check_new_tokens(model, tokens, cache, index, policy: CachePolicy, what: st
         raise ValueError(f"decode index={i} must be >= 0")
     if hasattr(model, "check_positions"):  # a Decoder (decode_fns takes any such module)
         model.check_positions(i + tq, what)
+    if policy.kind in PER_HEAD_POLICIES and tq > 1 and i != 0:
+        raise ValueError(f"policy {policy.kind!r}: {what} is a prefill and must start at "
+                         f"index=0")
     slots = _cache_slots(cache)
-    if policy.kind == "full" and slots is not None:
+    if policy.kind in ABSOLUTE_SLOT_POLICIES and slots is not None:
         check_cache_index(i, tq, slots, what)
 
 
@@ -107,7 +115,8 @@ def decode_fns(model: nnx.Module, policy: CachePolicy = CachePolicy()):  # noqa:
     full policy, that the KV cache has room (``dynamic_update_slice`` would otherwise clamp and
     overwrite the last slot): a ValueError. A concrete ``index`` held on the device is read
     back for this (a sync). Called inside another ``jit`` the values are traced; then a step
-    past the cache returns NaN logits and leaves the cache unchanged.
+    past the cache returns NaN logits and leaves the cache unchanged. ``prefill.jitted`` /
+    ``step.jitted`` are the jitted functions (e.g. ``step.jitted._cache_size()``).
     """
     graphdef, state = nnx.split(model)
 
@@ -128,6 +137,7 @@ def decode_fns(model: nnx.Module, policy: CachePolicy = CachePolicy()):  # noqa:
                           f"decode index={index} with {tokens.shape[1]} new token(s)")
         return step_jit(state, tokens, cache, index)
 
+    prefill.jitted, step.jitted = prefill_jit, step_jit  # for introspection (compile counts)
     return state, prefill, step
 
 
@@ -179,7 +189,7 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *,
         model.check_positions(p + max_new_tokens,
                               f"prompt length {p} + max_new_tokens {max_new_tokens}")
     max_len = p + max_new_tokens if max_len is None else max_len
-    if policy.kind == "full" and max_len < p + max_new_tokens:
+    if policy.kind not in ("streaming", "h2o", "l2norm") and max_len < p + max_new_tokens:
         raise ValueError(f"max_len={max_len} < prompt length {p} + max_new_tokens "
                          f"{max_new_tokens}")
     cache = model.init_cache(b, max_len, policy)
