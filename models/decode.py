@@ -2,17 +2,20 @@
 
 Softmax layers keep a KV cache (``CachePolicy("full")``: the whole context up to ``max_len``;
 ``CachePolicy("streaming", sink_tokens, window)``: StreamingLLM's attention sinks + recent
-window, constant memory); linear layers keep their recurrent state ``[B, H, K, V]`` and advance
-it with ``jattn.linear`` (``initial_state`` / ``output_final_state``). Everything runs under
+window, constant memory; budgeted SnapKV / H2O / L2-norm / DuoAttention caches); linear layers
+keep their recurrent state ``[B, H, K, V]`` and advance it with ``jattn.linear``
+(``initial_state`` / ``output_final_state``). Everything runs under
 ``jax.jit`` around ``nnx.split`` / ``nnx.merge``:
 
 * :func:`decode_fns` returns jitted ``prefill(state, tokens, cache)`` and
   ``step(state, tokens, cache, index)`` (the cache is donated);
 * :func:`generate` runs the prefill and a ``lax.scan`` over new tokens in one jitted program.
 
-With the full policy the prompt is processed in one call (its queries attend causally over
-the cache); the streaming policy feeds the prompt one token at a time, so each token sees
-exactly what it would see while generating.
+The prompt is processed in one call (its queries attend causally over the cache; SnapKV, H2O
+and L2-norm then pick the prompt tokens they keep, :mod:`models.cache_policies`); the streaming
+policy feeds the prompt one token at a time, so each token sees exactly what it would see while
+generating. ``CachePolicy(kind, budget=...)`` picks the policy (``"full"``, ``"streaming"``,
+``"snapkv"``, ``"h2o"``, ``"l2norm"``, ``"duo"``; see :class:`models.kv_cache.CachePolicy`).
 
 Bad input raises a ValueError where the values are concrete (token ids outside
 ``[0, vocab_size)``, an index past the full KV cache or the learned position table, an empty
@@ -167,9 +170,11 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *,
              policy: CachePolicy = CachePolicy()) -> jax.Array:  # noqa: B008
     """``[B, P + N]``: ``prompt [B, P]`` followed by ``N = max_new_tokens`` sampled tokens.
 
-    ``max_len`` sizes the full KV cache (default ``P + N``); the streaming policy's cache has
-    ``sink_tokens + window`` slots whatever the length. ValueError for an empty prompt, a
-    negative or non-finite ``temperature``, prompt ids outside ``[0, vocab_size)`` (checked
+    ``max_len`` sizes the full KV cache (default ``P + N``; also DuoAttention's and SnapKV's,
+    whose prefill shrinks it to ``min(P, budget) + N``); the streaming policy's cache has
+    ``sink_tokens + window`` slots and H2O's / L2-norm's ``budget``, whatever the length.
+    ValueError for an empty prompt, a negative or non-finite ``temperature``, prompt ids
+    outside ``[0, vocab_size)`` (checked
     when the prompt is concrete; traced ids give NaN logits), and ``P + N`` past a learned
     position table (``DecoderConfig.max_len``).
     """

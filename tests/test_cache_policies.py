@@ -117,6 +117,21 @@ def test_duo_gates_pick_full_or_streaming_per_layer():
     assert mixed.for_layer(0).head_gates == ((True, True),)
 
 
+@pytest.mark.parametrize("kind", ["h2o", "l2norm"])
+def test_eviction_outside_a_sliding_window_changes_nothing(kind):
+    """A ``sliding_window:3`` layer with ALiBi never looks past its 3 newest keys, which
+    ``recent=3`` protects: evicting down to 4 slots must give the full cache's logits (the
+    per-head slots go through the layer's mask and ALiBi at absolute positions)."""
+    cfg = DecoderConfig(vocab_size=32, d_model=32, num_heads=HQ, num_kv_heads=HKV, mlp_dim=32,
+                        num_layers=1, positions="alibi", mechanism="sliding_window:3",
+                        implementation="reference")
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(4), (B, 10), 0, 32)
+    full = _decode_logits(model, tokens, 6, CachePolicy(), 10)
+    got = _decode_logits(model, tokens, 6, CachePolicy(kind, budget=4, recent=3), 10)
+    np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+
+
 # --- the kept tokens follow each rule (direct core calls, NumPy float64) --------------------------
 def _core():
     cfg = AttentionConfig(d_model=16, num_heads=HQ, num_kv_heads=HKV, head_dim=DH,
