@@ -170,13 +170,12 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *,
              policy: CachePolicy = CachePolicy()) -> jax.Array:  # noqa: B008
     """``[B, P + N]``: ``prompt [B, P]`` followed by ``N = max_new_tokens`` sampled tokens.
 
-    ``max_len`` sizes the full KV cache (default ``P + N``; also DuoAttention's and SnapKV's,
-    whose prefill shrinks it to ``min(P, budget) + N``); the streaming policy's cache has
-    ``sink_tokens + window`` slots and H2O's / L2-norm's ``budget``, whatever the length.
+    ``max_len`` sizes the full and DuoAttention KV caches (default ``P + N``) and SnapKV's
+    before its prefill shrinks it to ``min(P, budget) + max_len - P``; the streaming cache has
+    ``sink_tokens + window`` slots and H2O / L2-norm ``budget``, whatever the length.
     ValueError for an empty prompt, a negative or non-finite ``temperature``, prompt ids
-    outside ``[0, vocab_size)`` (checked
-    when the prompt is concrete; traced ids give NaN logits), and ``P + N`` past a learned
-    position table (``DecoderConfig.max_len``).
+    outside ``[0, vocab_size)`` (checked when the prompt is concrete; traced ids give NaN
+    logits), and ``P + N`` past a learned position table (``DecoderConfig.max_len``).
     """
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be an int array [B, P], got {prompt.dtype}{prompt.shape}")
