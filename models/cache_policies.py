@@ -129,7 +129,7 @@ def _select_prompt(core, q, k, vis, bias, policy: CachePolicy, size: int, t: int
         return jnp.concatenate([top.astype(jnp.int32), all_idx[..., t - w:]], axis=-1), None
     score = None
     if policy.kind == "h2o":
-        score = _group_sum(core.weights(q, k, mask=vis, bias=bias).sum(2), hkv)[..., :t]
+        score = _column_sums(core, q, k, vis, bias, hkv)[..., :t]
         rank = score
     else:  # l2norm: lowest norm first
         rank = -jnp.moveaxis(_norm(k[:, :t]), 1, 2)
@@ -137,7 +137,7 @@ def _select_prompt(core, q, k, vis, bias, policy: CachePolicy, size: int, t: int
     if keep == t:
         idx = all_idx
     else:
-        protected = jnp.arange(t) >= t - policy.recent
+        protected = jnp.arange(t) >= t - min(policy.recent, size)
         idx = jax.lax.top_k(jnp.where(protected, jnp.inf, rank), keep)[1]
         idx = jnp.sort(idx, axis=-1).astype(jnp.int32)
     return idx, None if score is None else jnp.take_along_axis(score, idx, axis=-1)
@@ -153,7 +153,8 @@ def _step(core, inp, cache, p, policy):
     if policy.kind == "snapkv":  # no eviction after the prefill
         victim, can_evict = first_empty, jnp.zeros_like(has_empty)
     else:
-        evictable = filled & (pos <= p - policy.recent)
+        # the recent window is capped at the cache (max_len may be below the budget)
+        evictable = filled & (pos <= p - min(policy.recent, size))
         if policy.kind == "h2o":
             victim = jnp.argmin(jnp.where(evictable, cache["score"], jnp.inf), axis=-1)
         else:
@@ -233,6 +234,18 @@ def gates_from_scores(scores: Any, full_fraction: float = 0.5, *,
     gates = np.zeros(s.size, bool)
     gates[order[:round(full_fraction * s.size)]] = True
     return tuple(tuple(bool(g) for g in row) for row in gates.reshape(s.shape))
+
+
+def _column_sums(core, q, k, vis, bias, kv_heads: int, chunk: int = 256) -> jax.Array:
+    """``sum_i A[i, j]`` over all queries, per KV head ``[B, Hkv, W]``, ``chunk`` query rows at
+    a time (the ``[B, Hq, P, W]`` weights of a long prompt are never materialized at once)."""
+    total = 0.0
+    for s in range(0, q.shape[1], chunk):
+        rows = slice(s, s + chunk)
+        a = core.weights(q[:, rows], k, mask=vis[:, :, rows],
+                         bias=None if bias is None else bias[:, :, rows])
+        total = total + _group_sum(a.sum(2), kv_heads)
+    return total
 
 
 # --- helpers --------------------------------------------------------------------------------------

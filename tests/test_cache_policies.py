@@ -376,3 +376,16 @@ def test_duo_gates_must_match_the_model():
                  policy=CachePolicy("duo", budget=6, head_gates=((1, 0, 1), (0, 1, 1))))
     with pytest.raises(ValueError, match="head_gates has 2 layers"):
         CachePolicy("duo", budget=6, head_gates=((1, 0), (0, 1))).for_layer(2)
+
+
+def test_h2o_recent_window_larger_than_the_cache_still_evicts():
+    """budget=8 (recent=4) on a cache sized for max_len=3 holds 3 slots: the recent window is
+    capped at the cache, so decoding past max_len evicts instead of returning NaN."""
+    model = _model(num_layers=1)
+    policy = CachePolicy("h2o", budget=8)
+    state, prefill, step = decode_fns(model, policy)
+    logits, cache = prefill(state, jnp.ones((B, 2), jnp.int32), model.init_cache(B, 3, policy))
+    for i in range(2, 6):
+        logits, cache = step(state, jnp.ones((B, 1), jnp.int32), cache, i)
+        assert np.all(np.isfinite(np.asarray(logits))), i
+    np.testing.assert_array_equal(_kept(cache[0]), np.broadcast_to([3, 4, 5], (B, HKV, 3)))
