@@ -2,17 +2,20 @@
 
 Softmax layers keep a KV cache (``CachePolicy("full")``: the whole context up to ``max_len``;
 ``CachePolicy("streaming", sink_tokens, window)``: StreamingLLM's attention sinks + recent
-window, constant memory); linear layers keep their recurrent state ``[B, H, K, V]`` and advance
-it with ``jattn.linear`` (``initial_state`` / ``output_final_state``). Everything runs under
+window, constant memory; budgeted SnapKV / H2O / L2-norm / DuoAttention caches); linear layers
+keep their recurrent state ``[B, H, K, V]`` and advance it with ``jattn.linear``
+(``initial_state`` / ``output_final_state``). Everything runs under
 ``jax.jit`` around ``nnx.split`` / ``nnx.merge``:
 
 * :func:`decode_fns` returns jitted ``prefill(state, tokens, cache)`` and
   ``step(state, tokens, cache, index)`` (the cache is donated);
 * :func:`generate` runs the prefill and a ``lax.scan`` over new tokens in one jitted program.
 
-With the full policy the prompt is processed in one call (its queries attend causally over
-the cache); the streaming policy feeds the prompt one token at a time, so each token sees
-exactly what it would see while generating.
+The prompt is processed in one call (its queries attend causally over the cache; SnapKV, H2O
+and L2-norm then pick the prompt tokens they keep, :mod:`models.cache_policies`); the streaming
+policy feeds the prompt one token at a time, so each token sees exactly what it would see while
+generating. ``CachePolicy(kind, budget=...)`` picks the policy (``"full"``, ``"streaming"``,
+``"snapkv"``, ``"h2o"``, ``"l2norm"``, ``"duo"``; see :class:`models.kv_cache.CachePolicy`).
 
 Bad input raises a ValueError where the values are concrete (token ids outside
 ``[0, vocab_size)``, an index past the full KV cache or the learned position table, an empty
@@ -30,7 +33,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.kv_cache import CachePolicy, check_cache_index
+from models.kv_cache import (
+    ABSOLUTE_SLOT_POLICIES,
+    PER_HEAD_POLICIES,
+    CachePolicy,
+    check_cache_index,
+)
 from models.validation import check_ids, is_concrete
 
 __all__ = ["decode_fns", "generate", "sample"]
@@ -58,7 +66,7 @@ def sample(logits: jax.Array, rng: jax.Array | None, temperature: float) -> jax.
 
 def _prefill(model, tokens, cache, policy: CachePolicy):
     """Logits of the last prompt token ``[B, V]`` and the filled cache."""
-    if policy.kind == "full":
+    if policy.kind != "streaming":  # one call; streaming renumbers, so token by token
         logits, cache = model.decode(tokens, cache, jnp.zeros((), jnp.int32), policy)
         return logits[:, -1], cache
 
@@ -74,7 +82,7 @@ def _prefill(model, tokens, cache, policy: CachePolicy):
 
 def _cache_slots(cache) -> int | None:
     """Slots of the smallest KV cache in a decoder's cache (None: no KV cache)."""
-    sizes = [leaf.shape[0] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
+    sizes = [leaf.shape[-1] for path, leaf in jax.tree_util.tree_leaves_with_path(cache)
              if path and getattr(path[-1], "key", None) == "pos"]
     return min(sizes) if sizes else None
 
@@ -92,8 +100,11 @@ def _check_new_tokens(model, tokens, cache, index, policy: CachePolicy, what: st
         raise ValueError(f"decode index={i} must be >= 0")
     if hasattr(model, "check_positions"):  # a Decoder (decode_fns takes any such module)
         model.check_positions(i + tq, what)
+    if policy.kind in PER_HEAD_POLICIES and tq > 1 and i != 0:
+        raise ValueError(f"policy {policy.kind!r}: {what} is a prefill and must start at "
+                         f"index=0")
     slots = _cache_slots(cache)
-    if policy.kind == "full" and slots is not None:
+    if policy.kind in ABSOLUTE_SLOT_POLICIES and slots is not None:
         check_cache_index(i, tq, slots, what)
 
 
@@ -107,7 +118,8 @@ def decode_fns(model: nnx.Module, policy: CachePolicy = CachePolicy()):  # noqa:
     full policy, that the KV cache has room (``dynamic_update_slice`` would otherwise clamp and
     overwrite the last slot): a ValueError. A concrete ``index`` held on the device is read
     back for this (a sync). Called inside another ``jit`` the values are traced; then a step
-    past the cache returns NaN logits and leaves the cache unchanged.
+    past the cache returns NaN logits and leaves the cache unchanged. ``prefill.jitted`` /
+    ``step.jitted`` are the jitted functions (e.g. ``step.jitted._cache_size()``).
     """
     graphdef, state = nnx.split(model)
 
@@ -128,6 +140,7 @@ def decode_fns(model: nnx.Module, policy: CachePolicy = CachePolicy()):  # noqa:
                           f"decode index={index} with {tokens.shape[1]} new token(s)")
         return step_jit(state, tokens, cache, index)
 
+    prefill.jitted, step.jitted = prefill_jit, step_jit  # for introspection (compile counts)
     return state, prefill, step
 
 
@@ -157,11 +170,12 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *,
              policy: CachePolicy = CachePolicy()) -> jax.Array:  # noqa: B008
     """``[B, P + N]``: ``prompt [B, P]`` followed by ``N = max_new_tokens`` sampled tokens.
 
-    ``max_len`` sizes the full KV cache (default ``P + N``); the streaming policy's cache has
-    ``sink_tokens + window`` slots whatever the length. ValueError for an empty prompt, a
-    negative or non-finite ``temperature``, prompt ids outside ``[0, vocab_size)`` (checked
-    when the prompt is concrete; traced ids give NaN logits), and ``P + N`` past a learned
-    position table (``DecoderConfig.max_len``).
+    ``max_len`` sizes the full and DuoAttention KV caches (default ``P + N``) and SnapKV's
+    before its prefill shrinks it to ``min(P, budget) + max_len - P``; the streaming cache has
+    ``sink_tokens + window`` slots and H2O / L2-norm ``budget``, whatever the length.
+    ValueError for an empty prompt, a negative or non-finite ``temperature``, prompt ids
+    outside ``[0, vocab_size)`` (checked when the prompt is concrete; traced ids give NaN
+    logits), and ``P + N`` past a learned position table (``DecoderConfig.max_len``).
     """
     if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise ValueError(f"prompt must be an int array [B, P], got {prompt.dtype}{prompt.shape}")
@@ -179,7 +193,7 @@ def generate(model: nnx.Module, prompt: jax.Array, max_new_tokens: int, *,
         model.check_positions(p + max_new_tokens,
                               f"prompt length {p} + max_new_tokens {max_new_tokens}")
     max_len = p + max_new_tokens if max_len is None else max_len
-    if policy.kind == "full" and max_len < p + max_new_tokens:
+    if policy.kind not in ("streaming", "h2o", "l2norm") and max_len < p + max_new_tokens:
         raise ValueError(f"max_len={max_len} < prompt length {p} + max_new_tokens "
                          f"{max_new_tokens}")
     cache = model.init_cache(b, max_len, policy)

@@ -345,7 +345,8 @@ class Decoder(nnx.Module):
     def init_cache(self, batch: int, max_len: int,
                    policy: CachePolicy = CachePolicy()) -> list:  # noqa: B008
         """Per-layer caches: KV caches for softmax layers, states for recurrent layers."""
-        return [layer.attn.init_cache(batch, max_len, policy) for layer in self.layers]
+        return [layer.attn.init_cache(batch, max_len, policy.for_layer(i))
+                for i, layer in enumerate(self.layers)]
 
     def decode(self, inputs: jax.Array, cache: list, index: jax.Array,
                policy: CachePolicy = CachePolicy()) -> tuple[jax.Array, list]:  # noqa: B008
@@ -368,8 +369,8 @@ class Decoder(nnx.Module):
         positions = index + jnp.arange(inputs.shape[1], dtype=jnp.int32)
         h = self._embed(inputs, positions)
         new = []
-        for layer, c in zip(self.layers, cache, strict=True):
-            h, c = layer.decode(h, c, index, policy)
+        for i, (layer, c) in enumerate(zip(self.layers, cache, strict=True)):
+            h, c = layer.decode(h, c, index, policy.for_layer(i))
             new.append(c)
         return self._logits(h), new
 

@@ -1,7 +1,8 @@
 """Softmax-family cores on ``jattn.attention``: ``o = normalize(scale q k^T + bias) v``.
 
 :class:`SoftmaxCore` applies positions (RoPE, ALiBi), the block's mask and a normalizer, and
-decodes with a KV cache (:mod:`models.kv_cache`, full or StreamingLLM). The registered members:
+decodes with a KV cache (:mod:`models.kv_cache`: full, StreamingLLM, SnapKV, H2O, L2 norm,
+DuoAttention). The registered members:
 
 =================  ===============================================================================
 softmax            scaled dot-product attention (GQA/MQA by head ratio)
@@ -34,7 +35,7 @@ from flax import nnx
 
 import jattn
 from jattn import masks
-from models import kv_cache
+from models import cache_policies, kv_cache
 from models.config import AttentionConfig
 from models.cores.base import AuxLoss, Core, CoreInputs, repeat_kv
 from models.kv_cache import CachePolicy
@@ -144,17 +145,25 @@ class SoftmaxCore(Core):
         traced one the cache stays unchanged and the outputs are NaN (so are the logits), see
         :func:`models.kv_cache.update`. Streaming policy (StreamingLLM): keys are cached before
         RoPE and rotated at their position within the cache; every kept token is visible.
+        DuoAttention: the full cache, streaming heads masked to sinks + recent window;
+        SnapKV / H2O / L2 norm: per-head slots, see :mod:`models.cache_policies`.
         """
+        if policy.kind in kv_cache.PER_HEAD_POLICIES:
+            return cache_policies.decode(self, inp, cache, index, policy)
         tq = inp.q.shape[1]
         k_new = inp.k
-        if policy.kind == "full":
+        absolute = policy.kind in kv_cache.ABSOLUTE_SLOT_POLICIES
+        if absolute:
             new_pos = jnp.asarray(index, jnp.int32) + jnp.arange(tq, dtype=jnp.int32)
             k_new = self.rope(inp.k, new_pos)
         cache = kv_cache.update(cache, k_new, inp.v, index, policy)
         view = kv_cache.visible(cache, index, tq, policy)
         q = self.rope(inp.q, view.q_pos)
-        if policy.kind == "full":
+        if absolute:
             k, vis = cache["k"], view.mask & self._pattern(view.q_pos, view.k_pos)
+            if policy.kind == "duo":
+                vis = vis & cache_policies.duo_visibility(policy, view.q_pos, view.k_pos,
+                                                          self.cfg.num_heads, self.cfg.kv_heads)
         else:
             k, vis = self.rope(cache["k"], view.k_pos), view.mask
         o = self.attend(q, k, cache["v"], mask=vis, bias=self.alibi(view.q_pos, view.k_pos))
