@@ -86,7 +86,7 @@ def delta_rule(
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
       segment_ids: None or int ``[B, T]``: packed sequences, as in :func:`jattn.linear.gla`
         (the state restarts at each change of id; ``initial_state`` is the first segment's,
-        the final state the last's; not with ``context_axis`` or ``"pallas"``).
+        the final state the last's; every implementation, not with ``context_axis``).
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -117,10 +117,10 @@ def delta_rule(
         return _checks.call_pallas(
             "chunk_delta_rule", explicit, qn, kn, v, beta, g=g, scale=scale,
             initial_state=initial_state, output_final_state=output_final_state,
-            chunk_size=chunk_size)
+            chunk_size=chunk_size, segment_ids=segment_ids)
 
     o, S = _checks.dispatch(
-        implementation, "chunk_delta_rule", segment_ids, call_kernel,
+        implementation, call_kernel,
         lambda impl: _delta_xla(q, k, v, beta, g, initial_state, segment_ids, impl=impl,
                                 scale=scale, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm),
     )

@@ -76,9 +76,9 @@ def gla(
       segment_ids: None or int ``[B, T]``: packed sequences. The state restarts from zero
         wherever the id changes between ``t - 1`` and ``t`` (equal to running each segment
         separately; boundaries are data, so moving them does not recompile).
-        ``initial_state`` is the first segment's, the final state the last segment's. Not
-        with ``context_axis`` or ``implementation="pallas"`` (NotImplementedError; None
-        falls back to the chunk form).
+        ``initial_state`` is the first segment's, the final state the last segment's. Every
+        implementation takes it (Pallas: masked in the chunk kernels); not with
+        ``context_axis`` (NotImplementedError).
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -100,10 +100,11 @@ def gla(
         return o.astype(dtype), S
 
     o, S = _checks.dispatch(
-        implementation, "chunk_gla", segment_ids,
+        implementation,
         lambda explicit: _checks.call_pallas(
             "chunk_gla", explicit, q, k, v, g, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, chunk_size=chunk_size),
+            output_final_state=output_final_state, chunk_size=chunk_size,
+            segment_ids=segment_ids),
         lambda impl: _gla_xla(q, k, v, g, initial_state, segment_ids, impl=impl, scale=scale,
                               chunk_size=chunk_size),
     )

@@ -132,7 +132,7 @@ def linear_attention(
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
       segment_ids: None or int ``[B, T]`` (``causal=True`` only): packed sequences, as in
         :func:`jattn.linear.gla`; ``kv`` and ``z`` restart at each change of id. Not with
-        ``context_axis`` or ``"pallas"``.
+        ``context_axis``.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``. A zero
@@ -166,10 +166,6 @@ def linear_attention(
         return o.astype(dtype), (LinearAttentionState(kv, z) if output_final_state else None)
 
     impl = _checks.pick(implementation)
-    if impl in ("pallas", "pallas?") and _checks.pallas_segments(
-        impl == "pallas", segment_ids, "chunk_gla"
-    ):
-        impl = "chunk"
     if impl in ("pallas", "pallas?"):
         explicit = impl == "pallas"
         res = None
@@ -195,6 +191,7 @@ def linear_attention(
                 initial_state=S0,
                 output_final_state=True,
                 chunk_size=chunk_size,
+                segment_ids=segment_ids,
             )
         if res is not None:
             o_aug, S = res
