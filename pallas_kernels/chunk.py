@@ -70,10 +70,13 @@ masked matmuls times a ``[C, C]`` decay; only per-channel gates pay the sub-bloc
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _chunk_kernels as ck
+from pallas_kernels._chunk_dplr import dplr_wy
 from pallas_kernels._chunk_wrap import (
     F32,
     LOG_DECAY_FLOOR,  # noqa: F401  (re-exported)
@@ -92,7 +95,7 @@ from pallas_kernels._chunk_wrap import (
     _to_bh,
 )
 
-__all__ = ["chunk_gla", "chunk_delta_rule"]
+__all__ = ["chunk_gla", "chunk_delta_rule", "chunk_dplr_delta_rule"]
 
 
 # ----------------------------------------------------------------------------- public
@@ -206,3 +209,86 @@ def chunk_delta_rule(
     o, h_t = ck.backbone(qb, kb, u, w, gb, h0, seg, cfg)
     o = _from_bh(o[..., :vd], b, h, t)
     return o, (_state_out(h_t, b, h, kd, vd) if output_final_state else None)
+
+
+def chunk_dplr_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    segment_ids: jax.Array | None = None,
+    interpret: bool | None = None,
+    backend: str | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Chunked diagonal-plus-low-rank delta rule (RWKV-7's transition; Peng et al. 2025,
+    "RWKV-7 'Goose' with Expressive Dynamic State Evolution"; fla's ``dplr_delta_rule``).
+
+    ``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} + k_t^T v_t``,  ``o_t = scale * q_t S_t``.
+
+    The UT transform generalised to ``a != b`` (``_chunk_dplr``) gives, per chunk, the reads
+    ``w_t = b_t S_{t-1}`` as ``u_t + Wk_t h_c``; the shared backbone then runs on the
+    interleaved sequence of ``2 T`` steps (key ``a_t`` with value ``w_t``, then key ``k_t``
+    with value ``v_t`` and query ``q_t``; both at the cumulative gate ``G_t``), chunk ``2 C``.
+
+    Args:
+      q, k, a, b: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+      g: None (no decay), ``[B, T, H]`` or ``[B, T, H, K]`` log-decay ``<= 0`` (``-inf``:
+        full reset; a concrete entry > 0 or NaN raises ``ValueError``).
+      scale: default ``1/sqrt(K)``. initial_state: ``[B, H, K, V]`` or None.
+      chunk_size: a multiple of 16 (GPU: a power of two); any ``T``.
+      segment_ids: None or int ``[B, T]``: packed sequences, as in :func:`chunk_gla`.
+
+    Returns ``(o [B, T, H, V] in the inputs' dtype, S_T [B, H, K, V] fp32 or None)``.
+    Differentiable in q, k, v, a, b, g and ``initial_state``. Stability is the caller's (the
+    transition's spectrum must stay in the unit disc).
+    """
+    _check(q, k, v, g, initial_state, chunk_size)
+    bsz, t, h, kd = q.shape
+    vd = v.shape[-1]
+    for name, x in (("a", a), ("b", b)):
+        if getattr(x, "shape", None) != (bsz, t, h, kd):
+            raise ValueError(f"{name} must be [B, T, H, K] = {(bsz, t, h, kd)}; got "
+                             f"{getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point; got {x.dtype}")
+    _check_segments(segment_ids, bsz, t)
+    cfg = _config(t, kd, g, scale, chunk_size, interpret, backend)
+    dt = jnp.result_type(q.dtype, k.dtype, v.dtype, a.dtype, b.dtype)
+    if 0 in (bsz, t, h, vd):
+        return _empty_result(initial_state, q.shape, vd, dt, output_final_state)
+    t_pad = -(-t // chunk_size) * chunk_size
+    kp, vp = _feature_pad(cfg.target, kd, vd)
+    qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
+    ab = _pad_last(_to_bh(a.astype(dt), t_pad), kp)
+    bb = _pad_last(_to_bh(b.astype(dt), t_pad), kp)
+    # Exclusive cumulative gate G_{t-1} (0 on each chunk's first row): layout glue.
+    gc = gb.reshape(bsz * h, t_pad // chunk_size, chunk_size, kp)
+    gx = jnp.concatenate([jnp.zeros_like(gc[:, :, :1]), gc[:, :, :-1]], axis=2)
+    gx = gx.reshape(gb.shape)
+    h0 = _pad_last(_pad_last(_state_in(initial_state, bsz, h, kd, vd), kp), vp, axis=1)
+    seg = _segments(segment_ids, h, t_pad, chunk_size)
+    u, w = dplr_wy(ab, bb, kb, vb, gb, gx, seg, cfg)
+
+    def interleave(x, y):  # [BH, T, D] x2 -> [BH, 2T, D]: x on even, y on odd steps
+        return jnp.stack([x, y], axis=2).reshape(x.shape[0], 2 * x.shape[1], x.shape[2])
+
+    cfg2 = dataclasses.replace(cfg, chunk=2 * chunk_size, t_real=2 * t)
+    o, h_t = ck.backbone(
+        interleave(jnp.zeros_like(qb), qb),
+        interleave(ab, kb),
+        interleave(u, vb),
+        interleave(w, jnp.zeros_like(w)),
+        interleave(gb, gb),
+        h0,
+        None if seg is None else interleave(seg, seg),
+        cfg2,
+    )
+    o = _from_bh(o[:, 1::2, :vd], bsz, h, t)
+    return o, (_state_out(h_t, bsz, h, kd, vd) if output_final_state else None)

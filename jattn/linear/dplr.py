@@ -91,11 +91,10 @@ def dplr_delta_rule(
       output_final_state: also return the final state. chunk_size: chunk length.
       segment_ids: None or int ``[B, T]`` (see above).
       implementation: ``"reference"`` (scan over time), ``"recurrent"`` (scan of
-        :func:`dplr_delta_rule_step`), ``"chunk"`` / ``"xla"``, None (chunk). ``"pallas"``
-        raises ``NotImplementedError``: the Pallas delta kernel
-        (``pallas_kernels.chunk_delta_rule``) solves the symmetric ``a = -beta k, b = k``
-        system with a single key tensor; DPLR needs two extra ``[C, C]`` score matrices with
-        the exclusive gate and a second write in its state update, which is a new kernel.
+        :func:`dplr_delta_rule_step`), ``"chunk"`` / ``"xla"``, ``"pallas"``
+        (``pallas_kernels.chunk_dplr_delta_rule``: the same UT transform as Pallas kernels,
+        then the shared Pallas backbone on the interleaved ``a``/``k`` writes), or None:
+        Pallas on GPU/TPU when it can serve the call, else chunk.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -111,26 +110,13 @@ def dplr_delta_rule(
     chunk_size, scale = _checks.check_run_options(
         (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale)
     dtype = _checks.out_dtype(q, k, v, a, b)
-    impl = _checks.pick(implementation)
-    if impl == "pallas":
-        raise NotImplementedError(
-            "implementation='pallas': dplr_delta_rule has no Pallas kernel (the delta kernel "
-            "handles only a = -beta k, b = k; DPLR needs the a != b solve and a second state "
-            "write); use implementation='chunk' or None"
-        )
-    if impl == "pallas?":
-        impl = "chunk"
-    o, S = _dplr_xla(
-        q,
-        k,
-        v,
-        a,
-        b,
-        g,
-        initial_state,
-        segment_ids,
-        impl=impl,
-        scale=scale,
-        chunk_size=chunk_size,
+    o, S = _checks.dispatch(
+        implementation,
+        lambda explicit: _checks.call_pallas(
+            "chunk_dplr_delta_rule", explicit, q, k, v, a, b, g=g, scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            chunk_size=chunk_size, segment_ids=segment_ids),
+        lambda impl: _dplr_xla(q, k, v, a, b, g, initial_state, segment_ids, impl=impl,
+                               scale=scale, chunk_size=chunk_size),
     )
     return o.astype(dtype), (S if output_final_state else None)
