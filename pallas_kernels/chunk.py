@@ -31,6 +31,20 @@ scalar->channel broadcast. Only layout glue (padding, ``[B,T,H,D] <-> [B*H,T,D]`
 transposes) and the cumsum are ``jnp``. Gradients flow through outputs and the final state,
 to q, k, v, g, beta and ``initial_state``.
 
+* ``chunk_dplr_delta_rule`` -- the diagonal-plus-low-rank transition of RWKV-7 (Peng et al.
+  2025) and fla's ``dplr_delta_rule``: ``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} +
+  k_t^T v_t``. Its UT transform (``_chunk_dplr``: the delta rule's, generalised to ``a != b``
+  with the read ``b_t S_{t-1}`` at the exclusive gate) yields the reads ``w_t`` per chunk;
+  the same backbone then runs on the interleaved sequence (write ``a_t^T w_t``, then
+  ``k_t^T v_t`` and the query), chunk ``2 C``.
+
+Packed sequences (``segment_ids [B, T]``, every function): the wrapper turns the ids into
+per-row counts of segment starts since the chunk's first row (``_chunk_wrap._segments``); each
+kernel masks from them, exactly (no ``-inf`` gate): Gram pairs across segments, the entering
+state for rows after a restart, the leaving state's writes from rows before the chunk's last
+restart, and the decay of the entering state (0 when the chunk restarts). The ids are data:
+moving the boundaries does not recompile.
+
 Gates: ``g = -inf`` (a full reset, decay 0) is valid: the wrapper clamps log-gates at
 ``LOG_DECAY_FLOOR`` (-110) before the within-chunk cumsum, so ``G`` stays finite (else every
 ``G_i - G_j`` behind a reset is ``-inf - (-inf) = NaN``); ``exp(-110)`` is 0 in fp32, so
