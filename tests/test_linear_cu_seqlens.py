@@ -91,7 +91,7 @@ def _loss(o, S):
     return jnp.sum(o * jnp.sin(o)) + 0.3 * jnp.sum(S * jnp.cos(S))
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunk"])
+@pytest.mark.parametrize("impl", ["chunk", pytest.param("reference", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cu_seqlens_equals_separate_documents(case, impl):
     fn, gate, names = CASES[case]
@@ -129,17 +129,37 @@ def test_cu_seqlens_through_the_pallas_kernels(case):
     assert_close(S, S_w, name="final states")
 
 
-def test_without_states_and_moving_offsets_do_not_recompile():
+@pytest.mark.parametrize("states", [False, True])
+def test_moving_offsets_do_not_recompile(states):
     x, S0 = inputs(2, "scalar")
-    f = jax.jit(lambda x, cu: L.gla(x["q"], x["k"], x["v"], x["g"], cu_seqlens=cu,
-                                    chunk_size=16)[0])
-    o1 = f(x, jnp.asarray(CU))
+    S0 = S0 if states else jnp.zeros_like(S0)
+
+    @jax.jit
+    def f(x, S0, cu):
+        return L.gla(x["q"], x["k"], x["v"], x["g"], cu_seqlens=cu, chunk_size=16,
+                     initial_state=S0 if states else None, output_final_state=states)
+
+    o1, _ = f(x, S0, jnp.asarray(CU))
     other = [10, 10, 0, 20]
-    o2 = f(x, jnp.asarray(np.concatenate([[0], np.cumsum(other)]).astype(np.int32)))
+    o2, S2 = f(x, S0, jnp.asarray(np.concatenate([[0], np.cumsum(other)]).astype(np.int32)))
     assert f._cache_size() == 1
-    want = run_separately(_gla, x, jnp.zeros_like(S0), other)[0]
+    want, S_want = run_separately(_gla, x, S0, other)
     assert_close(o2, want, name="o after the move")
+    if states:
+        assert_close(S2, S_want, name="final states after the move")
     assert not np.allclose(o1, o2)
+
+
+def test_bf16_inputs_keep_fp32_document_states():
+    """Requested states are carried in fp32 (the call upcasts): only o is bf16."""
+    x, S0 = inputs(4, "channel")
+    xb = {n: None if a is None else a.astype(jnp.bfloat16) for n, a in x.items()}
+    xb["g"] = x["g"]
+    o, S = jax.jit(_gla, static_argnums=3)(xb, S0, jnp.asarray(CU), "chunk")
+    o_w, S_w = run_separately(_gla, {**xb, "g": x["g"]}, S0, LENGTHS)
+    assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    assert_close(S, S_w, name="final states")  # fp32 tolerance: no bf16 rounding of states
+    assert_close(o, o_w, dtype=jnp.bfloat16, name="o")
 
 
 def test_bad_cu_seqlens_raise():
