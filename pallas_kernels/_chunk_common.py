@@ -102,6 +102,7 @@ def _gram(
     dm_p=None,
     want_m=True,
     acc_strict=False,
+    same=None,
 ):
     """Gated Gram rows for sub-block ``blk`` of a chunk, optionally contracted with ``dm_p``.
 
@@ -115,7 +116,20 @@ def _gram(
     ``mode``: "lower" (c <= p), "strict" (c < p), "upper" (c >= p; pass gs = -G). On valid
     pairs ``gs_p <= gs_c``, and every exponent below is clamped to <= 0 before ``exp``.
     ``acc_strict``: leave the diagonal pair ``c == p`` out of ``acc`` (not of ``m``).
+    ``same`` (packed sequences) [s, C] bool or None: pairs in different segments are 0 in
+    ``m`` and left out of ``acc`` (``dm_p`` is masked before the contraction).
     """
+    if same is not None and dm_p is not None:
+        dm_p = jnp.where(same, dm_p.astype(F32), 0.0)
+    m, acc = _gram_unmasked(gate, a_p, gs_p, b_all, gs_all, b_p, gs_bp, blk, s, mode, dm_p,
+                            want_m, acc_strict)
+    if same is not None and m is not None:
+        m = jnp.where(same, m, 0.0)
+    return m, acc
+
+
+def _gram_unmasked(gate, a_p, gs_p, b_all, gs_all, b_p, gs_bp, blk, s, mode, dm_p, want_m,
+                   acc_strict):
     c_len, kdim = b_all.shape
     nb = c_len // s
     start = blk * s
@@ -190,6 +204,71 @@ def _gram(
 
 def _rows(i, s):
     return pl.ds(i * s, s)
+
+
+# ----------------------------------------------------------------------------- packed sequences
+# A segmented call passes ``seg`` [BH, T, 1] fp32: per row, the number of segment starts from
+# the chunk's first row up to and including this row (0: the row belongs to the segment the
+# entering state belongs to). Rows i, j share a segment iff their counts are equal; a row
+# reads the entering state iff its count is 0 ("first"); it reaches the leaving state iff its
+# count equals the chunk's last row's ("last"); the entering state survives the chunk iff the
+# last row's count is 0 ("keep").
+
+
+def seg_row(col):
+    """``[C, 1] -> [1, C]`` by a masked max over a ``[C, C]`` broadcast (no in-kernel
+    transpose: Mosaic GPU and some TPU layouts lack it)."""
+    c = col.shape[0]
+    eye = lax.broadcasted_iota(jnp.int32, (c, c), 0) == lax.broadcasted_iota(jnp.int32, (c, c), 1)
+    return jnp.max(jnp.where(eye, col, -jnp.inf), axis=0, keepdims=True)
+
+
+def split_seg(refs, n_in, seg):
+    """``(inputs, seg_ref or None, rest)`` of a kernel whose chunk inputs end with ``seg``."""
+    if seg is None:
+        return refs[:n_in], None, refs[n_in:]
+    return refs[:n_in], refs[n_in], refs[n_in + 1 :]
+
+
+def with_seg(ins, seg):
+    """The chunk inputs of a parallel kernel, with ``seg`` appended when given."""
+    return ins if seg is None else [*ins, seg]
+
+
+def keep_rows(x, cond):
+    """``x`` where ``cond`` (broadcast) else 0; ``cond`` None keeps everything."""
+    return x if cond is None else jnp.where(cond, x.astype(F32), 0.0)
+
+
+class ChunkSegments:
+    """The packed-sequence masks of one chunk (all None without segments); see above.
+
+    Read from ``seg_ref``, the chunk's ``[C, 1]`` block: ``first``, ``last`` [C, 1], ``keep``
+    [1, 1], ``row`` [1, C] (the counts as a row), and per sub-block through :meth:`block`."""
+
+    def __init__(self, seg_ref, s):
+        self.on = seg_ref is not None
+        self.s = s
+        self.ref = seg_ref
+        if not self.on:
+            self.first = self.last = self.keep = self.row = None
+            return
+        col = seg_ref[...]
+        c = col.shape[0]
+        last_val = seg_ref[pl.ds(c - 1, 1), :]
+        self.col = col
+        self.first = col == 0.0  # [C, 1]
+        self.last = col == last_val  # [C, 1]
+        self.keep = last_val == 0.0  # [1, 1]
+        self.last_val = last_val
+        self.row = seg_row(col)  # [1, C]
+
+    def block(self, i):
+        """(same [s, C], first [s, 1], last [s, 1]) for sub-block ``i`` (None without)."""
+        if not self.on:
+            return None, None, None
+        col = self.ref[_rows(i, self.s), :]
+        return col == self.row, col == 0.0, col == self.last_val
 
 
 def _params(cfg: Config, semantics, num_warps=4):

@@ -20,31 +20,32 @@ from pallas_kernels._chunk_wy import wy
 __all__ = ["Config", "backbone", "wy"]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def backbone(q, k, u, w, g, h0, cfg):
-    """(o [BH, T, V], h_T [BH, V, K] fp32); see the module docstring."""
-    hs, h_t, d = states_fwd(cfg, k, u, w, g, h0)
-    return output_fwd(cfg, q, k, d, g, hs), h_t
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def backbone(q, k, u, w, g, h0, seg, cfg):
+    """(o [BH, T, V], h_T [BH, V, K] fp32); see the module docstring. ``seg``: None or the
+    packed-sequence counts [BH, T, 1] fp32 (see ``_chunk_common``; no gradient)."""
+    hs, h_t, d = states_fwd(cfg, k, u, w, g, h0, seg)
+    return output_fwd(cfg, q, k, d, g, hs, seg), h_t
 
 
-def _backbone_fwd(q, k, u, w, g, h0, cfg):
-    hs, h_t, d = states_fwd(cfg, k, u, w, g, h0)
-    o = output_fwd(cfg, q, k, d, g, hs)
-    return (o, h_t), (q, k, w, g, h0, hs, d)
+def _backbone_fwd(q, k, u, w, g, h0, seg, cfg):
+    hs, h_t, d = states_fwd(cfg, k, u, w, g, h0, seg)
+    o = output_fwd(cfg, q, k, d, g, hs, seg)
+    return (o, h_t), (q, k, w, g, h0, seg, hs, d)
 
 
 def _backbone_bwd(cfg, res, cts):
-    q, k, w, g, h0, hs, d = res
+    q, k, w, g, h0, seg, hs, d = res
     do, dh_t = cts
     do = do.astype(q.dtype)
     dh_t = dh_t.astype(F32)
     if w is None:
-        dhs, dh0, _ = states_bwd(cfg, q, g, do, dh_t)
-        dq, dk, du, dg, dw = grads_bwd(cfg, q, k, d, g, do, hs, dhs)
+        dhs, dh0, _ = states_bwd(cfg, q, g, do, dh_t, seg=seg)
+        dq, dk, du, dg, dw = grads_bwd(cfg, q, k, d, g, do, hs, dhs, seg=seg)
     else:
-        dloc = dlocal_bwd(cfg, q, k, g, do)
-        dhs, dh0, dd = states_bwd(cfg, q, g, do, dh_t, k=k, w=w, dloc=dloc)
-        dq, dk, du, dg, dw = grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=dd)
+        dloc = dlocal_bwd(cfg, q, k, g, do, seg)
+        dhs, dh0, dd = states_bwd(cfg, q, g, do, dh_t, k=k, w=w, dloc=dloc, seg=seg)
+        dq, dk, du, dg, dw = grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=dd, seg=seg)
         dw = dw.astype(w.dtype)
     return (
         dq.astype(q.dtype),
@@ -53,6 +54,7 @@ def _backbone_bwd(cfg, res, cts):
         dw,
         dg,
         dh0.astype(h0.dtype),
+        None,
     )
 
 

@@ -9,44 +9,62 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._chunk_common import F32, _gram, _mm, _par_call, _rows
+from pallas_kernels._chunk_common import (
+    F32,
+    ChunkSegments,
+    _gram,
+    _mm,
+    _par_call,
+    _rows,
+    keep_rows,
+    split_seg,
+    with_seg,
+)
 
 # ----------------------------------------------------------------------------- parallel
 
 
-def output_fwd(cfg, q, k, d, g, hs):
-    """``o = scale * [(q e^G) h_c + A delta]`` per chunk, in q's dtype."""
+def output_fwd(cfg, q, k, d, g, hs, seg=None):
+    """``o = scale * [(q e^G) h_c + A delta]`` per chunk, in q's dtype (with ``seg``: only
+    first-segment rows read ``h_c``, ``A`` is 0 across segments)."""
     s, nb, dt, scale = cfg.sub, cfg.chunk // cfg.sub, q.dtype, cfg.scale
 
-    def kernel(q_ref, k_ref, d_ref, g_ref, h_ref, o_ref):
+    def kernel(*refs):
+        (q_ref, k_ref, d_ref, g_ref), seg_ref, (h_ref, o_ref) = split_seg(refs, 4, seg)
+        sg = ChunkSegments(seg_ref, s)
         k_all, g_all, d_all, h = k_ref[...], g_ref[...], d_ref[...], h_ref[...]
         for i in range(nb):
+            same, first, _ = sg.block(i)
             q_i, g_i, k_i = q_ref[_rows(i, s), :], g_ref[_rows(i, s), :], k_ref[_rows(i, s), :]
-            a_i, _ = _gram(cfg.gate, q_i, g_i, k_all, g_all, k_i, g_i, i, s, "lower")
-            qg = q_i.astype(F32) * jnp.exp(g_i)
+            a_i, _ = _gram(cfg.gate, q_i, g_i, k_all, g_all, k_i, g_i, i, s, "lower", same=same)
+            qg = keep_rows(q_i.astype(F32) * jnp.exp(g_i), first)
             o = _mm(qg, h, tb=True, dtype=dt) + _mm(a_i, d_all, dtype=dt)
             o_ref[_rows(i, s), :] = (scale * o).astype(o_ref.dtype)
 
     out = [jax.ShapeDtypeStruct(d.shape[:2] + (d.shape[-1],), dt)]
-    return _par_call(cfg, kernel, "chunk_output_fwd", [q, k, d, g], [hs], out)[0]
+    return _par_call(cfg, kernel, "chunk_output_fwd", with_seg([q, k, d, g], seg), [hs], out)[0]
 
 
-def dlocal_bwd(cfg, q, k, g, do):
+def dlocal_bwd(cfg, q, k, g, do, seg=None):
     """``scale * A^T do`` per chunk (the intra-chunk part of d delta), fp32."""
     s, nb, dt, scale = cfg.sub, cfg.chunk // cfg.sub, q.dtype, cfg.scale
 
-    def kernel(q_ref, k_ref, g_ref, do_ref, o_ref):
+    def kernel(*refs):
+        (q_ref, k_ref, g_ref, do_ref), seg_ref, (o_ref,) = split_seg(refs, 4, seg)
+        sg = ChunkSegments(seg_ref, s)
         q_all, ng_all, do_all = q_ref[...], -g_ref[...], do_ref[...]
         for i in range(nb):
+            same, _, _ = sg.block(i)
             k_i, ng_i, q_i = k_ref[_rows(i, s), :], -g_ref[_rows(i, s), :], q_ref[_rows(i, s), :]
-            at_i, _ = _gram(cfg.gate, k_i, ng_i, q_all, ng_all, q_i, ng_i, i, s, "upper")
+            at_i, _ = _gram(cfg.gate, k_i, ng_i, q_all, ng_all, q_i, ng_i, i, s, "upper",
+                            same=same)
             o_ref[_rows(i, s), :] = scale * _mm(at_i, do_all, dtype=dt)
 
     out = [jax.ShapeDtypeStruct(do.shape, F32)]
-    return _par_call(cfg, kernel, "chunk_dlocal_bwd", [q, k, g, do], [], out)[0]
+    return _par_call(cfg, kernel, "chunk_dlocal_bwd", with_seg([q, k, g, do], seg), [], out)[0]
 
 
-def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None):
+def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None, seg=None):
     """Per-chunk gradients ``dq, dk, d delta, dG`` (+ ``dw`` when ``dd_full`` is given).
 
     ``dG`` is w.r.t. the within-chunk cumulative gate ``G`` (the caller's ``cumsum``
@@ -58,12 +76,14 @@ def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None):
     delta = dd_full is not None
 
     def kernel(*refs):
+        ins, seg_ref, rest = split_seg(refs, 6 if delta else 5, seg)
+        sg = ChunkSegments(seg_ref, s)
         if delta:
-            q_ref, k_ref, d_ref, g_ref, do_ref, ddf_ref, h_ref, dh_ref = refs[:8]
-            dq_ref, dk_ref, dg_ref, dw_ref = refs[8:]
+            q_ref, k_ref, d_ref, g_ref, do_ref, ddf_ref = ins
+            h_ref, dh_ref, dq_ref, dk_ref, dg_ref, dw_ref = rest
         else:
-            q_ref, k_ref, d_ref, g_ref, do_ref, h_ref, dh_ref = refs[:7]
-            dq_ref, dk_ref, dd_ref, dg_ref = refs[7:]
+            q_ref, k_ref, d_ref, g_ref, do_ref = ins
+            h_ref, dh_ref, dq_ref, dk_ref, dd_ref, dg_ref = rest
         q_all, k_all, d_all, do_all = q_ref[...], k_ref[...], d_ref[...], do_ref[...]
         g_all = g_ref[...]
         ng_all = -g_all
@@ -78,12 +98,13 @@ def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None):
         if cfg.t_real:
             last = jnp.minimum(c - 1, cfg.t_real - 1 - pl.program_id(1) * c)
         rows_all = lax.broadcasted_iota(jnp.int32, (c, 1), 0)
+        # Segments: only last-segment rows reach h_{c+1}; h_c survives iff no restart.
         dks_all = jnp.exp(jnp.minimum(gl - g_all, 0.0)) * _mm(d_all, dh, dtype=dt)
-        dks_all = jnp.where(rows_all == last, 0.0, dks_all)
-        extra = jnp.sum(h * dh, axis=0, keepdims=True) * jnp.exp(gl) + jnp.sum(
-            k_all.astype(F32) * dks_all, axis=0, keepdims=True
-        )
+        dks_all = keep_rows(jnp.where(rows_all == last, 0.0, dks_all), sg.last)
+        extra = keep_rows(jnp.sum(h * dh, axis=0, keepdims=True) * jnp.exp(gl), sg.keep)
+        extra = extra + jnp.sum(k_all.astype(F32) * dks_all, axis=0, keepdims=True)
         for i in range(nb):
+            same, first, last_i = sg.block(i)
             rows = _rows(i, s)
             q_i, k_i, g_i = q_ref[rows, :], k_ref[rows, :], g_ref[rows, :]
             d_i, do_i = d_ref[rows, :], do_ref[rows, :]
@@ -109,8 +130,9 @@ def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None):
                 dm_p=da_i,
                 want_m=False,
                 acc_strict=True,
+                same=same,
             )
-            dq_g = scale * jnp.exp(g_i) * _mm(do_i, h, dtype=dt) + dq_in
+            dq_g = keep_rows(scale * jnp.exp(g_i) * _mm(do_i, h, dtype=dt), first) + dq_in
             dq = dq_g + da_ii * k_i.astype(F32)
             # dk and d delta: rows j, contraction over queries i >= j (upper, gs = -G).
             dat_i = scale * _mm(d_i, do_all, tb=True, dtype=dt)
@@ -128,8 +150,9 @@ def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None):
                 dm_p=dat_i,
                 want_m=not delta,
                 acc_strict=True,
+                same=same,
             )
-            e_last = jnp.exp(jnp.minimum(gl - g_i, 0.0))
+            e_last = keep_rows(jnp.exp(jnp.minimum(gl - g_i, 0.0)), last_i)
             dk_state = e_last * _mm(d_i, dh, dtype=dt)
             dk = dk_state + dk_in + da_ii * q_i.astype(F32)
             is_last = p_glob == last
@@ -153,7 +176,7 @@ def grads_bwd(cfg, q, k, d, g, do, hs, dhs, dd_full=None):
     else:
         outs = [kshape, kshape, jax.ShapeDtypeStruct(d.shape, F32), kshape]
         ins = [q, k, d, g, do]
-    res = _par_call(cfg, kernel, "chunk_grads_bwd", ins, [hs, dhs], outs)
+    res = _par_call(cfg, kernel, "chunk_grads_bwd", with_seg(ins, seg), [hs, dhs], outs)
     if delta:
         dq, dk, dg, dw = res
         return dq, dk, dd_full, dg, dw

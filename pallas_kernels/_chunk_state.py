@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._chunk_common import F32, _mm, _params, _spec
+from pallas_kernels._chunk_common import F32, _mm, _params, _spec, keep_rows
 
 # ----------------------------------------------------------------------------- sequential
 
@@ -122,29 +122,51 @@ def _seq_call(cfg, body, name, seq_ins, seq_v, h0, seq_outs, out_v, reverse):
     )(*seq_ins, h0)
 
 
-def states_fwd(cfg, k, u, w, g, h0):
-    """Chunk-start states ``hs`` [BH, N, V, K], final state [BH, V, K] and (if ``w``) delta."""
+def _seg_chunk(seg_ref, r0, c):
+    """Packed sequences: (first [C, 1], last [C, 1], keep [1, 1]) of the chunk at ``r0``
+    (see ``_chunk_common``), or Nones."""
+    if seg_ref is None:
+        return None, None, None
+    col = seg_ref[pl.ds(r0, c), :]
+    last_val = seg_ref[pl.ds(r0 + c - 1, 1), :]
+    return col == 0.0, col == last_val, last_val == 0.0
+
+
+def _with_seg(ins, flags, seg):
+    return (ins, flags) if seg is None else ([*ins, seg], [*flags, False])
+
+
+def states_fwd(cfg, k, u, w, g, h0, seg=None):
+    """Chunk-start states ``hs`` [BH, N, V, K], final state [BH, V, K] and (if ``w``) delta.
+
+    With ``seg`` only last-segment rows write ``h_{c+1}`` and ``h_c`` survives only a chunk
+    without a restart (``w`` is already 0 on rows that do not read ``h_c``)."""
     c = cfg.chunk
     dt = k.dtype
     has_w = w is not None
 
     def body(ins, r0, h):
+        seg_ref = ins[-1] if seg is not None else None
+        ins = ins[:-1] if seg is not None else ins
         if has_w:
             k_ref, u_ref, w_ref, g_ref = ins
         else:
             k_ref, u_ref, g_ref = ins
+        _, last, keep = _seg_chunk(seg_ref, r0, c)
         g = g_ref[pl.ds(r0, c), :]
         gl = g_ref[pl.ds(r0 + c - 1, 1), :]
         d = u_ref[pl.ds(r0, c), :].astype(F32)
         if has_w:
             d = d - _mm(w_ref[pl.ds(r0, c), :], h, tb=True, dtype=dt)
         kd = k_ref[pl.ds(r0, c), :].astype(F32) * jnp.exp(jnp.minimum(gl - g, 0.0))
-        h_new = jnp.exp(gl) * h + _mm(d, kd, ta=True, dtype=dt)
+        kd = keep_rows(kd, last)
+        h_new = keep_rows(jnp.exp(gl) * h, keep) + _mm(d, kd, ta=True, dtype=dt)
         return h_new, ((d,) if has_w else ())
 
-    seq_ins, seq_v = (
-        ([k, u, w, g], [False, True, False, False]) if has_w else ([k, u, g], [False, True, False])
-    )
+    if has_w:
+        seq_ins, seq_v = _with_seg([k, u, w, g], [False, True, False, False], seg)
+    else:
+        seq_ins, seq_v = _with_seg([k, u, g], [False, True, False], seg)
     seq_outs = [jax.ShapeDtypeStruct(u.shape, dt)] if has_w else []
     out = _seq_call(cfg, body, "chunk_states_fwd", seq_ins, seq_v, h0, seq_outs,
                     [True] * len(seq_outs), reverse=False)
@@ -155,7 +177,7 @@ def states_fwd(cfg, k, u, w, g, h0):
     return hs, h_t, d
 
 
-def states_bwd(cfg, q, g, do, dh_t, k=None, w=None, dloc=None):
+def states_bwd(cfg, q, g, do, dh_t, k=None, w=None, dloc=None, seg=None):
     """Reverse recurrence: ``dhs`` [BH, N, V, K] (grad of each chunk's END state), ``dh0``.
 
     With ``w`` (delta rule) also the full ``d delta = dloc + (k exp(G_last - G)) dh``.
@@ -166,26 +188,33 @@ def states_bwd(cfg, q, g, do, dh_t, k=None, w=None, dloc=None):
     scale = cfg.scale
 
     def body(ins, r0, dh):
+        seg_ref = ins[-1] if seg is not None else None
+        ins = ins[:-1] if seg is not None else ins
         if has_w:
             q_ref, g_ref, do_ref, k_ref, w_ref, dl_ref = ins
         else:
             q_ref, g_ref, do_ref = ins
+        first, last, keep = _seg_chunk(seg_ref, r0, c)
         g = g_ref[pl.ds(r0, c), :]
         gl = g_ref[pl.ds(r0 + c - 1, 1), :]
-        qg = q_ref[pl.ds(r0, c), :].astype(F32) * jnp.exp(g)
+        qg = keep_rows(q_ref[pl.ds(r0, c), :].astype(F32) * jnp.exp(g), first)
         do = do_ref[pl.ds(r0, c), :]
-        dh_new = jnp.exp(gl) * dh + scale * _mm(do, qg, ta=True, dtype=dt)
+        dh_new = keep_rows(jnp.exp(gl) * dh, keep) + scale * _mm(do, qg, ta=True, dtype=dt)
         if not has_w:
             return dh_new, ()
         kd = k_ref[pl.ds(r0, c), :].astype(F32) * jnp.exp(jnp.minimum(gl - g, 0.0))
+        kd = keep_rows(kd, last)
         dd = dl_ref[pl.ds(r0, c), :].astype(F32) + _mm(kd, dh, tb=True, dtype=dt)
         dh_new = dh_new - _mm(dd, w_ref[pl.ds(r0, c), :], ta=True, dtype=dt)
         return dh_new, (dd,)
 
-    seq_ins, seq_v = (
-        ([q, g, do, k, w, dloc], [False, False, True, False, False, True])
-        if has_w
-        else ([q, g, do], [False, False, True])
+    seq_ins, seq_v = _with_seg(
+        *(
+            ([q, g, do, k, w, dloc], [False, False, True, False, False, True])
+            if has_w
+            else ([q, g, do], [False, False, True])
+        ),
+        seg,
     )
     seq_outs = [jax.ShapeDtypeStruct(do.shape, F32)] if has_w else []
     out = _seq_call(cfg, body, "chunk_states_bwd", seq_ins, seq_v, dh_t, seq_outs,

@@ -31,6 +31,20 @@ scalar->channel broadcast. Only layout glue (padding, ``[B,T,H,D] <-> [B*H,T,D]`
 transposes) and the cumsum are ``jnp``. Gradients flow through outputs and the final state,
 to q, k, v, g, beta and ``initial_state``.
 
+* ``chunk_dplr_delta_rule`` -- the diagonal-plus-low-rank transition of RWKV-7 (Peng et al.
+  2025) and fla's ``dplr_delta_rule``: ``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} +
+  k_t^T v_t``. Its UT transform (``_chunk_dplr``: the delta rule's, generalised to ``a != b``
+  with the read ``b_t S_{t-1}`` at the exclusive gate) yields the reads ``w_t`` per chunk;
+  the same backbone then runs on the interleaved sequence (write ``a_t^T w_t``, then
+  ``k_t^T v_t`` and the query), chunk ``2 C``.
+
+Packed sequences (``segment_ids [B, T]``, every function): the wrapper turns the ids into
+per-row counts of segment starts since the chunk's first row (``_chunk_wrap._segments``); each
+kernel masks from them, exactly (no ``-inf`` gate): Gram pairs across segments, the entering
+state for rows after a restart, the leaving state's writes from rows before the chunk's last
+restart, and the decay of the entering state (0 when the chunk restarts). The ids are data:
+moving the boundaries does not recompile.
+
 Gates: ``g = -inf`` (a full reset, decay 0) is valid: the wrapper clamps log-gates at
 ``LOG_DECAY_FLOOR`` (-110) before the within-chunk cumsum, so ``G`` stays finite (else every
 ``G_i - G_j`` behind a reset is ``-inf - (-inf) = NaN``); ``exp(-110)`` is 0 in fp32, so
@@ -70,162 +84,32 @@ masked matmuls times a ``[C, C]`` decay; only per-channel gates pay the sub-bloc
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from pallas_kernels import _chunk_kernels as ck
+from pallas_kernels._chunk_dplr import dplr_wy
+from pallas_kernels._chunk_wrap import (
+    F32,
+    LOG_DECAY_FLOOR,  # noqa: F401  (re-exported)
+    _check,
+    _check_segments,
+    _config,
+    _empty_result,
+    _feature_pad,
+    _from_bh,
+    _l2norm,
+    _pad_last,
+    _padded_inputs,
+    _segments,
+    _state_in,
+    _state_out,
+    _to_bh,
+)
 
-F32 = jnp.float32
-_SUB = 16
-# Log-gates are clamped at this floor (see the module docstring): exp(-110) == 0 in fp32.
-LOG_DECAY_FLOOR = -110.0
-
-__all__ = ["chunk_gla", "chunk_delta_rule"]
-
-
-# ----------------------------------------------------------------------------- plumbing
-
-
-def _target(interpret, backend):
-    platform = jax.default_backend()
-    if backend is None:
-        target = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "cpu")
-    else:
-        name = str(backend).lower()
-        if name in ("gpu", "cuda"):
-            target = "gpu"
-        elif name == "tpu":
-            target = "tpu"
-        else:
-            raise ValueError(f"backend must be None, 'tpu', 'cuda' or 'gpu'; got {backend!r}")
-    if interpret is None:
-        interpret = platform == "cpu"
-    return target, bool(interpret)
-
-
-def _check_chunk_for(target, chunk_size):
-    if target == "gpu" and chunk_size & (chunk_size - 1):
-        raise NotImplementedError(
-            f"pallas chunk kernels on GPU (Triton) need a power-of-two chunk_size; got {chunk_size}"
-        )
-
-
-def _addressable(x):
-    return getattr(x, "is_fully_addressable", True)
-
-
-def _check(q, k, v, g, initial_state, chunk_size):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(f"{name} must be [B, T, H, D]; got shape {x.shape}")
-    b, t, h, kd = q.shape
-    if kd == 0:
-        raise ValueError(f"q and k must have a head dim K >= 1; got shape {q.shape}")
-    if k.shape != (b, t, h, kd):
-        raise ValueError(f"k must have shape {(b, t, h, kd)} like q; got {k.shape}")
-    if v.shape[:3] != (b, t, h):
-        raise ValueError(f"v must be [B, T, H, V] = {(b, t, h)} + (V,); got {v.shape}")
-    if g is not None and g.shape not in ((b, t, h), (b, t, h, kd)):
-        raise ValueError(f"g must be [B, T, H] = {(b, t, h)} or [B, T, H, K]; got {g.shape}")
-    vd = v.shape[-1]
-    if initial_state is not None and initial_state.shape != (b, h, kd, vd):
-        raise ValueError(
-            f"initial_state must be [B, H, K, V] = {(b, h, kd, vd)}; got {initial_state.shape}"
-        )
-    # Traced (or spread over hosts): values unknown, not checked (documented as UB).
-    if g is not None and not isinstance(g, jax.core.Tracer) and _addressable(g):
-        with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
-            num_bad = int(jnp.sum(~(jnp.asarray(g) <= 0)))  # NaN fails `<= 0` too
-            if num_bad:
-                raise ValueError(
-                    f"g is a log-decay and must be <= 0 everywhere (-inf: full reset), got "
-                    f"{num_bad} {'entry' if num_bad == 1 else 'entries'} > 0 or NaN "
-                    f"(max {float(jnp.max(g))}); the kernels do not support decays exp(g) > 1"
-                )
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
-    if chunk_size % _SUB:
-        raise NotImplementedError(
-            f"pallas chunk kernels need chunk_size a multiple of {_SUB}; got {chunk_size}"
-        )
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"{name} must be floating point; got {x.dtype}")
-
-
-def _to_bh(x, t_pad):
-    """[B, T, H, D] -> [B*H, T_pad, D] (zero padding at the end of time)."""
-    b, t, h, d = x.shape
-    x = jnp.pad(x, ((0, 0), (0, t_pad - t), (0, 0), (0, 0)))
-    return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, t_pad, d)
-
-
-def _from_bh(x, b, h, t):
-    return jnp.transpose(x.reshape(b, h, -1, x.shape[-1])[:, :, :t], (0, 2, 1, 3))
-
-
-def _gates(g, shape_bthk, t_pad, chunk):
-    """Log-gates -> within-chunk cumulative ``G`` [B*H, T_pad, K] fp32 (0 in the padding)."""
-    b, t, h, kd = shape_bthk
-    if g is None:
-        g = jnp.zeros((b, t, h, kd), F32)
-    g = jnp.maximum(g.astype(F32), LOG_DECAY_FLOOR)  # -inf (reset): finite cumsums, same values
-    if g.ndim == 3:
-        g = jnp.broadcast_to(g[..., None], (b, t, h, kd))
-    g = _to_bh(g, t_pad)
-    g = g.reshape(b * h, t_pad // chunk, chunk, kd)
-    return jnp.cumsum(g, axis=2).reshape(b * h, t_pad, kd)
-
-
-def _state_in(initial_state, b, h, kd, vd):
-    if initial_state is None:
-        return jnp.zeros((b * h, vd, kd), F32)
-    return jnp.swapaxes(initial_state.astype(F32), -1, -2).reshape(b * h, vd, kd)
-
-
-def _state_out(h_t, b, h, kd, vd):
-    return jnp.swapaxes(h_t[:, :vd, :kd].reshape(b, h, vd, kd), -1, -2)
-
-
-def _empty_result(initial_state, shape_bthk, vd, dtype, output_final_state):
-    """``B``, ``T``, ``H`` or ``V`` = 0 (nothing to launch): empty ``o`` and the initial state
-    (differentiable: its cotangent passes straight through) as the final state."""
-    b, t, h, kd = shape_bthk
-    o = jnp.zeros((b, t, h, vd), dtype)
-    if not output_final_state:
-        return o, None
-    if initial_state is None:
-        return o, jnp.zeros((b, h, kd, vd), F32)
-    return o, initial_state.astype(F32)
-
-
-def _feature_pad(target, *dims):
-    """Triton block shapes are powers of two (>= 16 for ``tl.dot``): on GPU, zero-pad K and V
-    (zero q/k/v channels, zero gate, zero state rows: the padded channels stay exactly 0)."""
-    if target != "gpu":
-        return dims
-    return tuple(max(16, 1 << (d - 1).bit_length()) for d in dims)
-
-
-def _pad_last(x, size, axis=-1, mode="constant"):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad, mode=mode) if size != x.shape[axis] else x
-
-
-def _padded_inputs(q, k, v, g, t_pad, chunk, dt, kp, vp):
-    """[B*H, T_pad, D] views, feature dims padded to (kp, vp). Gates pad by edge replication
-    so that scalar gates stay equal across K (the kernels rely on it); padded channels have
-    q = k = 0 and zero state rows, so their gate value is irrelevant."""
-    b, t, h, kd = q.shape
-    qb = _pad_last(_to_bh(q.astype(dt), t_pad), kp)
-    kb = _pad_last(_to_bh(k.astype(dt), t_pad), kp)
-    gb = _pad_last(_gates(g, (b, t, h, kd), t_pad, chunk), kp, mode="edge")
-    vb = _pad_last(_to_bh(v.astype(dt), t_pad), vp)
-    return qb, kb, vb, gb
+__all__ = ["chunk_gla", "chunk_delta_rule", "chunk_dplr_delta_rule"]
 
 
 # ----------------------------------------------------------------------------- public
@@ -241,6 +125,7 @@ def chunk_gla(
     initial_state: jax.Array | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    segment_ids: jax.Array | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -255,6 +140,10 @@ def chunk_gla(
       output_final_state: also return ``S_T`` ``[B, H, K, V]`` (fp32).
       chunk_size: chunk length ``C`` (a multiple of 16, else ``NotImplementedError``); any
         ``T`` is padded to a multiple of ``C``.
+      segment_ids: None or int ``[B, T]``: packed sequences. The state restarts from zero
+        wherever the id changes between ``t - 1`` and ``t``; ``initial_state`` is the first
+        segment's, the final state the last segment's. In-chunk pairs across segments are
+        masked (exact: no ``-inf`` gate); the ids are data, so moving them does not recompile.
 
     Returns ``(o [B, T, H, V] in the inputs' dtype, S_T or None)`` with
     ``S_t = exp(g_t)[:, None] * S_{t-1} + k_t^T v_t`` and ``o_t = scale * q_t S_t``.
@@ -263,6 +152,7 @@ def chunk_gla(
     if g is None:
         raise ValueError("g is required for chunk_gla (use zeros for plain linear attention)")
     b, t, h, kd = q.shape
+    _check_segments(segment_ids, b, t)
     vd = v.shape[-1]
     cfg = _config(t, kd, g, scale, chunk_size, interpret, backend)
     target = cfg.target
@@ -273,33 +163,10 @@ def chunk_gla(
     kp, vp = _feature_pad(target, kd, vd)
     qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
     h0 = _pad_last(_pad_last(_state_in(initial_state, b, h, kd, vd), kp), vp, axis=1)
-    o, h_t = ck.backbone(qb, kb, vb, None, gb, h0, cfg)
+    seg = _segments(segment_ids, h, t_pad, chunk_size)
+    o, h_t = ck.backbone(qb, kb, vb, None, gb, h0, seg, cfg)
     o = _from_bh(o[..., :vd], b, h, t)
     return o, (_state_out(h_t, b, h, kd, vd) if output_final_state else None)
-
-
-def _gate_kind(g):
-    return "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
-
-
-def _l2norm(x, eps=1e-6):
-    x32 = x.astype(F32)
-    return (x32 * lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def _config(t, kd, g, scale, chunk_size, interpret, backend) -> ck.Config:
-    """The static kernel configuration shared by chunk_gla and chunk_delta_rule."""
-    target, interp = _target(interpret, backend)
-    _check_chunk_for(target, chunk_size)
-    return ck.Config(
-        scale=float(1.0 / math.sqrt(kd) if scale is None else scale),
-        chunk=chunk_size,
-        sub=_SUB,
-        target=target,
-        interpret=interp,
-        t_real=t,
-        gate=_gate_kind(g),
-    )
 
 
 def chunk_delta_rule(
@@ -314,6 +181,7 @@ def chunk_delta_rule(
     output_final_state: bool = False,
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
+    segment_ids: jax.Array | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
@@ -326,6 +194,8 @@ def chunk_delta_rule(
       scale: default ``1/sqrt(K)``. initial_state: ``[B, H, K, V]`` or None.
       use_qk_l2norm: L2-normalize q and k over the head dim first.
       chunk_size: a multiple of 16; any ``T`` (padded steps have beta = 0, g = 0).
+      segment_ids: None or int ``[B, T]``: packed sequences, as in :func:`chunk_gla` (the UT
+        transform's system is block-diagonal by segment inside a chunk).
 
     Returns ``(o [B, T, H, V], S_T or None)`` with ``S'_t = exp(g_t) S_{t-1}``,
     ``S_t = S'_t + beta_t k_t^T (v_t - k_t S'_t)``, ``o_t = scale q_t S_t``.
@@ -335,6 +205,7 @@ def chunk_delta_rule(
     vd = v.shape[-1]
     if beta.shape != (b, t, h):
         raise ValueError(f"beta must be [B, T, H] = {(b, t, h)}; got {beta.shape}")
+    _check_segments(segment_ids, b, t)
     cfg = _config(t, kd, g, scale, chunk_size, interpret, backend)
     target = cfg.target
     dt = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -347,7 +218,91 @@ def chunk_delta_rule(
     qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
     h0 = _pad_last(_pad_last(_state_in(initial_state, b, h, kd, vd), kp), vp, axis=1)
     betab = _to_bh(beta.astype(F32)[..., None], t_pad)  # [BH, T, 1]; 0 on padded steps
-    u, w = ck.wy(kb, vb, betab, gb, cfg)
-    o, h_t = ck.backbone(qb, kb, u, w, gb, h0, cfg)
+    seg = _segments(segment_ids, h, t_pad, chunk_size)
+    u, w = ck.wy(kb, vb, betab, gb, seg, cfg)
+    o, h_t = ck.backbone(qb, kb, u, w, gb, h0, seg, cfg)
     o = _from_bh(o[..., :vd], b, h, t)
     return o, (_state_out(h_t, b, h, kd, vd) if output_final_state else None)
+
+
+def chunk_dplr_delta_rule(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    *,
+    g: jax.Array | None = None,
+    scale: float | None = None,
+    initial_state: jax.Array | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    segment_ids: jax.Array | None = None,
+    interpret: bool | None = None,
+    backend: str | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Chunked diagonal-plus-low-rank delta rule (RWKV-7's transition; Peng et al. 2025,
+    "RWKV-7 'Goose' with Expressive Dynamic State Evolution"; fla's ``dplr_delta_rule``).
+
+    ``S_t = (diag(exp g_t) + a_t^T b_t) S_{t-1} + k_t^T v_t``,  ``o_t = scale * q_t S_t``.
+
+    The UT transform generalised to ``a != b`` (``_chunk_dplr``) gives, per chunk, the reads
+    ``w_t = b_t S_{t-1}`` as ``u_t + Wk_t h_c``; the shared backbone then runs on the
+    interleaved sequence of ``2 T`` steps (key ``a_t`` with value ``w_t``, then key ``k_t``
+    with value ``v_t`` and query ``q_t``; both at the cumulative gate ``G_t``), chunk ``2 C``.
+
+    Args:
+      q, k, a, b: ``[B, T, H, K]``; v: ``[B, T, H, V]``.
+      g: None (no decay), ``[B, T, H]`` or ``[B, T, H, K]`` log-decay ``<= 0`` (``-inf``:
+        full reset; a concrete entry > 0 or NaN raises ``ValueError``).
+      scale: default ``1/sqrt(K)``. initial_state: ``[B, H, K, V]`` or None.
+      chunk_size: a multiple of 16 (GPU: a power of two); any ``T``.
+      segment_ids: None or int ``[B, T]``: packed sequences, as in :func:`chunk_gla`.
+
+    Returns ``(o [B, T, H, V] in the inputs' dtype, S_T [B, H, K, V] fp32 or None)``.
+    Differentiable in q, k, v, a, b, g and ``initial_state``. Stability is the caller's (the
+    transition's spectrum must stay in the unit disc).
+    """
+    _check(q, k, v, g, initial_state, chunk_size)
+    bsz, t, h, kd = q.shape
+    vd = v.shape[-1]
+    for name, x in (("a", a), ("b", b)):
+        if getattr(x, "shape", None) != (bsz, t, h, kd):
+            raise ValueError(f"{name} must be [B, T, H, K] = {(bsz, t, h, kd)}; got "
+                             f"{getattr(x, 'shape', None)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be floating point; got {x.dtype}")
+    _check_segments(segment_ids, bsz, t)
+    cfg = _config(t, kd, g, scale, chunk_size, interpret, backend)
+    dt = jnp.result_type(q.dtype, k.dtype, v.dtype, a.dtype, b.dtype)
+    if 0 in (bsz, t, h, vd):
+        return _empty_result(initial_state, q.shape, vd, dt, output_final_state)
+    t_pad = -(-t // chunk_size) * chunk_size
+    kp, vp = _feature_pad(cfg.target, kd, vd)
+    qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
+    ab = _pad_last(_to_bh(a.astype(dt), t_pad), kp)
+    bb = _pad_last(_to_bh(b.astype(dt), t_pad), kp)
+    # Exclusive cumulative gate G_{t-1} (0 on each chunk's first row): layout glue.
+    gc = gb.reshape(bsz * h, t_pad // chunk_size, chunk_size, kp)
+    gx = jnp.concatenate([jnp.zeros_like(gc[:, :, :1]), gc[:, :, :-1]], axis=2)
+    gx = gx.reshape(gb.shape)
+    h0 = _pad_last(_pad_last(_state_in(initial_state, bsz, h, kd, vd), kp), vp, axis=1)
+    seg = _segments(segment_ids, h, t_pad, chunk_size)
+    u, w = dplr_wy(ab, bb, kb, vb, gb, gx, seg, cfg)
+
+    def interleave(x, y):  # [BH, T, D] x2 -> [BH, 2T, D]: x on even, y on odd steps
+        return jnp.stack([x, y], axis=2).reshape(x.shape[0], 2 * x.shape[1], x.shape[2])
+
+    cfg2 = dataclasses.replace(cfg, chunk=2 * chunk_size, t_real=2 * t)
+    o, h_t = ck.backbone(
+        interleave(jnp.zeros_like(qb), qb),
+        interleave(ab, kb),
+        interleave(u, vb),
+        interleave(w, jnp.zeros_like(w)),
+        interleave(gb, gb),
+        h0,
+        None if seg is None else interleave(seg, seg),
+        cfg2,
+    )
+    o = _from_bh(o[:, 1::2, :vd], bsz, h, t)
+    return o, (_state_out(h_t, bsz, h, kd, vd) if output_final_state else None)

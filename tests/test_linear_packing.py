@@ -193,10 +193,6 @@ def test_one_segment_is_no_segments():
 def test_unsupported_combinations_raise():
     x, S0 = inputs(6, "channel")
     seg = jnp.asarray(SEGMENTS)
-    with pytest.raises(NotImplementedError, match="segment_ids"):
-        L.gla(x["q"], x["k"], x["v"], x["g"], segment_ids=seg, implementation="pallas")
-    with pytest.raises(NotImplementedError, match="segment_ids"):
-        L.delta_rule(x["q"], x["k"], x["v"], x["beta"], segment_ids=seg, implementation="pallas")
     with pytest.raises(NotImplementedError, match="context_axis"):
         L.gla(x["q"], x["k"], x["v"], x["g"], segment_ids=seg, context_axis="context")
     with pytest.raises(NotImplementedError, match="causal=True"):

@@ -19,8 +19,11 @@ GPU/TPU when available, else chunk.
 * Decoding: :func:`gla_step`, :func:`delta_rule_step`, :func:`dplr_delta_rule_step`,
   :func:`linear_attention_step`.
 * Packed sequences: ``segment_ids [B, T]`` on :func:`gla`, :func:`delta_rule`,
-  :func:`dplr_delta_rule` and (causal) :func:`linear_attention` restarts the state at each
-  change of id (reference, recurrent and chunk forms; Pallas raises / falls back).
+  :func:`dplr_delta_rule`, :func:`delta_product` and (causal) :func:`linear_attention`
+  restarts the state at each change of id, in every implementation (the Pallas kernels mask
+  in-chunk pairs across segments). ``cu_seqlens [N + 1]`` (flash-linear-attention's offsets,
+  ``B = 1``) on the same functions but ``delta_product`` adds per-document initial / final
+  states ``[N, H, K, V]`` (:mod:`jattn.linear._packing`).
 * Context parallelism: ``context_axis=`` on :func:`gla`, :func:`delta_rule` and
   :func:`linear_attention` splits T over a mesh axis (:mod:`jattn.linear.context_parallel`).
 """

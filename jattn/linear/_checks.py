@@ -213,36 +213,18 @@ def no_segments_with_context(segment_ids: Any, context_axis: Any) -> None:
         )
 
 
-def pallas_segments(explicit: bool, segment_ids: Any, name: str) -> bool:
-    """True when the Pallas path must be skipped for ``segment_ids`` (None falls back to the
-    chunk form); raise NotImplementedError when Pallas was asked for explicitly."""
-    if segment_ids is None:
-        return False
-    if explicit:
-        raise NotImplementedError(
-            f"implementation='pallas': pallas_kernels.{name} has no segment_ids (its chunk "
-            "loop carries one state per sequence); use implementation='chunk' or None"
-        )
-    return True
-
-
 def dispatch(
     implementation: str | None,
-    kernel: str,
-    segment_ids: Any,
     call_kernel: Callable[[bool], Any],
     call_xla: Callable[[str], Any],
 ) -> Any:
-    """Run the Pallas kernel ``kernel`` when ``implementation`` picks it and it can serve,
-    else the XLA form.
+    """Run the Pallas kernel when ``implementation`` picks it and it can serve, else the XLA
+    form.
 
     ``call_kernel(explicit)`` calls :func:`call_pallas` (None means: fall back);
-    ``call_xla(impl)`` runs ``impl`` in ``{"chunk", "recurrent", ...}``. Segments the kernel
-    cannot take fall back to ``"chunk"`` (or raise when Pallas was asked for explicitly).
+    ``call_xla(impl)`` runs ``impl`` in ``{"chunk", "recurrent", ...}``.
     """
     impl = pick(implementation)
-    if impl in ("pallas", "pallas?") and pallas_segments(impl == "pallas", segment_ids, kernel):
-        impl = "chunk"
     if impl in ("pallas", "pallas?"):
         res = call_kernel(impl == "pallas")
         if res is not None:

@@ -6,7 +6,7 @@ from functools import partial
 
 import jax
 
-from jattn.linear import _checks
+from jattn.linear import _checks, _packing
 from jattn.linear.chunk import chunk_recurrence, segment_starts
 from jattn.linear.recurrent import L2NORM_EPS, delta_rule_recurrent, l2norm
 from jattn.linear.reference import delta_rule_reference
@@ -43,6 +43,7 @@ def delta_rule(
     implementation: str | None = None,
     context_axis: str | tuple[str, ...] | None = None,
     segment_ids: jax.Array | None = None,
+    cu_seqlens: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Linear attention with the (gated) delta-rule state update.
 
@@ -86,7 +87,10 @@ def delta_rule(
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
       segment_ids: None or int ``[B, T]``: packed sequences, as in :func:`jattn.linear.gla`
         (the state restarts at each change of id; ``initial_state`` is the first segment's,
-        the final state the last's; not with ``context_axis`` or ``"pallas"``).
+        the final state the last's; every implementation, not with ``context_axis``).
+      cu_seqlens: None or int ``[N + 1]`` document offsets (``B = 1``): packed documents
+        with per-document ``initial_state`` / final state ``[N, H, K, V]``, as in
+        :func:`jattn.linear.gla`.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -98,11 +102,29 @@ def delta_rule(
     _checks.warn_if_unstable(k, beta, L2NORM_EPS if use_qk_l2norm else None)
     if g is not None:
         _checks.check_gate("g", g, B, T, H, K)
+    dtype = _checks.out_dtype(q, k, v)
+    use_qk_l2norm = bool(use_qk_l2norm)
+    if cu_seqlens is not None:
+        chunk_size, scale = _packing.check_packed_run(
+            cu_seqlens, (B, T, H, K, V), initial_state, segment_ids, chunk_size,
+            implementation, scale, context_axis)
+        if use_qk_l2norm:  # before the inserted state tokens (exact unit keys / queries)
+            q, k = l2norm(q).astype(q.dtype), l2norm(k).astype(k.dtype)
+
+        def call(xs, seg):
+            return delta_rule(xs["q"], xs["k"], xs["v"], xs["beta"], g=xs["g"], scale=scale,
+                              chunk_size=chunk_size, implementation=implementation,
+                              segment_ids=seg)[0]
+
+        o, S = _packing.run_documents(
+            call, dict(q=q, k=k, v=v, beta=beta, g=g),
+            dict(q="query", k="key", v="value", beta="beta", g="zero"), cu_seqlens,
+            key_dim=K, initial_state=initial_state, output_final_state=output_final_state,
+            scale=scale)
+        return o.astype(dtype), S
     chunk_size, scale = _checks.check_run_options(
         (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
         context_axis)
-    dtype = _checks.out_dtype(q, k, v)
-    use_qk_l2norm = bool(use_qk_l2norm)
     if context_axis is not None:
         from jattn.linear.context_parallel import delta_rule_context_parallel
 
@@ -117,10 +139,10 @@ def delta_rule(
         return _checks.call_pallas(
             "chunk_delta_rule", explicit, qn, kn, v, beta, g=g, scale=scale,
             initial_state=initial_state, output_final_state=output_final_state,
-            chunk_size=chunk_size)
+            chunk_size=chunk_size, segment_ids=segment_ids)
 
     o, S = _checks.dispatch(
-        implementation, "chunk_delta_rule", segment_ids, call_kernel,
+        implementation, call_kernel,
         lambda impl: _delta_xla(q, k, v, beta, g, initial_state, segment_ids, impl=impl,
                                 scale=scale, chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm),
     )

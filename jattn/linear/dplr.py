@@ -6,7 +6,7 @@ from functools import partial
 
 import jax
 
-from jattn.linear import _checks
+from jattn.linear import _checks, _packing
 from jattn.linear.chunk import chunk_recurrence, segment_starts
 from jattn.linear.recurrent import dplr_recurrent
 from jattn.linear.reference import dplr_reference
@@ -50,6 +50,7 @@ def dplr_delta_rule(
     chunk_size: int = 64,
     segment_ids: jax.Array | None = None,
     implementation: str | None = None,
+    cu_seqlens: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Linear attention with a diagonal-plus-low-rank state transition.
 
@@ -90,12 +91,14 @@ def dplr_delta_rule(
       scale: default ``1 / sqrt(K)``. initial_state: ``[B, H, K, V]`` or None.
       output_final_state: also return the final state. chunk_size: chunk length.
       segment_ids: None or int ``[B, T]`` (see above).
+      cu_seqlens: None or int ``[N + 1]`` document offsets (``B = 1``): packed documents
+        with per-document ``initial_state`` / final state ``[N, H, K, V]``, as in
+        :func:`jattn.linear.gla`.
       implementation: ``"reference"`` (scan over time), ``"recurrent"`` (scan of
-        :func:`dplr_delta_rule_step`), ``"chunk"`` / ``"xla"``, None (chunk). ``"pallas"``
-        raises ``NotImplementedError``: the Pallas delta kernel
-        (``pallas_kernels.chunk_delta_rule``) solves the symmetric ``a = -beta k, b = k``
-        system with a single key tensor; DPLR needs two extra ``[C, C]`` score matrices with
-        the exclusive gate and a second write in its state update, which is a new kernel.
+        :func:`dplr_delta_rule_step`), ``"chunk"`` / ``"xla"``, ``"pallas"``
+        (``pallas_kernels.chunk_dplr_delta_rule``: the same UT transform as Pallas kernels,
+        then the shared Pallas backbone on the interleaved ``a``/``k`` writes), or None:
+        Pallas on GPU/TPU when it can serve the call, else chunk.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -108,29 +111,32 @@ def dplr_delta_rule(
             raise ValueError(f"{name} must have shape [B, T, H, K] = {(B, T, H, K)}, got {x.shape}")
     if g is not None:
         _checks.check_gate("g", g, B, T, H, K)
+    dtype = _checks.out_dtype(q, k, v, a, b)
+    if cu_seqlens is not None:
+        chunk_size, scale = _packing.check_packed_run(
+            cu_seqlens, (B, T, H, K, V), initial_state, segment_ids, chunk_size,
+            implementation, scale)
+
+        def call(xs, seg):
+            return dplr_delta_rule(xs["q"], xs["k"], xs["v"], xs["a"], xs["b"], g=xs["g"],
+                                   scale=scale, chunk_size=chunk_size, segment_ids=seg,
+                                   implementation=implementation)[0]
+
+        o, S = _packing.run_documents(
+            call, dict(q=q, k=k, v=v, a=a, b=b, g=g),
+            dict(q="query", k="key", v="value", a="zero", b="zero", g="zero"), cu_seqlens,
+            key_dim=K, initial_state=initial_state, output_final_state=output_final_state,
+            scale=scale)
+        return o.astype(dtype), S
     chunk_size, scale = _checks.check_run_options(
         (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale)
-    dtype = _checks.out_dtype(q, k, v, a, b)
-    impl = _checks.pick(implementation)
-    if impl == "pallas":
-        raise NotImplementedError(
-            "implementation='pallas': dplr_delta_rule has no Pallas kernel (the delta kernel "
-            "handles only a = -beta k, b = k; DPLR needs the a != b solve and a second state "
-            "write); use implementation='chunk' or None"
-        )
-    if impl == "pallas?":
-        impl = "chunk"
-    o, S = _dplr_xla(
-        q,
-        k,
-        v,
-        a,
-        b,
-        g,
-        initial_state,
-        segment_ids,
-        impl=impl,
-        scale=scale,
-        chunk_size=chunk_size,
+    o, S = _checks.dispatch(
+        implementation,
+        lambda explicit: _checks.call_pallas(
+            "chunk_dplr_delta_rule", explicit, q, k, v, a, b, g=g, scale=scale,
+            initial_state=initial_state, output_final_state=output_final_state,
+            chunk_size=chunk_size, segment_ids=segment_ids),
+        lambda impl: _dplr_xla(q, k, v, a, b, g, initial_state, segment_ids, impl=impl,
+                               scale=scale, chunk_size=chunk_size),
     )
     return o.astype(dtype), (S if output_final_state else None)

@@ -8,7 +8,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jattn.linear import _checks
+from jattn.linear import _checks, _packing
 from jattn.linear.chunk import chunk_recurrence, segment_starts
 from jattn.linear.recurrent import gla_recurrent
 from jattn.linear.reference import gla_reference
@@ -40,6 +40,7 @@ def gla(
     implementation: str | None = None,
     context_axis: str | tuple[str, ...] | None = None,
     segment_ids: jax.Array | None = None,
+    cu_seqlens: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Gated linear attention with a data-dependent (or constant) decay in log space.
 
@@ -76,9 +77,14 @@ def gla(
       segment_ids: None or int ``[B, T]``: packed sequences. The state restarts from zero
         wherever the id changes between ``t - 1`` and ``t`` (equal to running each segment
         separately; boundaries are data, so moving them does not recompile).
-        ``initial_state`` is the first segment's, the final state the last segment's. Not
-        with ``context_axis`` or ``implementation="pallas"`` (NotImplementedError; None
-        falls back to the chunk form).
+        ``initial_state`` is the first segment's, the final state the last segment's. Every
+        implementation takes it (Pallas: masked in the chunk kernels); not with
+        ``context_axis`` (NotImplementedError).
+      cu_seqlens: None or int ``[N + 1]`` document offsets (flash-linear-attention's
+        convention; ``B = 1``; start 0, nondecreasing, end ``T``, checked when concrete):
+        packed documents, each run from its own state. ``initial_state`` and the final state
+        are then per document, ``[N, H, K, V]``. A traced array: moving the boundaries does
+        not recompile. See :mod:`jattn.linear._packing`. Not with ``segment_ids``.
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] fp32 or None)``.
@@ -87,10 +93,24 @@ def gla(
     """
     B, T, H, K, V = _checks.check_qkv(q, k, v)
     _checks.check_gate("g", g, B, T, H, K)
+    dtype = _checks.out_dtype(q, k, v)
+    if cu_seqlens is not None:
+        chunk_size, scale = _packing.check_packed_run(
+            cu_seqlens, (B, T, H, K, V), initial_state, segment_ids, chunk_size,
+            implementation, scale, context_axis)
+
+        def call(xs, seg):
+            return gla(xs["q"], xs["k"], xs["v"], xs["g"], scale=scale, chunk_size=chunk_size,
+                       implementation=implementation, segment_ids=seg)[0]
+
+        o, S = _packing.run_documents(
+            call, dict(q=q, k=k, v=v, g=g), dict(q="query", k="key", v="value", g="zero"),
+            cu_seqlens, key_dim=K, initial_state=initial_state,
+            output_final_state=output_final_state, scale=scale)
+        return o.astype(dtype), S
     chunk_size, scale = _checks.check_run_options(
         (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
         context_axis)
-    dtype = _checks.out_dtype(q, k, v)
     if context_axis is not None:
         from jattn.linear.context_parallel import gla_context_parallel
 
@@ -100,10 +120,11 @@ def gla(
         return o.astype(dtype), S
 
     o, S = _checks.dispatch(
-        implementation, "chunk_gla", segment_ids,
+        implementation,
         lambda explicit: _checks.call_pallas(
             "chunk_gla", explicit, q, k, v, g, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, chunk_size=chunk_size),
+            output_final_state=output_final_state, chunk_size=chunk_size,
+            segment_ids=segment_ids),
         lambda impl: _gla_xla(q, k, v, g, initial_state, segment_ids, impl=impl, scale=scale,
                               chunk_size=chunk_size),
     )

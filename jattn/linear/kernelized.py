@@ -8,9 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jattn.linear import _checks
+from jattn.linear import _checks, _packing
 from jattn.linear.chunk import chunk_recurrence, segment_starts
 from jattn.linear.feature_maps import resolve_feature_map
+from jattn.linear.gla import gla
 from jattn.linear.recurrent import (
     LinearAttentionState,
     check_linear_state,
@@ -103,6 +104,7 @@ def linear_attention(
     chunk_size: int = 64,
     context_axis: str | tuple[str, ...] | None = None,
     segment_ids: jax.Array | None = None,
+    cu_seqlens: jax.Array | None = None,
 ) -> tuple[jax.Array, LinearAttentionState | None]:
     """Kernelized linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
 
@@ -132,7 +134,11 @@ def linear_attention(
         context parallelism, see :mod:`jattn.linear.context_parallel`. Same result.
       segment_ids: None or int ``[B, T]`` (``causal=True`` only): packed sequences, as in
         :func:`jattn.linear.gla`; ``kv`` and ``z`` restart at each change of id. Not with
-        ``context_axis`` or ``"pallas"``.
+        ``context_axis``.
+      cu_seqlens: None or int ``[N + 1]`` document offsets (``B = 1``, ``causal=True``):
+        packed documents with a per-document ``initial_state`` and final state
+        (``kv [N, H, F, V]``, ``z [N, H, F]``), as in :func:`jattn.linear.gla` (it runs as
+        ``gla`` with a zero gate on the features, a ones column of ``v`` carrying ``z``).
 
     Returns:
       ``(o [B, T, H, V] in the inputs' dtype, LinearAttentionState (fp32) or None)``. A zero
@@ -156,6 +162,10 @@ def linear_attention(
             f"feature_map must map [B, T, H, D] = {q.shape} to [B, T, H, F], got {fq.shape}"
         )
     F = fq.shape[-1]
+    if cu_seqlens is not None:
+        return _linear_documents(fq, fk, v, initial_state, cu_seqlens, segment_ids, causal,
+                                 normalize, scale, implementation, output_final_state,
+                                 chunk_size, context_axis, dtype)
     state = check_linear_state("initial_state", initial_state, B, H, F, V)
     if context_axis is not None:
         from jattn.linear.context_parallel import linear_attention_context_parallel
@@ -166,10 +176,6 @@ def linear_attention(
         return o.astype(dtype), (LinearAttentionState(kv, z) if output_final_state else None)
 
     impl = _checks.pick(implementation)
-    if impl in ("pallas", "pallas?") and _checks.pallas_segments(
-        impl == "pallas", segment_ids, "chunk_gla"
-    ):
-        impl = "chunk"
     if impl in ("pallas", "pallas?"):
         explicit = impl == "pallas"
         res = None
@@ -195,6 +201,7 @@ def linear_attention(
                 initial_state=S0,
                 output_final_state=True,
                 chunk_size=chunk_size,
+                segment_ids=segment_ids,
             )
         if res is not None:
             o_aug, S = res
@@ -221,6 +228,30 @@ def linear_attention(
         chunk_size=chunk_size,
     )
     return o.astype(dtype), (LinearAttentionState(kv, z) if output_final_state else None)
+
+
+def _linear_documents(fq, fk, v, initial_state, cu_seqlens, segment_ids, causal, normalize,
+                      scale, implementation, output_final_state, chunk_size, context_axis,
+                      dtype):
+    """``linear_attention`` with ``cu_seqlens``: gla on the features with a zero gate and a
+    ones column appended to ``v`` (its state column is ``z``), per-document states."""
+    B, T, H, F = fq.shape
+    V = v.shape[-1]
+    n_docs = _packing.check_cu_seqlens(cu_seqlens, B, T, segment_ids, context_axis)
+    if not causal:
+        raise NotImplementedError("linear_attention: cu_seqlens needs causal=True")
+    S0 = None
+    if initial_state is not None:
+        state = check_linear_state("initial_state", initial_state, n_docs, H, F, V)
+        S0 = jnp.concatenate([state.kv, state.z[..., None]], axis=-1)
+    v_aug = jnp.concatenate([v.astype(jnp.float32), jnp.ones((B, T, H, 1), jnp.float32)], -1)
+    o_aug, S = gla(fq, fk, v_aug, jnp.zeros((B, T, H), jnp.float32), scale=1.0,
+                   initial_state=S0, output_final_state=output_final_state,
+                   chunk_size=chunk_size, implementation=implementation, cu_seqlens=cu_seqlens)
+    o_aug = o_aug.astype(jnp.float32)
+    o = _ratio(o_aug[..., :V], o_aug[..., V], normalize, scale)
+    final = LinearAttentionState(S[..., :V], S[..., V]) if output_final_state else None
+    return o.astype(dtype), final
 
 
 def efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
