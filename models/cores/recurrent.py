@@ -67,7 +67,7 @@ class RecurrentCore(Core):
         ``cfg.context_axis``; only passed when set) splits the sequence over that mesh axis."""
         raise NotImplementedError
 
-    def __call__(self, inp: CoreInputs, intermediates: dict | None = None) -> jax.Array:
+    def __call__(self, inp: CoreInputs) -> jax.Array:
         # the keyword only when set: subclasses' recur may predate context parallelism
         split = {} if self.cfg.context_axis is None else {"context_axis": self.cfg.context_axis}
         o, _ = self.recur(inp, None, False, **split)
