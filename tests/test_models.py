@@ -35,6 +35,7 @@ from models import (
     vit_config,
 )
 from models.intermediates import group_by_layer
+from tests.testing import forward_and_decoded
 
 ALL = [("linear:elu1" if m == "linear" else m) for m in mechanism_names()]
 DECODER_MECHS = ALL + ["linear:hedgehog", "sliding_window:3", "strided:2"]
@@ -144,22 +145,6 @@ def test_reference_and_xla_vit_neighborhood():
     assert_close(_forward(xla, images), _forward(ref, images), rtol=1e-5, name="vit logits")
 
 
-def _decode_all(model, tokens, prompt_len, policy=CachePolicy()):  # noqa: B008
-    """Logits [B, T, V]: prefill the first ``prompt_len`` tokens, then one token per step."""
-    b, t = tokens.shape
-    graphdef, state = nnx.split(model)
-    step = jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i, policy))
-    cache = model.init_cache(b, t, policy)
-    out = []
-    if prompt_len:
-        logits, cache = step(state, tokens[:, :prompt_len], cache, jnp.int32(0))
-        out.append(logits)
-    for i in range(prompt_len, t):
-        logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
-        out.append(logits)
-    return jnp.concatenate(out, axis=1)
-
-
 DECODE_STACKS = {
     "softmax": dict(layer_pattern="A", num_layers=2, num_kv_heads=1, positions="rope"),
     "linear": dict(layer_pattern="L", num_layers=2, positions="none"),
@@ -174,14 +159,12 @@ def test_cached_decoding_matches_the_forward(stack):
     cfg = DecoderConfig(**TINY, **DECODE_STACKS[stack])
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(5), (2, 11), 0, cfg.vocab_size)
-    forward = _jit_forward(model)
-    full = forward(tokens)
-    got = _decode_all(model, tokens, prompt_len=5)
+    full, got = forward_and_decoded(model, tokens, prompt_len=5)
     assert_close(got, full, rtol=1e-4, name=f"{stack}: decoded logits")
     if stack == "hybrid":  # generate (jitted prefill + scan) is greedy argmax of the forward
         out = model.generate(tokens[:, :5], 6)
         np.testing.assert_array_equal(out[:, :5], tokens[:, :5])
-        np.testing.assert_array_equal(out[:, 5:], jnp.argmax(forward(out)[:, 4:-1], axis=-1))
+        np.testing.assert_array_equal(out[:, 5:], jnp.argmax(_forward(model, out)[:, 4:-1], -1))
     kinds = {mechanism_kind(cfg.layer_mechanism(i)) for i in range(cfg.num_layers)}
     assert kinds == {"softmax": {"softmax"}, "linear": {"recurrent"},
                      "hybrid": {"softmax", "recurrent", "hybrid"}}[stack]
@@ -197,7 +180,7 @@ def test_streaming_cache_is_sink_plus_recent_window():
                      rngs=nnx.Rngs(0))
     model = Decoder(DecoderConfig(**cfg), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (2, t), 0, 32)
-    got = _decode_all(model, tokens, 0, CachePolicy("streaming", n_sink, window))
+    _, got = forward_and_decoded(model, tokens, 0, CachePolicy("streaming", n_sink, window))
     assert_close(got, _forward(masked, tokens), rtol=1e-5, name="streaming decode")
 
 
