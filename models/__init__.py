@@ -4,8 +4,9 @@ sharding.
 
 * :class:`AttentionBlock` / :class:`AttentionConfig`: ``mechanism="softmax" | "sigmoid" | "relu"
   | "sinks" | "gated" | "clipped_softmax" | "moh" | "linear:<feature_map>" | "gla" | "retnet" |
-  "deltanet" | "gated_deltanet" | "kda" | "based"`` or a mask pattern (``"sliding_window:64"``,
-  ``"chunked:16"``, ``"strided:4"``, ``"neighborhood:3"``, ``"window:4"``);
+  "deltanet" | "gated_deltanet" | "kda" | "based" | "agent" | "flowformer" | ...`` or a mask
+  pattern (``"sliding_window:64"``, ``"chunked:16"``, ``"strided:4"``, ``"neighborhood:3"``,
+  ``"window:4"``);
   :func:`register_mechanism` adds one.
 * :class:`ViT` (:func:`vit_config` ``("S/16", num_classes=10, image_size=32)``).
 * :class:`Decoder` (:class:`DecoderConfig`, ``layer_pattern="LLLA"``), ``Decoder.generate``.

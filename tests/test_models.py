@@ -35,10 +35,12 @@ from models import (
     vit_config,
 )
 from models.intermediates import group_by_layer
+from models.registry import MECHANISMS
 from tests.testing import forward_and_decoded
 
 ALL = [("linear:elu1" if m == "linear" else m) for m in mechanism_names()]
-DECODER_MECHS = ALL + ["linear:hedgehog", "sliding_window:3", "strided:2"]
+CAUSAL = [m for m in ALL if getattr(MECHANISMS[m.split(":")[0]], "has_causal_form", True)]
+DECODER_MECHS = CAUSAL + ["linear:hedgehog", "sliding_window:3", "strided:2"]
 VIT_MECHS = ALL + ["neighborhood:2", "window:2"]
 TINY = dict(vocab_size=32, d_model=16, num_heads=2, mlp_dim=32)
 

@@ -83,6 +83,9 @@ class Core(nnx.Module):
 
     ``state_size(seq_len)``: floats per sequence that decoding keeps after ``seq_len`` tokens.
 
+    ``has_causal_form``: False for a non-causal-only core (agent attention): a causal
+    ``AttentionConfig`` (a decoder's) is refused by :func:`models.registry.check_mechanism`.
+
     ``context_parallel``: True when ``__call__`` honours ``cfg.context_axis`` (the sequence
     split over that mesh axis, same result); :func:`models.registry.check_mechanism` refuses a
     ``context_axis`` for a core that leaves it False (the default, so a new core opts in).
@@ -91,6 +94,7 @@ class Core(nnx.Module):
     kind: ClassVar[str] = "softmax"
     Options: ClassVar[type] = NoOptions
     context_parallel: ClassVar[bool] = False
+    has_causal_form: ClassVar[bool] = True
 
     def __init__(self, cfg: AttentionConfig, mask: masks.Mask | None):
         self.cfg = cfg
