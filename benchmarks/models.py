@@ -41,7 +41,7 @@ class FlaxAttention(nnx.Module):
                                           qkv_features=d_model, out_features=d_model,
                                           use_bias=False, decode=False, rngs=rngs)
 
-    def __call__(self, x, *, positions=None, intermediates=None):
+    def __call__(self, x, *, positions=None):
         mask = nnx.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
         return self.mha(x, mask=mask)
 

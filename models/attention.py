@@ -8,7 +8,7 @@ RoPE or ALiBi applied inside softmax-family cores. The core comes from
     block = AttentionBlock(AttentionConfig(d_model=64, num_heads=4, mechanism="gated",
                                            position="rope"), rngs=nnx.Rngs(0))
     y = block(x)                                   # [B, T, D]
-    inter = {}; y = block(x, intermediates=inter)  # + attention weights, values
+    y, inter = models.capture_intermediates(block, x)  # + attention weights, values
 
 Decoding: ``cache = block.init_cache(B, max_len)``, then
 ``y, cache = block.decode(x_new, cache, index)`` for ``x_new [B, Tq, D]`` at absolute positions
@@ -23,6 +23,7 @@ from flax import nnx
 
 from models.config import AttentionConfig
 from models.cores.base import CoreInputs
+from models.intermediates import record
 from models.kv_cache import CachePolicy
 from models.layers import Dense, RMSNorm
 from models.registry import build_core, check_mechanism
@@ -66,19 +67,17 @@ class AttentionBlock(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return CoreInputs(x, q, k, v, positions)
 
-    def __call__(self, x: jax.Array, *, positions: jax.Array | None = None,
-                 intermediates: dict | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, positions: jax.Array | None = None) -> jax.Array:
         """``x [B, T, D] -> [B, T, D]``; ``positions`` ``[T]`` / ``[B, T]`` (default
-        ``arange(T)``). Pass a dict as ``intermediates`` to receive ``attention_weights``
-        ``[B, Hq, T, T]`` (softmax-family cores), ``values [B, T, Hkv, Dh]`` and
-        ``value_norms [B, T, Hkv]``."""
+        ``arange(T)``). Records ``values [B, T, Hkv, Dh]`` and ``value_norms [B, T, Hkv]`` (and
+        the core its own, e.g. ``attention_weights [B, Hq, T, T]``) for
+        :func:`models.capture_intermediates`."""
         if positions is None:
             positions = jnp.arange(x.shape[1], dtype=jnp.int32)
         inp = self._inputs(x, positions)
-        o = self.core(inp, intermediates)
-        if intermediates is not None:
-            intermediates["values"] = inp.v
-            intermediates["value_norms"] = jnp.linalg.norm(inp.v.astype(jnp.float32), axis=-1)
+        o = self.core(inp)
+        record(self, "values", inp.v)
+        record(self, "value_norms", lambda: jnp.linalg.norm(inp.v.astype(jnp.float32), axis=-1))
         return self.o_proj(o)
 
     def init_cache(self, batch: int, max_len: int,

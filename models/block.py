@@ -13,6 +13,7 @@ from flax import nnx
 
 from models.attention import AttentionBlock
 from models.config import AttentionConfig
+from models.intermediates import record
 from models.kv_cache import CachePolicy
 from models.layers import MLP, make_norm
 from models.sharding import constrain
@@ -36,16 +37,13 @@ class TransformerBlock(nnx.Module):
             self.mlp = MLP(d, mlp_dim or 4 * d, mlp, use_bias=use_bias,
                            init_scale_out=out_init_scale, rngs=rngs)
 
-    def __call__(self, h: jax.Array, *, positions: jax.Array | None = None,
-                 intermediates: dict | None = None) -> jax.Array:
-        """``h [B, T, D] -> [B, T, D]``. With ``intermediates`` (a dict), also records the
-        attention's tensors and ``residual_norms [B, T]`` (``||h||`` after this layer)."""
-        h = h + self.attn(self.attn_norm(h), positions=positions,
-                          intermediates=intermediates).astype(h.dtype)
+    def __call__(self, h: jax.Array, *, positions: jax.Array | None = None) -> jax.Array:
+        """``h [B, T, D] -> [B, T, D]``. Records ``residual_norms [B, T]`` (``||h||`` after
+        this layer) for :func:`models.capture_intermediates`."""
+        h = h + self.attn(self.attn_norm(h), positions=positions).astype(h.dtype)
         if self.mlp is not None:
             h = h + self.mlp(self.mlp_norm(h)).astype(h.dtype)
-        if intermediates is not None:
-            intermediates["residual_norms"] = jnp.linalg.norm(h.astype(jnp.float32), axis=-1)
+        record(self, "residual_norms", lambda: jnp.linalg.norm(h.astype(jnp.float32), axis=-1))
         # The residual stream between blocks: rows over data x fsdp, the sequence over context,
         # the width whole. Pins XLA's propagation so a block's weights are gathered (FSDP) and
         # its activations are not (and tensor-parallel partial sums are reduced here).

@@ -46,6 +46,7 @@ from flax import nnx
 from models.block import TransformerBlock
 from models.config import AttentionConfig, check_context_fields
 from models.cores.base import AuxLoss
+from models.intermediates import capture_intermediates, record
 from models.kv_cache import CachePolicy
 from models.layers import MLPS, NORMS, Dense, Embed, make_norm
 from models.registry import check_mechanism, mechanism_kind, option_names
@@ -303,11 +304,13 @@ class Decoder(nnx.Module):
         the output head (``O(T V d)``, the dominant cost at a large vocabulary) then runs on
         ``K`` positions per row, e.g. the labelled positions of a sparse-loss task.
 
-        With ``return_intermediates=True`` returns ``(logits, intermediates)``:
-        ``intermediates["layers"][i]`` holds layer i's ``attention_weights [B, Hq, T, T]``
-        (softmax-family layers), ``values [B, T, Hkv, Dh]``, ``value_norms [B, T, Hkv]`` and
-        ``residual_norms [B, T]``; ``intermediates["embedding_norms"]`` is ``[B, T]``.
+        Analysis tensors (attention weights, value and residual norms) are recorded for
+        :func:`models.capture_intermediates`; ``return_intermediates=True`` is the same as
+        ``capture_intermediates(self, inputs, ...)`` and returns ``(logits, intermediates)``.
         """
+        if return_intermediates:
+            return capture_intermediates(self, inputs, positions=positions, last_only=last_only,
+                                         gather=gather)
         t = inputs.shape[1]
         self.check_context_length(t)
         if positions is None:
@@ -318,13 +321,9 @@ class Decoder(nnx.Module):
             check_ids(positions, self.cfg.max_len, "positions",
                       "the learned position table's DecoderConfig.max_len")
         h = self._embed(inputs, positions)
-        inter = {"embedding_norms": jnp.linalg.norm(h.astype(jnp.float32), axis=-1),
-                 "layers": []} if return_intermediates else None
+        record(self, "embedding_norms", lambda: jnp.linalg.norm(h.astype(jnp.float32), axis=-1))
         for layer in self.layers:
-            li = {} if return_intermediates else None
-            h = layer(h, positions=positions, intermediates=li)
-            if return_intermediates:
-                inter["layers"].append(li)
+            h = layer(h, positions=positions)
         if last_only and gather is not None:
             raise ValueError("pass at most one of last_only and gather")
         if last_only:
@@ -334,7 +333,7 @@ class Decoder(nnx.Module):
                 raise ValueError(f"gather must be int [B={h.shape[0]}, K], got {gather.shape}")
             h = jnp.take_along_axis(h, gather[..., None].astype(jnp.int32), axis=1)
         logits = self._logits(h)
-        return (logits, inter) if return_intermediates else logits
+        return logits
 
     def aux_loss(self) -> jax.Array:
         """Sum of the auxiliary losses of the last forward (MoH load balance; 0 if none)."""

@@ -88,6 +88,9 @@ def check_mechanism(cfg: AttentionConfig) -> None:
         build_mask(cfg, cfg.mechanism)
     else:
         build_mask(cfg)
+        if cfg.causal and not getattr(MECHANISMS[name], "has_causal_form", True):
+            raise ValueError(f"mechanism {name!r} has no causal form (it is non-causal only); "
+                             f"use it in a non-causal model (causal=False, e.g. a ViT)")
     if cfg.context_axis is not None:
         check_context_parallel(cfg)
 

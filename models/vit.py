@@ -26,6 +26,7 @@ from flax import nnx
 from models.block import TransformerBlock
 from models.config import AttentionConfig
 from models.cores.base import AuxLoss
+from models.intermediates import capture_intermediates
 from models.layers import MLPS, Dense, make_norm
 from models.registry import check_mechanism, mechanism_kind
 from models.sharding import constrain, param
@@ -223,7 +224,10 @@ class ViT(nnx.Module):
 
     def __call__(self, images: jax.Array, *, return_intermediates: bool = False):
         """Logits ``[B, num_classes]`` (or the pooled ``[B, width]`` if ``num_classes=0``);
-        with ``return_intermediates`` also ``{"layers": [per-layer dicts as in Decoder]}``."""
+        ``return_intermediates=True`` is :func:`models.capture_intermediates` ``(self, images)``:
+        ``(out, {"layers": [per-layer dicts as in Decoder]})``."""
+        if return_intermediates:
+            return capture_intermediates(self, images)
         cfg = self.cfg
         h = self.patch_embed(self.patchify(images.astype(cfg.dtype)))
         if self.pos_embed is not None:
@@ -234,16 +238,12 @@ class ViT(nnx.Module):
             cls = jnp.broadcast_to(self.cls[...].astype(h.dtype), (h.shape[0], 1, cfg.width))
             h = jnp.concatenate([cls, h], axis=1)
         h = constrain(h, ("batch", "length", "embed"))
-        inter = {"layers": []} if return_intermediates else None
         for layer in self.layers:
-            li = {} if return_intermediates else None
-            h = layer(h, intermediates=li)
-            if return_intermediates:
-                inter["layers"].append(li)
+            h = layer(h)
         h = self.norm(h)
         h = h[:, 0] if cfg.pool == "token" else jnp.mean(h, axis=1)
         out = self.head(h) if self.head is not None else h
-        return (out, inter) if return_intermediates else out
+        return out
 
     def aux_loss(self) -> jax.Array:
         """Sum of auxiliary losses of the last forward (MoH load balance; 0 if none)."""

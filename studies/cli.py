@@ -56,3 +56,34 @@ def train_unless_done(path: str, make_config: Callable[[], Any], overrides: dict
         train(config, path)
         print(f"[{label}]: {time.time() - t0:.0f}s", flush=True)
     return summary_path
+
+
+def sweep_parser(doc: str, *, preset: str, preset_help: str,
+                 mechanisms: Sequence[str]) -> argparse.ArgumentParser:
+    """The flags every sweep shares: ``--workdir``, ``--preset`` (the config's ARG),
+    ``--mechanisms`` and ``--plot-only``; a sweep adds its own before :func:`parse_args`."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--preset", default=preset, help=preset_help)
+    p.add_argument("--mechanisms", nargs="+", default=list(mechanisms))
+    p.add_argument("--plot-only", action="store_true", help="only redraw from summaries")
+    return p
+
+
+def sweep_rows(workdir: str, runs: Sequence[tuple[str, Callable[[], dict]]], plot_only: bool,
+               row: Callable[[str], dict]) -> list[dict]:
+    """The table rows of a sweep's ``runs`` (``(run folder name, train-or-reuse -> row)``
+    pairs): with ``plot_only``, only the finished runs' rows, read by ``row(summary_path)``,
+    without training. No row at all exits with a message."""
+    os.makedirs(workdir, exist_ok=True)
+    rows = []
+    for name, run in runs:
+        if plot_only:
+            path = os.path.join(workdir, name, "summary.json")
+            if os.path.exists(path):
+                rows.append(row(path))
+        else:
+            rows.append(run())
+    if not rows:
+        raise SystemExit("no finished runs to plot")
+    return rows

@@ -13,11 +13,11 @@ log x, one line per mechanism). ``--plot-only`` redraws from existing summaries.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
 
-from studies.cli import parse_args, train_unless_done
+from studies.cli import parse_args, sweep_parser, sweep_rows, train_unless_done
 
 
 def run_name(mechanism: str, d_model: int) -> str:
@@ -94,25 +94,14 @@ def plot(rows: list[dict], path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--preset", default="cpu", help="ARG of configs/mqar.py (e.g. cpu, 256)")
-    p.add_argument("--mechanisms", nargs="+", default=["softmax", "gla", "deltanet"])
+    p = sweep_parser(__doc__, preset="cpu", preset_help="ARG of configs/mqar.py (e.g. cpu, 256)",
+                     mechanisms=["softmax", "gla", "deltanet"])
     p.add_argument("--d-models", nargs="+", type=int, default=[32, 64])
-    p.add_argument("--plot-only", action="store_true", help="only redraw from summaries")
     args, overrides = parse_args(p, argv)
-    os.makedirs(args.workdir, exist_ok=True)
-    rows = []
-    for mech in args.mechanisms:
-        for d in args.d_models:
-            if args.plot_only:
-                path = os.path.join(args.workdir, run_name(mech, d), "summary.json")
-                if os.path.exists(path):
-                    rows.append(row(path))
-            else:
-                rows.append(run_one(args.workdir, args.preset, mech, d, overrides))
-    if not rows:
-        raise SystemExit("no finished runs to plot")
+    runs = [(run_name(mech, d),
+             functools.partial(run_one, args.workdir, args.preset, mech, d, overrides))
+            for mech in args.mechanisms for d in args.d_models]
+    rows = sweep_rows(args.workdir, runs, args.plot_only, row)
     table = os.path.join(args.workdir, "mqar_sweep.json")
     with open(table, "w") as f:
         json.dump(rows, f, indent=1)

@@ -13,11 +13,11 @@ reused, an interrupted one resumes from its checkpoint), then writes ``WORKDIR/s
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import os
 
-from studies.cli import parse_args, train_unless_done
+from studies.cli import parse_args, sweep_parser, sweep_rows, train_unless_done
 
 #: Gu et al. 2024 (a small LM, not this setup): Sink_1^0.3 in percent.
 PUBLISHED = {"softmax": 18.0, "sigmoid": 0.4}
@@ -92,23 +92,13 @@ def plot(rows: list[dict], path: str) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     from configs.sink_sweep import MECHANISMS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--preset", default="", help="ARG of configs/sink_sweep.py ('' or 'tiny')")
-    p.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS))
-    p.add_argument("--plot-only", action="store_true", help="only redraw from summaries")
+    p = sweep_parser(__doc__, preset="", preset_help="ARG of configs/sink_sweep.py ('' or 'tiny')",
+                     mechanisms=MECHANISMS)
     args, overrides = parse_args(p, argv)
-    os.makedirs(args.workdir, exist_ok=True)
-    rows = []
-    for mech in args.mechanisms:
-        if args.plot_only:
-            path = os.path.join(args.workdir, mech.replace(":", "-"), "summary.json")
-            if os.path.exists(path):
-                rows.append(row(path))
-        else:
-            rows.append(run_one(args.workdir, args.preset, mech, overrides))
-    if not rows:
-        raise SystemExit("no finished runs to plot")
+    runs = [(mech.replace(":", "-"),
+             functools.partial(run_one, args.workdir, args.preset, mech, overrides))
+            for mech in args.mechanisms]
+    rows = sweep_rows(args.workdir, runs, args.plot_only, row)
     md = table(rows)
     with open(os.path.join(args.workdir, "sink_sweep.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -249,10 +249,12 @@ def test_bb_ablations_grow_the_runs_in_stages(tmp_path, capsys):
 def test_relu_attention_weights_are_relu_scores_over_i():
     from flax import nnx
 
+    from models import capture_intermediates
+
     task = BigramBackcopyTask(_config("tiny", **{"model.mechanism": "relu", "model.num_layers": 2}))
     model = task.build_model(nnx.Rngs(0))
     tokens = jnp.asarray(task.eval_source()[0]["tokens"][None, :-1])
-    _, inter = model(tokens, return_intermediates=True)
+    _, inter = capture_intermediates(model, tokens)
     t = tokens.shape[1]
     h = model.embed(tokens) + model.pos_embed[...][:t]
     attn = model.layers[0].attn

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import string
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +29,18 @@ from models import (
     DecoderConfig,
     ViT,
     build_core,
+    capture_intermediates,
     mechanism_kind,
     mechanism_names,
     vit_config,
 )
+from models.intermediates import group_by_layer
+from models.registry import MECHANISMS
+from tests.testing import forward_and_decoded
 
 ALL = [("linear:elu1" if m == "linear" else m) for m in mechanism_names()]
-DECODER_MECHS = ALL + ["linear:hedgehog", "sliding_window:3", "strided:2"]
+CAUSAL = [m for m in ALL if getattr(MECHANISMS[m.split(":")[0]], "has_causal_form", True)]
+DECODER_MECHS = CAUSAL + ["linear:hedgehog", "sliding_window:3", "strided:2"]
 VIT_MECHS = ALL + ["neighborhood:2", "window:2"]
 TINY = dict(vocab_size=32, d_model=16, num_heads=2, mlp_dim=32)
 
@@ -141,22 +147,6 @@ def test_reference_and_xla_vit_neighborhood():
     assert_close(_forward(xla, images), _forward(ref, images), rtol=1e-5, name="vit logits")
 
 
-def _decode_all(model, tokens, prompt_len, policy=CachePolicy()):  # noqa: B008
-    """Logits [B, T, V]: prefill the first ``prompt_len`` tokens, then one token per step."""
-    b, t = tokens.shape
-    graphdef, state = nnx.split(model)
-    step = jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i, policy))
-    cache = model.init_cache(b, t, policy)
-    out = []
-    if prompt_len:
-        logits, cache = step(state, tokens[:, :prompt_len], cache, jnp.int32(0))
-        out.append(logits)
-    for i in range(prompt_len, t):
-        logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
-        out.append(logits)
-    return jnp.concatenate(out, axis=1)
-
-
 DECODE_STACKS = {
     "softmax": dict(layer_pattern="A", num_layers=2, num_kv_heads=1, positions="rope"),
     "linear": dict(layer_pattern="L", num_layers=2, positions="none"),
@@ -171,14 +161,12 @@ def test_cached_decoding_matches_the_forward(stack):
     cfg = DecoderConfig(**TINY, **DECODE_STACKS[stack])
     model = Decoder(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(5), (2, 11), 0, cfg.vocab_size)
-    forward = _jit_forward(model)
-    full = forward(tokens)
-    got = _decode_all(model, tokens, prompt_len=5)
+    full, got = forward_and_decoded(model, tokens, prompt_len=5)
     assert_close(got, full, rtol=1e-4, name=f"{stack}: decoded logits")
     if stack == "hybrid":  # generate (jitted prefill + scan) is greedy argmax of the forward
         out = model.generate(tokens[:, :5], 6)
         np.testing.assert_array_equal(out[:, :5], tokens[:, :5])
-        np.testing.assert_array_equal(out[:, 5:], jnp.argmax(forward(out)[:, 4:-1], axis=-1))
+        np.testing.assert_array_equal(out[:, 5:], jnp.argmax(_forward(model, out)[:, 4:-1], -1))
     kinds = {mechanism_kind(cfg.layer_mechanism(i)) for i in range(cfg.num_layers)}
     assert kinds == {"softmax": {"softmax"}, "linear": {"recurrent"},
                      "hybrid": {"softmax", "recurrent", "hybrid"}}[stack]
@@ -194,7 +182,7 @@ def test_streaming_cache_is_sink_plus_recent_window():
                      rngs=nnx.Rngs(0))
     model = Decoder(DecoderConfig(**cfg), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (2, t), 0, 32)
-    got = _decode_all(model, tokens, 0, CachePolicy("streaming", n_sink, window))
+    _, got = forward_and_decoded(model, tokens, 0, CachePolicy("streaming", n_sink, window))
     assert_close(got, _forward(masked, tokens), rtol=1e-5, name="streaming decode")
 
 
@@ -252,7 +240,9 @@ def test_intermediates_only_on_request():
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
     plain = _forward(model, tokens)
     assert isinstance(plain, jax.Array)
-    logits, inter = _forward(model, tokens, return_intermediates=True)
+    graphdef, state = nnx.split(model)  # the trainer's pattern: capture inside jit on a merge
+    logits, inter = jit(lambda s, x: capture_intermediates(nnx.merge(graphdef, s), x))(
+        state, tokens)
     assert_close(logits, plain, name="logits with intermediates")
     lin, soft = inter["layers"]
     assert "attention_weights" not in lin and lin["values"].shape == (2, 8, 2, 8)
@@ -263,6 +253,46 @@ def test_intermediates_only_on_request():
     for li in inter["layers"]:
         assert li["residual_norms"].shape == (2, 8) and li["value_norms"].shape == (2, 8, 2)
     assert inter["embedding_norms"].shape == (2, 8)
+    # the old keyword is the same call
+    alias = _forward(model, tokens, return_intermediates=True)
+    assert jax.tree.structure(alias) == jax.tree.structure((logits, inter))
+    for a, b in zip(jax.tree.leaves(alias), jax.tree.leaves((logits, inter)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cores_record_where_they_compute_and_nothing_stays_on_the_model():
+    """Core-level records (gate, MoH head weights, a hybrid's inner window core) land in their
+    layer's dict; nnx.capture leaves no Intermediate state behind, a plain forward records
+    nothing, and no flax deprecation warning fires (sow only inside capture)."""
+    cfg = DecoderConfig(**TINY, num_layers=3, layer_pattern="GMB", positions="rope",
+                        layer_mechanisms=(("G", "gated"), ("M", "moh"), ("B", "based")),
+                        attention_options=(("window", 4),))
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, 6), 0, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        logits, inter = capture_intermediates(model, tokens)
+        plain = model(tokens)
+    assert_close(logits, plain, name="captured vs plain logits")
+    gated, moh, based = inter["layers"]
+    assert gated["gate"].shape == (1, 6, 2, 8) and float(gated["gate"].min()) > 0
+    assert moh["head_weights"].shape == (1, 6, 2) and moh["balance_loss"].shape == ()
+    w = based["attention_weights"]  # from the hybrid's sliding-window core
+    assert w.shape == (1, 2, 6, 6) and float(jnp.abs(jnp.tril(w, -4)).max()) == 0.0
+    assert all("attention_weights" in li for li in inter["layers"])
+    assert not jax.tree.leaves(nnx.state(model, nnx.Intermediate))
+    assert not any(hasattr(m, "__captures__") for _, m in nnx.iter_modules(model))
+
+
+def test_capture_intermediates_of_one_block_and_name_clashes():
+    block = AttentionBlock(AttentionConfig(d_model=16, num_heads=2), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 5, 16))
+    y, inter = capture_intermediates(block, x)
+    assert_close(y, block(x), name="block output")
+    assert set(inter) == {"attention_weights", "values", "value_norms"}
+    assert inter["attention_weights"].shape == (1, 2, 5, 5)
+    with pytest.raises(ValueError, match="'w' recorded twice in one group"):
+        group_by_layer({"layers": {0: {"a": {"w": 1}, "b": {"w": 2}}}}, num_layers=1)
 
 
 def test_last_only_regression_head():

@@ -9,6 +9,7 @@ from flax import nnx
 
 from jattn.testing import assert_close
 from models import Decoder, DecoderConfig
+from tests.testing import forward_and_decoded
 
 TINY = dict(vocab_size=32, d_model=16, num_heads=2, mlp_dim=32)
 
@@ -24,16 +25,8 @@ def _decoder(mechanism, **kw):
 def test_cached_decoding_matches_the_forward(mechanism):
     model = _decoder(mechanism)
     tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, 32)
-    graphdef, state = nnx.split(model)
-    full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, tokens)
-    step = jax.jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i))
-    cache = model.init_cache(2, 11)
-    logits, cache = step(state, tokens[:, :5], cache, jnp.int32(0))
-    out = [logits]
-    for i in range(5, 11):
-        logits, cache = step(state, tokens[:, i : i + 1], cache, jnp.int32(i))
-        out.append(logits)
-    assert_close(jnp.concatenate(out, axis=1), full, rtol=1e-4, name="decoded logits")
+    full, decoded = forward_and_decoded(model, tokens, prompt_len=5)
+    assert_close(decoded, full, rtol=1e-4, name="decoded logits")
 
 
 def test_level_weights_get_gradients_and_long_inputs_are_refused():

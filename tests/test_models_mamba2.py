@@ -8,6 +8,7 @@ from flax import nnx
 
 from jattn.testing import assert_close
 from models import Decoder, DecoderConfig
+from tests.testing import forward_and_decoded
 
 TINY = dict(vocab_size=32, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
 
@@ -22,19 +23,11 @@ def _decoder(**kw):
 def test_cached_decoding_matches_forward_and_reference():
     model = _decoder()
     tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 32)
-    graphdef, state = nnx.split(model)
-    full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, tokens)
+    full, decoded = forward_and_decoded(model, tokens, prompt_len=4)
     ref_def, ref_state = nnx.split(_decoder(linear_implementation="reference"))
     ref = jax.jit(lambda s, x: nnx.merge(ref_def, s)(x))(ref_state, tokens)
     assert_close(ref, full, rtol=1e-4, name="reference vs chunk logits")
-    step = jax.jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i))
-    cache = model.init_cache(2, 10)
-    logits, cache = step(state, tokens[:, :4], cache, jnp.int32(0))
-    out = [logits]
-    for i in range(4, 10):
-        logits, cache = step(state, tokens[:, i : i + 1], cache, jnp.int32(i))
-        out.append(logits)
-    assert_close(jnp.concatenate(out, axis=1), full, rtol=1e-4, name="decoded logits")
+    assert_close(decoded, full, rtol=1e-4, name="decoded logits")
 
 
 def test_layer_parameters_get_gradients():

@@ -154,3 +154,28 @@ def loss_curve(config: ml_collections.ConfigDict, workdir, steps: int,
             state, metrics = trainer.train_step(state, batch)
             losses.append(float(metrics["loss"]))
     return np.array(losses), {**run, "batch": batch, "state": state}
+
+
+def forward_and_decoded(model, tokens, prompt_len: int, policy=None) -> tuple[Any, Any]:
+    """``(forward logits, decoded logits)``, both ``[B, T, V]`` and jitted: the decoded ones
+    prefill the first ``prompt_len`` tokens (none when 0), then decode one token per step
+    (``policy``: a ``models.CachePolicy``; None = the full cache)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from models import CachePolicy
+
+    policy = CachePolicy() if policy is None else policy
+    b, t = tokens.shape
+    graphdef, state = nnx.split(model)
+    full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, tokens)
+    step = jax.jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i, policy))
+    cache = model.init_cache(b, t, policy)
+    out = []
+    if prompt_len:
+        logits, cache = step(state, tokens[:, :prompt_len], cache, jnp.int32(0))
+        out.append(logits)
+    for i in range(prompt_len, t):
+        logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
+        out.append(logits)
+    return full, jnp.concatenate(out, axis=1)

@@ -80,6 +80,7 @@ from experiments.tasks.bigram_backcopy_data import (  # the data names stay impo
 )
 from experiments.tasks.model_config import decoder_config
 from jattn import analysis
+from models.intermediates import capture_intermediates
 
 NORMALIZERS = ("softmax", "relu", "sigmoid")
 METRICS = ("attn_sink", "value_norm", "residual_norm", "backcopy_risk", "bigram_risk")
@@ -222,7 +223,7 @@ class BigramBackcopyTask(Task):
     def eval_metrics(self, model: nnx.Module, batch: Batch) -> Metrics:
         dist = self.distribution()
         inputs = batch["tokens"][:, :-1]
-        logits, inter = model(inputs, return_intermediates=True)
+        logits, inter = capture_intermediates(model, inputs)
         logits = logits.astype(jnp.float32)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["tokens"][:, 1:])
         table = jnp.asarray(dist.oracle_table(), jnp.float32)
@@ -253,7 +254,7 @@ class BigramBackcopyTask(Task):
 
     def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         n = min(int(self.config.get("image_tokens", 64)), self.config.seq_len)
-        _, inter = model(batch["tokens"][:1, :n], return_intermediates=True)
+        _, inter = capture_intermediates(model, batch["tokens"][:1, :n])
         out = {}
         for i, layer in enumerate(inter["layers"]):
             if "attention_weights" in layer:
@@ -357,7 +358,7 @@ class BigramBackcopyTask(Task):
         dist = self.distribution()
         n = min(int(c.get("image_tokens", 64)), int(c.seq_len))
         tokens = dist.sample(np.random.default_rng(1), n)
-        _, inter = model(jnp.asarray(tokens)[None], return_intermediates=True)
+        _, inter = capture_intermediates(model, jnp.asarray(tokens)[None])
         maps = [np.asarray(layer["attention_weights"][0]).mean(0)
                 for layer in inter["layers"] if "attention_weights" in layer]
         if maps:

@@ -27,6 +27,7 @@ from experiments.config import ConfigError
 from experiments.data import BatchedSource, counter_uniform
 from experiments.tasks.base import Batch, Metrics, Task, register
 from experiments.tasks.model_config import decoder_config
+from models.intermediates import capture_intermediates
 
 _NUMBERS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen "
@@ -172,7 +173,7 @@ class CharLM(Task):
 
             multiple = model.cfg.context_multiple(axis_size(axis))
             n = max(multiple, n - n % multiple)
-        _, inter = model(batch["tokens"][:1, :n], return_intermediates=True)
+        _, inter = capture_intermediates(model, batch["tokens"][:1, :n])
         out = {}
         for i, layer in enumerate(inter["layers"]):
             if "attention_weights" in layer:  # [B, H, T, T]

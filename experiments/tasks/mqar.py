@@ -67,6 +67,7 @@ from experiments.config import ConfigError
 from experiments.data import BatchedSource, counter_uniform
 from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
 from experiments.tasks.model_config import decoder_config
+from models.intermediates import capture_intermediates
 
 IGNORE = -100
 #: Counter streams of the generator: train and held-out use disjoint ones.
@@ -335,7 +336,7 @@ class MQAR(Task):
         return loss, {"accuracy": acc}
 
     def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        _, inter = model(batch["inputs"][:1], return_intermediates=True)
+        _, inter = capture_intermediates(model, batch["inputs"][:1])
         out = {}
         for i, layer in enumerate(inter["layers"]):
             if "attention_weights" in layer:

@@ -28,6 +28,7 @@ from flax import nnx
 from experiments.config import ConfigError
 from experiments.tasks.base import Batch, Metrics, Task, register
 from experiments.tasks.model_config import vit_config
+from models.intermediates import capture_intermediates
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -177,7 +178,7 @@ class ViTDigits(Task):
     def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         cfg = self.model_config()
         image = batch["image"][:1]
-        _, inter = model(image, return_intermediates=True)
+        _, inter = capture_intermediates(model, image)
         last = inter["layers"][-1]
         out = {"input": jnp.mean(image[0], axis=-1)}
         if "attention_weights" in last:  # [B, H, T, T]; T = prefix + grid

@@ -16,6 +16,9 @@ GPU/TPU when available, else chunk.
 * :func:`linear_attention`: feature-map attention (elu+1, relu, Performer, Hedgehog, Based's
   Taylor map, DPFP, or any callable), causal or not, normalized or not.
 * :func:`efficient_attention`: Shen et al.'s softmax-over-features form (non-causal).
+* :func:`agent_attention`: agent tokens between two softmax attentions (Han et al. 2024;
+  non-causal). :func:`flow_attention`: Flowformer's conservation flows (Wu et al. 2022;
+  non-causal and causal; :func:`flow_attention_recurrent` continues the causal form for decoding).
 * Decoding: :func:`gla_step`, :func:`delta_rule_step`, :func:`dplr_delta_rule_step`,
   :func:`linear_attention_step`.
 * Packed sequences: ``segment_ids [B, T]`` on :func:`gla`, :func:`delta_rule`,
@@ -29,6 +32,7 @@ GPU/TPU when available, else chunk.
 """
 
 from jattn.linear._checks import UnstableDeltaRuleWarning
+from jattn.linear.agent import agent_attention, pool_agents
 from jattn.linear.chunk import chunk_recurrence
 from jattn.linear.delta import delta_rule
 from jattn.linear.delta_product import delta_product
@@ -44,6 +48,7 @@ from jattn.linear.feature_maps import (
     relu,
     taylor,
 )
+from jattn.linear.flowformer import FlowState, flow_attention, flow_attention_recurrent
 from jattn.linear.gla import gla, lightning_decay, retnet_decay
 from jattn.linear.kernelized import efficient_attention, linear_attention
 from jattn.linear.loglinear import loglinear_gla, loglinear_gla_step
@@ -58,8 +63,10 @@ from jattn.linear.recurrent import (
 
 __all__ = [
     "FEATURE_MAPS",
+    "FlowState",
     "LinearAttentionState",
     "UnstableDeltaRuleWarning",
+    "agent_attention",
     "chunk_recurrence",
     "delta_product",
     "delta_rule",
@@ -69,6 +76,8 @@ __all__ = [
     "dplr_delta_rule_step",
     "efficient_attention",
     "elu1",
+    "flow_attention",
+    "flow_attention_recurrent",
     "gla",
     "gla_step",
     "hedgehog",
@@ -81,6 +90,7 @@ __all__ = [
     "loglinear_gla_step",
     "performer",
     "performer_features",
+    "pool_agents",
     "relu",
     "retnet_decay",
     "taylor",

@@ -44,6 +44,27 @@ def check_qkv(q: Any, k: Any, v: Any) -> tuple[int, int, int, int, int]:
     return B, T, H, K, v.shape[3]
 
 
+def check_cross_qkv(q: Any, k: Any, v: Any, *, gqa: bool = True) -> tuple[int, int]:
+    """Validate ``q [B, Tq, Hq, K]``, ``k [B, Tk, Hkv, K]``, ``v [B, Tk, Hkv, V]`` (any
+    ``Tq``, ``Tk``; ``Hq`` a multiple of ``Hkv`` with ``gqa``, else equal); return
+    ``(Tq, Tk)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_float(name, x)
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have shape [B, T, H, D], got shape {x.shape}")
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    heads_ok = hkv > 0 and hq % hkv == 0 if gqa else hkv == hq
+    if k.shape[0] != b or k.shape[3] != d or not heads_ok:
+        heads = f"Hq={hq} a multiple of Hkv" if gqa else f"Hkv = Hq = {hq}"
+        raise ValueError(f"k must have shape [B, Tk, Hkv, K] with B={b}, K={d} and {heads}, "
+                         f"got {k.shape}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v must have shape [B, Tk, Hkv, V] = {k.shape[:3] + ('V',)}, "
+                         f"got {v.shape}")
+    return tq, k.shape[1]
+
+
 def check_gate(name: str, g: Any, B: int, T: int, H: int, K: int) -> bool:
     """Validate a log-decay gate ``[B, T, H]`` or ``[B, T, H, K]``; return True if per-channel."""
     check_float(name, g)

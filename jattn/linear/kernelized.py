@@ -269,17 +269,7 @@ def efficient_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     Returns:
       ``o [B, Tq, H, V]`` in the inputs' dtype (computed in fp32).
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _checks.check_float(name, x)
-        if x.ndim != 4:
-            raise ValueError(f"{name} must have shape [B, T, H, D], got shape {x.shape}")
-    B, Tq, H, K = q.shape
-    if k.shape[0] != B or k.shape[2:] != (H, K):
-        raise ValueError(
-            f"k must have shape [B, Tk, H, K] with B, H, K = {(B, H, K)}, got {k.shape}"
-        )
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape [B, Tk, H, V] = {k.shape[:3] + ('V',)}, got {v.shape}")
+    _checks.check_cross_qkv(q, k, v, gqa=False)
     dtype = _checks.out_dtype(q, k, v)
     rq = jax.nn.softmax(q.astype(jnp.float32), axis=-1)
     rk = jax.nn.softmax(k.astype(jnp.float32), axis=1)

@@ -10,8 +10,10 @@
 * :mod:`models.cores.sparse`: routed sparse attention (MoBA, DSA).
 * :mod:`models.cores.loglinear`: log-linear GLA / Mamba-2 (a Fenwick stack of states).
 * :mod:`models.cores.mamba2`: the full Mamba-2 layer (conv, dt, A_log, D, gated RMSNorm).
+* :mod:`models.cores.agent_flow`: agent attention and Flowformer (full sequence only).
 """
 
+from models.cores.agent_flow import Agent, Flowformer
 from models.cores.base import AuxLoss, Core, CoreInputs, repeat_kv
 from models.cores.hybrid import Based
 from models.cores.loglinear import LogLinearGLA, LogLinearMamba2
@@ -22,5 +24,6 @@ from models.cores.softmax import SoftmaxCore
 from models.cores.sparse import DSA, MoBA
 from models.cores.variants import Cog, Diff, FoX, Softpick, StickBreaking  # noqa: F401 (registers)
 
-__all__ = ["DSA", "AuxLoss", "Based", "Core", "CoreInputs", "LogLinearGLA", "LogLinearMamba2",
-           "Mamba2", "MoBA", "RecurrentCore", "SoftmaxCore", "repeat_kv"]
+__all__ = ["DSA", "Agent", "AuxLoss", "Based", "Core", "CoreInputs", "Flowformer",
+           "LogLinearGLA", "LogLinearMamba2", "Mamba2", "MoBA", "RecurrentCore", "SoftmaxCore",
+           "repeat_kv"]

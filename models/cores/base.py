@@ -6,6 +6,20 @@ chosen by name from :mod:`models.registry`. A core maps :class:`CoreInputs` to p
 ``o [B, T, Hq, Dh]``; the block applies the output projection. ``Core.kind`` says what decoding
 keeps: ``"softmax"`` a KV cache (:mod:`models.kv_cache`), ``"recurrent"`` a fixed-size state
 ``[B, H, K, V]`` (fp32), ``"hybrid"`` both.
+
+Intermediates (analysis tensors): a core records them where it computes them, with
+:func:`models.intermediates.record` (``nnx.Module.sow`` of an ``nnx.Intermediate``, active only
+under ``nnx.capture``), never through a dict argument::
+
+    record(self, "attention_weights", lambda: self.weights(q, k, mask=..., bias=...))
+    record(self, "gate", g)   # an array already computed: pass it directly
+
+A callable is evaluated only while capturing, so a plain forward pays nothing. Callers collect
+with :func:`models.capture_intermediates` ``(model, *args)``, which merges every record under a
+model's ``layers[i]`` into ``inter["layers"][i]`` (names must be unique within a layer).
+Porting a core written for the old dict: drop the ``intermediates`` parameter of ``__call__``
+(and of ``SoftmaxCore.finish``, now ``finish(inp, o)``) and turn each
+``intermediates[name] = x`` into ``record(self, name, x)``.
 """
 
 from __future__ import annotations
@@ -60,15 +74,17 @@ class Core(nnx.Module):
     ``decode``, and declare their own options (``Options``, a frozen dataclass whose fields
     are read from :attr:`AttentionConfig.options` into ``self.opts``).
 
-    ``__call__(inp, intermediates=None) -> o [B, T, Hq, Dh]``: the full-sequence form. When
-    ``intermediates`` is a dict, the core adds analysis tensors to it (e.g.
-    ``"attention_weights" [B, Hq, T, T]``).
+    ``__call__(inp) -> o [B, T, Hq, Dh]``: the full-sequence form; it may record analysis
+    tensors (e.g. ``"attention_weights" [B, Hq, T, T]``; see the module docstring).
 
     ``decode(inp, cache, index, policy) -> (o, cache)``: ``inp`` holds ``Tq`` new tokens at absolute
     positions ``index .. index + Tq - 1`` (``index`` a traced int scalar); all previous tokens
     are summarized by ``cache``.
 
     ``state_size(seq_len)``: floats per sequence that decoding keeps after ``seq_len`` tokens.
+
+    ``has_causal_form``: False for a non-causal-only core (agent attention): a causal
+    ``AttentionConfig`` (a decoder's) is refused by :func:`models.registry.check_mechanism`.
 
     ``context_parallel``: True when ``__call__`` honours ``cfg.context_axis`` (the sequence
     split over that mesh axis, same result); :func:`models.registry.check_mechanism` refuses a
@@ -78,6 +94,7 @@ class Core(nnx.Module):
     kind: ClassVar[str] = "softmax"
     Options: ClassVar[type] = NoOptions
     context_parallel: ClassVar[bool] = False
+    has_causal_form: ClassVar[bool] = True
 
     def __init__(self, cfg: AttentionConfig, mask: masks.Mask | None):
         self.cfg = cfg

@@ -64,9 +64,9 @@ class Based(Core):
         return self.kernel(qf, kf, v, state, want_state, causal=self.cfg.causal, cfg=self.cfg,
                            context_axis=context_axis)
 
-    def __call__(self, inp, intermediates=None):
+    def __call__(self, inp):
         lin, _ = self._linear(inp, None, False, self.cfg.context_axis)
-        return lin + self.window(inp, intermediates)
+        return lin + self.window(inp)  # the window core records its attention weights
 
     def init_cache(self, batch, max_len, policy):
         h, f = self.cfg.num_heads, self.opts.feature_dim

@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import jattn.linear
 from jattn.linear.loglinear import num_levels
 from models.cores.base import CoreInputs
-from models.cores.recurrent import GLA, _a_log_init, _dt_bias_init, _RecurrentBase
+from models.cores.recurrent import GLA, _RecurrentBase, init_ssd_decay, ssd_log_decay
 from models.kv_cache import CachePolicy
 from models.layers import Dense
 from models.registry import register_mechanism
-from models.sharding import param
 
 __all__ = ["LogLinearGLA", "LogLinearMamba2"]
 
@@ -115,12 +114,8 @@ class LogLinearMamba2(_LogLinearMixin, _RecurrentBase):
 
     def __init__(self, cfg, mask, arg=None, *, rngs):
         super().__init__(cfg, mask, arg, rngs=rngs)
-        h = cfg.num_heads
-        self.a_proj = Dense((cfg.d_model,), (h,), ("embed",), ("heads",), rngs=rngs)
-        self.a_log = param(rngs, _a_log_init, (h,), ("heads",))
-        self.dt_bias = param(rngs, _dt_bias_init, (h,), ("heads",))
+        init_ssd_decay(self, cfg, rngs)
         self._init_levels(cfg, rngs)
 
     def gates(self, inp):
-        dt = jax.nn.softplus(self.a_proj(inp.x).astype(jnp.float32) + self.dt_bias[...])
-        return {"g": -jnp.exp(self.a_log[...]) * dt}
+        return {"g": ssd_log_decay(self, inp.x)}

@@ -25,7 +25,13 @@ from flax import nnx
 
 import jattn.linear
 from models.cores.base import CoreInputs, repeat_kv
-from models.cores.recurrent import RecurrentCore, _a_log_init, _dt_bias_init, linear_kwargs
+from models.cores.recurrent import (
+    RecurrentCore,
+    _a_log_init,
+    _dt_bias_init,
+    linear_kwargs,
+    ssd_decay,
+)
 from models.kv_cache import CachePolicy
 from models.layers import Dense
 from models.registry import register_mechanism
@@ -81,8 +87,7 @@ class Mamba2(RecurrentCore):
         C = cq.reshape(b, t, h, dh)
         B = repeat_kv(ck.reshape(b, t, hkv, dh), h)
         X = repeat_kv(cv.reshape(b, t, hkv, dh), h)
-        dt = jax.nn.softplus(self.dt_proj(inp.x).astype(jnp.float32) + self.dt_bias[...])
-        g = -jnp.exp(self.a_log[...]) * dt  # [B, T, H]
+        dt, g = ssd_decay(self.a_log, self.dt_bias, self.dt_proj(inp.x))  # [B, T, H]
         kw = {**linear_kwargs(self.cfg), "scale": 1.0}
         y, final = jattn.linear.gla(C, B, X * dt[..., None], g, initial_state=state,
                                     output_final_state=want_state, **kw)

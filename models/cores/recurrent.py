@@ -67,7 +67,7 @@ class RecurrentCore(Core):
         ``cfg.context_axis``; only passed when set) splits the sequence over that mesh axis."""
         raise NotImplementedError
 
-    def __call__(self, inp: CoreInputs, intermediates: dict | None = None) -> jax.Array:
+    def __call__(self, inp: CoreInputs) -> jax.Array:
         # the keyword only when set: subclasses' recur may predate context parallelism
         split = {} if self.cfg.context_axis is None else {"context_axis": self.cfg.context_axis}
         o, _ = self.recur(inp, None, False, **split)
@@ -239,6 +239,28 @@ def _a_log_init(key, shape, dtype=jnp.float32):
     return jnp.log(jax.random.uniform(key, shape, dtype, 1.0, 16.0))
 
 
+def ssd_decay(a_log: nnx.Param, dt_bias: nnx.Param, dt_logits: jax.Array):
+    """Mamba-2's step and scalar log-decay: ``dt = softplus(dt_logits + dt_bias)``,
+    ``g = -exp(A_log) dt``; ``dt_logits [B, T, H]`` -> ``(dt, g)``, both fp32."""
+    dt = jax.nn.softplus(dt_logits.astype(jnp.float32) + dt_bias[...])
+    return dt, -jnp.exp(a_log[...]) * dt
+
+
+def init_ssd_decay(core: nnx.Module, cfg: AttentionConfig, rngs: nnx.Rngs) -> None:
+    """Give ``core`` the parameters of :func:`ssd_decay` with ``dt_logits = x W_a``:
+    ``a_proj [D, H]``, ``a_log [H]``, ``dt_bias [H]`` (read back by :func:`ssd_log_decay`)."""
+    h = cfg.num_heads
+    core.a_proj = Dense((cfg.d_model,), (h,), ("embed",), ("heads",), rngs=rngs)
+    core.a_log = param(rngs, _a_log_init, (h,), ("heads",))
+    core.dt_bias = param(rngs, _dt_bias_init, (h,), ("heads",))
+
+
+def ssd_log_decay(core: nnx.Module, x: jax.Array) -> jax.Array:
+    """``g = -exp(A_log) softplus(x W_a + dt_bias)`` ``[B, T, H]`` of a core set up by
+    :func:`init_ssd_decay`."""
+    return ssd_decay(core.a_log, core.dt_bias, core.a_proj(x))[1]
+
+
 @register_mechanism("deltanet")
 class DeltaNet(_DeltaBase):
     """DeltaNet (Yang et al., "Parallelizing Linear Transformers with the Delta Rule over
@@ -257,14 +279,10 @@ class GatedDeltaNet(_DeltaBase):
 
     def __init__(self, cfg, mask, arg=None, *, rngs):
         super().__init__(cfg, mask, arg, rngs=rngs)
-        h = cfg.num_heads
-        self.a_proj = Dense((cfg.d_model,), (h,), ("embed",), ("heads",), rngs=rngs)
-        self.a_log = param(rngs, _a_log_init, (h,), ("heads",))
-        self.dt_bias = param(rngs, _dt_bias_init, (h,), ("heads",))
+        init_ssd_decay(self, cfg, rngs)
 
     def delta_gates(self, inp):
-        dt = jax.nn.softplus(self.a_proj(inp.x).astype(jnp.float32) + self.dt_bias[...])
-        return -jnp.exp(self.a_log[...]) * dt
+        return ssd_log_decay(self, inp.x)
 
 
 @register_mechanism("kda")

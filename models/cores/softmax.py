@@ -38,6 +38,7 @@ from jattn import masks
 from models import cache_policies, kv_cache
 from models.config import AttentionConfig
 from models.cores.base import AuxLoss, Core, CoreInputs, repeat_kv
+from models.intermediates import record
 from models.kv_cache import CachePolicy
 from models.layers import Dense
 from models.registry import register_mechanism
@@ -95,7 +96,7 @@ class SoftmaxCore(Core):
                                        normalizer=self.normalizer, sinks=self.sinks(),
                                        logits_soft_cap=cfg.logits_soft_cap, score_mod=score_mod)
 
-    def finish(self, inp: CoreInputs, o: jax.Array, intermediates: dict | None) -> jax.Array:
+    def finish(self, inp: CoreInputs, o: jax.Array) -> jax.Array:
         """Post-process head outputs ``o [B, T, Hq, Dh]`` (identity by default)."""
         return o
 
@@ -115,7 +116,7 @@ class SoftmaxCore(Core):
         return (-slopes[:, None, None] * dist[None])[None]
 
     # --- full sequence --------------------------------------------------------------------------
-    def __call__(self, inp: CoreInputs, intermediates: dict | None = None) -> jax.Array:
+    def __call__(self, inp: CoreInputs) -> jax.Array:
         t = inp.q.shape[1]
         q, k = self.rope(inp.q, inp.positions), self.rope(inp.k, inp.positions)
         bias = None
@@ -126,10 +127,9 @@ class SoftmaxCore(Core):
         mod = self.score_mod(inp)
         extra = {} if mod is None else {"score_mod": mod}
         o = self.attend(q, k, inp.v, mask=self.mask, bias=bias, **split, **extra)
-        if intermediates is not None:
-            intermediates["attention_weights"] = self.weights(q, k, mask=self.mask, bias=bias,
-                                                              **extra)
-        return self.finish(inp, o, intermediates)
+        record(self, "attention_weights",
+               lambda: self.weights(q, k, mask=self.mask, bias=bias, **extra))
+        return self.finish(inp, o)
 
     # --- decoding -------------------------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int, policy: CachePolicy) -> dict:
@@ -167,7 +167,7 @@ class SoftmaxCore(Core):
         else:
             k, vis = self.rope(cache["k"], view.k_pos), view.mask
         o = self.attend(q, k, cache["v"], mask=vis, bias=self.alibi(view.q_pos, view.k_pos))
-        o = self.finish(inp, o, None)
+        o = self.finish(inp, o)
         return jnp.where(view.invalid, jnp.asarray(jnp.nan, o.dtype), o), cache
 
     def _pattern(self, q_pos, k_pos):
@@ -256,10 +256,9 @@ class Gated(_SoftmaxBase):
         self.gate = Dense((cfg.d_model,), (cfg.num_heads, cfg.dh), ("embed",), ("heads", "kv"),
                           use_bias=True, rngs=rngs)
 
-    def finish(self, inp, o, intermediates):
+    def finish(self, inp, o):
         g = jax.nn.sigmoid(self.gate(inp.x).astype(jnp.float32))
-        if intermediates is not None:
-            intermediates["gate"] = g
+        record(self, "gate", g)
         return (o.astype(jnp.float32) * g).astype(o.dtype)
 
 
@@ -359,14 +358,13 @@ class MoH(_SoftmaxBase):
         pm = jnp.mean(p.reshape(-1, self.routed), axis=0)
         return g, sel, jnp.sum(f * pm)
 
-    def finish(self, inp, o, intermediates):
+    def finish(self, inp, o):
         g, sel, loss = self.route(inp.x)
-        if intermediates is not None:
-            intermediates["head_weights"] = g
-            intermediates["balance_loss"] = loss
+        record(self, "head_weights", g)
+        record(self, "balance_loss", loss)
         return (o.astype(jnp.float32) * g[..., None]).astype(o.dtype)
 
-    def __call__(self, inp, intermediates=None):
-        o = super().__call__(inp, intermediates)
+    def __call__(self, inp):
+        o = super().__call__(inp)
         self.balance_loss.set_value(self.route(inp.x)[2])
         return o

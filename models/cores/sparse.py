@@ -25,6 +25,7 @@ import jattn
 from jattn import masks
 from models.cores.base import AuxLoss
 from models.cores.softmax import SoftmaxCore
+from models.intermediates import record
 from models.layers import Dense
 from models.registry import register_mechanism
 
@@ -165,7 +166,7 @@ class DSA(SoftmaxCore):
             jnp.einsum("btjd,bsd->btjs", q_i, k_i)))
         return jnp.where(vis.any(1), scores, -jnp.inf)
 
-    def __call__(self, inp, intermediates=None):
+    def __call__(self, inp):
         t = inp.q.shape[1]
         q, k = self.rope(inp.q, inp.positions), self.rope(inp.k, inp.positions)
         bias = None
@@ -184,9 +185,8 @@ class DSA(SoftmaxCore):
         log_q = jax.nn.log_softmax(scores, axis=-1)
         kl = jnp.where(p > 0, p * (jnp.log(jnp.where(p > 0, p, 1.0)) - log_q), 0.0).sum(-1)
         self.index_loss.set_value(kl.mean())
-        if intermediates is not None:
-            intermediates["attention_weights"] = self.weights(q, k, mask=support, bias=bias)
-        return self.finish(inp, o, intermediates)
+        record(self, "attention_weights", lambda: self.weights(q, k, mask=support, bias=bias))
+        return self.finish(inp, o)
 
     def decode(self, inp, cache, index, policy):
         raise NotImplementedError("dsa decoding needs the indexer keys in the KV cache "

@@ -74,7 +74,7 @@ class FoX(_SoftmaxBase):
     def score_mod(self, inp: CoreInputs):
         return score_mods.forgetting(self.log_forget(inp.x))
 
-    def finish(self, inp, o, intermediates):
+    def finish(self, inp, o):
         if self.out_gate is None:
             return o
         g = jax.nn.sigmoid(self.out_gate(inp.x).astype(jnp.float32))
@@ -115,7 +115,7 @@ class FoX(_SoftmaxBase):
         alibi = self.alibi(view.q_pos, view.k_pos)
         bias = decay if alibi is None else decay + alibi
         o = self.attend(q, cache["k"], cache["v"], mask=vis, bias=bias)
-        o = self.finish(inp, o, None)
+        o = self.finish(inp, o)
         return jnp.where(view.invalid, jnp.asarray(jnp.nan, o.dtype), o), cache
 
 
