@@ -75,7 +75,7 @@ def decode(core: Any, inp: Any, cache: dict, index: jax.Array,
             raise ValueError(f"decode index={i} must be >= 0")
     p = jnp.asarray(index, jnp.int32)
     o, cache, invalid = (_prefill if tq > 1 else _step)(core, inp, cache, p, policy)
-    o = core.finish(inp, o, None)
+    o = core.finish(inp, o)
     return jnp.where(invalid, jnp.asarray(jnp.nan, o.dtype), o), cache
 
 
