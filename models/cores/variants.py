@@ -8,8 +8,7 @@ diff               Differential attention ``softmax(Q1 K1^T) - lambda softmax(Q2
 cog                signed weights ``sign(s) softmax(|s|)`` (Cog attention, Lv et al. 2024)
 =================  ===============================================================================
 
-None of them runs context-parallel (``context_parallel = False``): untested there, and ``cog``
-materializes its ``[Tq, Tk]`` weights.
+None of them runs context-parallel (``context_parallel = False``): untested there.
 """
 
 from __future__ import annotations
@@ -242,22 +241,22 @@ class Cog(_SoftmaxBase):
     (a soft-cap, if set, applies to ``|s|``, which leaves the sign alone). The magnitude is a
     softmax of ``|s|``, so a head can give a key a large *negative* weight (delete/copy).
 
-    No ``jattn`` normalizer serves it (a ``"signed"`` normalizer would need the blocked kernel's
-    streaming form), so this core materializes ``[B, Hq, Tq, Tk]`` weights (any
-    ``implementation`` runs the reference formula) and cannot run context-parallel.
+    :func:`jattn.variants.signed_attention`: an online softmax over ``|s|`` with the sign
+    applied in the value product (``implementation`` None or ``"xla"``: blocked, never
+    ``[T, T]``; ``"reference"``: materialized). No context parallelism, no score_mod.
     """
 
     context_parallel = False
 
     def weights(self, q, k, *, mask, bias, score_mod=None):
         cfg = self.cfg
+        if score_mod is not None:
+            raise NotImplementedError("mechanism 'cog' takes no score_mod")
         scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         kk = repeat_kv(k, q.shape[2]).astype(jnp.float32)
         s = scale * jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk)
         if bias is not None:
             s = s + bias
-        if score_mod is not None:
-            raise NotImplementedError("mechanism 'cog' takes no score_mod")
 
         def magnitude(t, b, h, qi, ki):
             return jnp.abs(t)
@@ -268,6 +267,9 @@ class Cog(_SoftmaxBase):
         return jnp.where(vis, jnp.sign(s) * mag, 0.0)
 
     def attend(self, q, k, v, *, mask, bias, context_axis=None, score_mod=None):
-        p = self.weights(q, k, mask=mask, bias=bias, score_mod=score_mod)
-        vv = repeat_kv(v, q.shape[2]).astype(jnp.float32)
-        return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype)
+        if score_mod is not None:
+            raise NotImplementedError("mechanism 'cog' takes no score_mod")
+        cfg = self.cfg
+        return jattn.variants.signed_attention(q, k, v, mask=mask, bias=bias, scale=cfg.scale,
+                                               logits_soft_cap=cfg.logits_soft_cap,
+                                               implementation=cfg.implementation)
