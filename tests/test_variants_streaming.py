@@ -12,44 +12,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jattn import masks as M
 from jattn import variants
 from jattn.testing import assert_close
 from models import AttentionConfig, build_core
 from models.cores.base import CoreInputs
-
-B, T, HQ, HKV, D = 2, 21, 4, 2, 8
-BLOCKS = {"block_q": 8, "block_kv": 4}  # T = 21: padding rows/columns and several tiles
-
-
-def qkv(seed=0, scale=1.5):
-    ks = jax.random.split(jax.random.key(seed), 3)
-    return (scale * jax.random.normal(ks[0], (B, T, HQ, D)),
-            jax.random.normal(ks[1], (B, T, HKV, D)), jax.random.normal(ks[2], (B, T, HKV, D)))
-
-
-def dense_visible(mask) -> np.ndarray:
-    """``[1|B, 1|H, T, T]`` bool of a Mask or bool array."""
-    if isinstance(mask, M.Mask):
-        return np.asarray(mask.dense(T, T))[None, None]
-    return np.asarray(mask)
-
-
-def np_scores(q, k):
-    k = np.repeat(np.asarray(k, np.float64), HQ // HKV, axis=2)
-    return np.einsum("bqhd,bkhd->bhqk", np.asarray(q, np.float64), k) / np.sqrt(D)
-
-
-def np_softmax(x, vis):
-    x = np.where(vis, x, -np.inf)
-    m = np.max(x, -1, keepdims=True)
-    e = np.where(vis, np.exp(x - np.where(np.isfinite(m), m, 0)), 0.0)
-    z = e.sum(-1, keepdims=True)
-    return e / np.where(z > 0, z, 1)
-
-
-def np_out(p, v):
-    return np.einsum("bhqk,bkhd->bqhd", p, np.repeat(np.asarray(v, np.float64), HQ // HKV, 2))
+from tests.variants_oracle import (
+    MASKS,
+    T,
+    check_against_formula,
+    np_out,
+    np_scores,
+    np_softmax,
+    qkv,
+)
 
 
 def np_clipped(q, k, v, vis, gamma, zeta):
@@ -60,41 +35,6 @@ def np_clipped(q, k, v, vis, gamma, zeta):
 def np_signed(q, k, v, vis):
     s = np_scores(q, k)
     return np_out(np.sign(s) * np_softmax(np.abs(s), vis), v)
-
-
-def check_against_formula(fn, formula, mask, impl, seed=0):
-    """Forward vs ``formula`` (float64) and the gradient's directional derivative vs central
-    differences of ``formula``; returns the gradients for cross-implementation checks."""
-    q, k, v = qkv(seed)
-    vis = dense_visible(mask)
-    w = np.asarray(jax.random.normal(jax.random.key(seed + 7), (B, T, HQ, D)), np.float64)
-    blocks = BLOCKS if impl == "xla" else {}
-
-    def loss(q, k, v):
-        return jnp.sum(jnp.asarray(w, jnp.float32) * fn(q, k, v, mask=mask, implementation=impl,
-                                                        **blocks))
-
-    out = jax.jit(lambda q, k, v: fn(q, k, v, mask=mask, implementation=impl, **blocks))(q, k, v)
-    assert_close(out, formula(q, k, v, vis), rtol=1e-5, name=f"{impl} forward")
-    grads = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
-    dirs = [np.asarray(jax.random.normal(jax.random.key(seed + n), x.shape), np.float64)
-            for n, x in enumerate((q, k, v))]
-    x64 = [np.asarray(x, np.float64) for x in (q, k, v)]
-    eps = 1e-6
-    plus = [x + eps * d for x, d in zip(x64, dirs, strict=True)]
-    minus = [x - eps * d for x, d in zip(x64, dirs, strict=True)]
-    numeric = (np.sum(w * formula(*plus, vis)) - np.sum(w * formula(*minus, vis))) / (2 * eps)
-    analytic = sum(float(np.sum(np.asarray(g, np.float64) * d))
-                   for g, d in zip(grads, dirs, strict=True))
-    assert abs(analytic - numeric) <= 1e-4 * max(1.0, abs(numeric)), (analytic, numeric)
-    return grads
-
-
-MASKS = {
-    "causal": M.causal(),
-    "window5": M.sliding_window(5),
-    "dense": np.asarray(jax.random.bernoulli(jax.random.key(3), 0.6, (B, 1, T, T))),
-}
 
 
 @pytest.mark.parametrize("mask_name", list(MASKS))

@@ -6,9 +6,16 @@ see :mod:`jattn.variants._tiles`). None has a Pallas kernel yet.
 * :func:`clipped_softmax_attention`: ``clip((zeta - gamma) softmax(s) + gamma, 0, 1)``, two
   passes (Bondarenko et al. 2023).
 * :func:`signed_attention`: ``sign(s) softmax(|s|)`` (Cog attention; Lv et al. 2024).
+* :func:`top_theta_attention`, :func:`calibrate_top_theta`: per-head calibrated score
+  thresholds (Berestizshevsky et al. 2025).
+* :func:`dual_triangle_attention`: half of each head looks back, half forward (MECHANISMS.md);
+  two :func:`jattn.attention` calls, so it also runs on the Pallas kernel.
 """
 
 from jattn.variants.clipped import clipped_softmax_attention
+from jattn.variants.dual_triangle import dual_triangle_attention
 from jattn.variants.signed import signed_attention
+from jattn.variants.top_theta import calibrate_top_theta, top_theta_attention
 
-__all__ = ["clipped_softmax_attention", "signed_attention"]
+__all__ = ["calibrate_top_theta", "clipped_softmax_attention", "dual_triangle_attention",
+           "signed_attention", "top_theta_attention"]
