@@ -44,7 +44,7 @@ def np_out(p, v):
     return np.einsum("bhqk,bkhd->bqhd", p, np.repeat(np.asarray(v, np.float64), HQ // HKV, 2))
 
 
-def check_against_formula(fn, formula, mask, impl, seed=0, args=None, extra=None):
+def check_against_formula(fn, formula, mask, impl, seed=0, args=None, extra=None, blocks=None):
     """Forward vs ``formula`` (float64) and the gradient's directional derivative (w.r.t. every
     array in ``args``, default ``qkv(seed)``) vs central differences of ``formula``; returns
     the gradients for cross-implementation checks. ``fn(*args, mask=, implementation=,
@@ -55,7 +55,7 @@ def check_against_formula(fn, formula, mask, impl, seed=0, args=None, extra=None
     out_shape = jax.eval_shape(lambda *a: fn(*a, mask=mask, implementation="reference",
                                              **extra), *args).shape
     w = np.asarray(jax.random.normal(jax.random.key(seed + 7), out_shape), np.float64)
-    blocks = BLOCKS if impl == "xla" else {}
+    blocks = (blocks or BLOCKS) if impl == "xla" else {}
 
     def run(*a):
         return fn(*a, mask=mask, implementation=impl, **blocks, **extra)
