@@ -16,6 +16,7 @@ from jattn import variants
 from jattn.testing import assert_close
 from tests.variants_oracle import (
     HQ,
+    MASK_PARAMS,
     MASKS,
     T,
     check_against_formula,
@@ -57,7 +58,7 @@ def mta_args(seed=0):
     return q, k, v, theta, w
 
 
-@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("mask_name", MASK_PARAMS)
 def test_mta_matches_the_paper_formula(mask_name):
     mask = MASKS[mask_name]
     args = mta_args()

@@ -11,6 +11,7 @@ from jattn import variants
 from jattn.testing import assert_close
 from tests.variants_oracle import (
     HQ,
+    MASK_PARAMS,
     MASKS,
     D,
     T,
@@ -31,7 +32,7 @@ def np_top_theta(q, k, v, vis, theta=THETA):
     return np_out(np_softmax(s, keep), v)
 
 
-@pytest.mark.parametrize("mask_name", list(MASKS))
+@pytest.mark.parametrize("mask_name", MASK_PARAMS)
 def test_top_theta_matches_formula_in_both_implementations(mask_name):
     mask = MASKS[mask_name]
 

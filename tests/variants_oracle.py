@@ -6,11 +6,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jattn import masks as M
 from jattn.testing import assert_close
 
 B, T, HQ, HKV, D = 2, 21, 4, 2, 8
+# tiny programs: XLA's backend optimizations cost more compile time than they save
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
 BLOCKS = {"block_q": 8, "block_kv": 4}  # T = 21: padding rows/columns and several tiles
 
 
@@ -61,11 +64,13 @@ def check_against_formula(fn, formula, mask, impl, seed=0, args=None, extra=None
         return fn(*a, mask=mask, implementation=impl, **blocks, **extra)
 
     def loss(*a):
-        return jnp.sum(jnp.asarray(w, jnp.float32) * run(*a))
+        out = run(*a)
+        return jnp.sum(jnp.asarray(w, jnp.float32) * out), out
 
-    out = jax.jit(run)(*args)
+    # one compile: the forward comes back as the auxiliary output of the gradient
+    grads, out = jax.jit(jax.grad(loss, tuple(range(len(args))), has_aux=True),
+                         compiler_options=FAST_COMPILE)(*args)
     assert_close(out, formula(*args, vis), rtol=1e-5, name=f"{impl} forward")
-    grads = jax.jit(jax.grad(loss, tuple(range(len(args)))))(*args)
     dirs = [np.asarray(jax.random.normal(jax.random.key(seed + n), np.shape(x)), np.float64)
             for n, x in enumerate(args)]
     x64 = [np.asarray(x, np.float64) for x in args]
@@ -84,3 +89,6 @@ MASKS = {
     "window5": M.sliding_window(5),
     "dense": np.asarray(jax.random.bernoulli(jax.random.key(3), 0.6, (B, 1, T, T))),
 }
+
+# the window mask repeats what causal and dense cover: on demand (pytest -m slow)
+MASK_PARAMS = ["causal", pytest.param("window5", marks=pytest.mark.slow), "dense"]
