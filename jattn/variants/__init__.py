@@ -16,7 +16,7 @@ see :mod:`jattn.variants._tiles`). None has a Pallas kernel yet.
 """
 
 from jattn.variants.clipped import clipped_softmax_attention
-from jattn.variants.dual_triangle import dual_triangle_attention
+from jattn.variants.dual_triangle import dual_triangle_attention, past_and_future_masks
 from jattn.variants.gpsa import gpsa_attention, gpsa_locality_init
 from jattn.variants.mta import mta_identity_kernels, multi_token_attention
 from jattn.variants.signed import signed_attention
@@ -24,4 +24,5 @@ from jattn.variants.top_theta import calibrate_top_theta, top_theta_attention
 
 __all__ = ["calibrate_top_theta", "clipped_softmax_attention", "dual_triangle_attention",
            "gpsa_attention", "gpsa_locality_init", "mta_identity_kernels",
-           "multi_token_attention", "signed_attention", "top_theta_attention"]
+           "multi_token_attention", "past_and_future_masks", "signed_attention",
+           "top_theta_attention"]
