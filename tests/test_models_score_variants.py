@@ -117,6 +117,20 @@ def test_tiny_decoder_trains_with_each_new_mechanism():
     assert float(jnp.abs(layers[3]["attn"]["core"]["gate_logits"][...]).sum()) > 0
 
 
+def _decoded_and_forward(model, tokens, prompt_len=4):
+    graphdef, state = nnx.split(model)
+    full = jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+    policy = CachePolicy()
+    step = jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i, policy))
+    cache = model.init_cache(tokens.shape[0], tokens.shape[1], policy)
+    logits, cache = step(state, tokens[:, :prompt_len], cache, jnp.int32(0))
+    out = [logits]
+    for i in range(prompt_len, tokens.shape[1]):
+        logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
+        out.append(logits)
+    return jnp.concatenate(out, axis=1), full
+
+
 def test_mta_cached_decoding_matches_the_forward():
     cfg = DecoderConfig(vocab_size=32, d_model=16, num_heads=2, num_kv_heads=1, mlp="none",
                         num_layers=1, layer_pattern="A", mechanism="mta", positions="rope",
@@ -125,19 +139,25 @@ def test_mta_cached_decoding_matches_the_forward():
     core = model.layers[0].attn.core
     core.kq_kernel.set_value(0.5 * jax.random.normal(jax.random.key(3), core.kq_kernel.shape))
     tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 32)
-    graphdef, state = nnx.split(model)
-    full = jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
-    policy = CachePolicy()
-    step = jit(lambda s, tok, cache, i: nnx.merge(graphdef, s).decode(tok, cache, i, policy))
-    cache = model.init_cache(2, 9, policy)
-    logits, cache = step(state, tokens[:, :4], cache, jnp.int32(0))
-    out = [logits]
-    for i in range(4, 9):
-        logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i))
-        out.append(logits)
-    assert_close(jnp.concatenate(out, axis=1), full, rtol=1e-4, atol=1e-5, name="mta decode")
+    got, full = _decoded_and_forward(model, tokens)
+    assert_close(got, full, rtol=1e-4, atol=1e-5, name="mta decode")
     with pytest.raises(NotImplementedError, match="full KV cache"):
         core.init_cache(1, 8, CachePolicy("streaming", 1, 4))
+
+
+def test_calibrated_top_theta_decoding_matches_the_forward():
+    # After calibration some rows keep only their own key: decoding must find it at the
+    # query's slot (index + t), not at the end of the partly filled cache.
+    cfg = DecoderConfig(vocab_size=32, d_model=16, num_heads=2, num_kv_heads=1, mlp="none",
+                        num_layers=1, layer_pattern="A", mechanism="top_theta",
+                        positions="rope", attention_options=(("top_theta_keep", 2),))
+    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, 32)
+    calibrate_top_theta(model, lambda: model(tokens))
+    theta = model.layers[0].attn.core.theta[...]
+    assert np.all(np.isfinite(np.asarray(theta)))
+    got, full = _decoded_and_forward(model, tokens)
+    assert_close(got, full, rtol=1e-4, atol=1e-5, name="top_theta decode")
 
 
 def test_tiny_vit_with_gpsa_trains():

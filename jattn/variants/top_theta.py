@@ -3,7 +3,8 @@ by Compensated Thresholding", 2025): a calibrated per-head threshold instead of 
 
 ``keep_ij = visible_ij and (s_ij >= theta_h or j = diag(i))``, ``p_i = softmax over kept keys``,
 ``o_i = sum_j p_ij v_j``, with ``s = scale q k^T (+ bias)`` and ``diag(i) = i + Tk - Tq`` (the
-query's own position, end-aligned as :func:`jattn.masks.causal`). The diagonal is always kept
+query's own position, end-aligned as :func:`jattn.masks.causal`; a KV-cache decoder passes
+``diagonal_offset`` = the first new token's slot instead). The diagonal is always kept
 (when the mask shows it) so that a row never loses every key to the threshold: what we chose
 for the paper's guarantee that each row keeps at least one element. A row whose mask hides the
 diagonal and whose scores all fall below ``theta_h`` returns 0, as an empty row does everywhere
@@ -30,10 +31,10 @@ from jattn.variants._api import prepare
 __all__ = ["top_theta_attention", "calibrate_top_theta"]
 
 
-def _kept(spec, s, vis, theta, q_idx, k_idx):
-    """``vis & (s >= theta_h | diagonal)``; ``theta [Hq]`` -> ``[1, Hkv, G, 1, 1]``."""
+def _kept(spec, s, vis, theta, q_idx, k_idx, offset):
+    """``vis & (s >= theta_h | k = q + offset)``; ``theta [Hq]`` -> ``[1, Hkv, G, 1, 1]``."""
     th = theta.reshape(1, spec.num_kv_heads, spec.group, 1, 1)
-    diag = k_idx[None, :] == q_idx[:, None] + (spec.kv_len - spec.q_len)
+    diag = k_idx[None, :] == q_idx[:, None] + offset
     return vis & ((s >= th) | diag)
 
 
@@ -48,7 +49,7 @@ def _check_theta(theta, hq: int):
 def top_theta_attention(q, k, v, theta, *, mask: Mask | jax.Array | None = None, bias=None,
                         scale: float | None = None, logits_soft_cap: float | None = None,
                         implementation: str | None = None, block_q: int | None = None,
-                        block_kv: int | None = None) -> jax.Array:
+                        block_kv: int | None = None, diagonal_offset=None) -> jax.Array:
     """Top-theta attention (module docstring), ``[B, Tq, Hq, Dv]`` in q's dtype.
 
     Args:
@@ -56,20 +57,25 @@ def top_theta_attention(q, k, v, theta, *, mask: Mask | jax.Array | None = None,
       theta: float ``[Hq]`` per-head thresholds on the (scaled, biased, capped) scores.
       mask, bias, scale, logits_soft_cap, implementation, block_q, block_kv: as in
         :func:`jattn.variants.clipped_softmax_attention`.
+      diagonal_offset: query ``i``'s own key is ``i + diagonal_offset`` (int or int scalar
+        array, may be traced); default ``Tk - Tq``.
     """
     call = prepare("top_theta_attention", q, k, v, mask=mask, bias=bias, scale=scale,
                    logits_soft_cap=logits_soft_cap, implementation=implementation)
     spec = call.spec
     theta = _check_theta(theta, q.shape[2])
+    offset = (spec.kv_len - spec.q_len if diagonal_offset is None
+              else jnp.asarray(diagonal_offset, jnp.int32))
     if call.implementation == "reference":
         s, vis = _tiles.dense_scores(spec, q, k, call.bias, call.dense_mask)
-        keep = _kept(spec, s, vis, theta, jnp.arange(spec.q_len), jnp.arange(spec.kv_len))
+        keep = _kept(spec, s, vis, theta, jnp.arange(spec.q_len), jnp.arange(spec.kv_len),
+                     offset)
         return _tiles.weighted_values(_tiles.dense_softmax(s, keep), v).astype(q.dtype)
     bq, bk = _tiles.block_sizes(spec, block_q, block_kv)
 
     def step(carry, tile, _):
         s = _tiles.tile_scores(spec, tile)
-        keep = _kept(spec, s, tile.vis, theta, tile.q_idx, tile.k_idx)
+        keep = _kept(spec, s, tile.vis, theta, tile.q_idx, tile.k_idx, offset)
         return _tiles.softmax_step(carry, s, keep, tile.v)
 
     out = _tiles.tile_loop(spec, q, k, v, call.bias, call.dense_mask, block_q=bq, block_kv=bk,

@@ -315,7 +315,8 @@ class TopTheta(_SoftmaxBase):
         self.theta = TopThetaThreshold(jnp.full((cfg.num_heads,), -jnp.inf, jnp.float32))
         self.calibrating = False
 
-    def attend(self, q, k, v, *, mask, bias, context_axis=None, score_mod=None):
+    def attend(self, q, k, v, *, mask, bias, context_axis=None, score_mod=None,
+               diagonal_offset=None):
         if score_mod is not None:
             raise NotImplementedError("mechanism 'top_theta' takes no score_mod")
         cfg = self.cfg
@@ -325,7 +326,25 @@ class TopTheta(_SoftmaxBase):
                 logits_soft_cap=cfg.logits_soft_cap))
         return jattn.variants.top_theta_attention(
             q, k, v, self.theta[...], mask=mask, bias=bias, scale=cfg.scale,
-            logits_soft_cap=cfg.logits_soft_cap, implementation=cfg.implementation)
+            logits_soft_cap=cfg.logits_soft_cap, implementation=cfg.implementation,
+            diagonal_offset=diagonal_offset)
+
+    def decode(self, inp, cache, index, policy):
+        """Full KV cache only: a new query's own key (always kept) is its slot ``index + t``,
+        which the end-aligned default would misplace in a partly filled cache."""
+        if policy.kind != "full":
+            raise NotImplementedError(f"top_theta decodes with the full KV cache only (its own "
+                                      f"key is located by slot), got policy {policy.kind!r}")
+        tq = inp.q.shape[1]
+        index = jnp.asarray(index, jnp.int32)
+        new_pos = index + jnp.arange(tq, dtype=jnp.int32)
+        cache = kv_cache.update(cache, self.rope(inp.k, new_pos), inp.v, index, policy)
+        view = kv_cache.visible(cache, index, tq, policy)
+        vis = view.mask & self._pattern(view.q_pos, view.k_pos)
+        o = self.attend(self.rope(inp.q, view.q_pos), cache["k"], cache["v"], mask=vis,
+                        bias=self.alibi(view.q_pos, view.k_pos), diagonal_offset=index)
+        o = self.finish(inp, o, None)
+        return jnp.where(view.invalid, jnp.asarray(jnp.nan, o.dtype), o), cache
 
     def weights(self, q, k, *, mask, bias, score_mod=None):
         cfg = self.cfg
