@@ -112,7 +112,7 @@ def tile_loop(spec: Spec, q, k, v, bias, dense_mask, *, block_q: int, block_kv: 
     dense_mask = pad(pad(dense_mask, 2, tq, False), 3, tk, False)
     bias = pad(pad(bias, 2, tq), 3, tk)
     rows = jax.tree.map(lambda x: pad(x, 3, tq), rows)
-    b, _, hkv, g = q.shape[0], q.shape[1], spec.num_kv_heads, spec.group
+    b, hkv, g = q.shape[0], spec.num_kv_heads, spec.group
     row_shape = (b, hkv, g, bq)
 
     @jax.checkpoint
