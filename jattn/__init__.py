@@ -2,7 +2,8 @@
 
 Pure functions, no state: ``attention`` (softmax family), ``masks``, ``position``,
 ``normalizers``, ``score_mods`` (programmable scores), ``linear`` (linear / recurrent
-attention), ``analysis``, ``context_parallel`` (the sequence split over a mesh axis).
+attention), ``analysis``, ``context_parallel`` (the sequence split over a mesh axis),
+``variants`` (softmax-family variants with their own blocked forms).
 """
 
 from jattn import (
@@ -14,6 +15,7 @@ from jattn import (
     position,
     score_mods,
     sparse,
+    variants,
 )
 from jattn._block_mask import attention_block_sizes
 from jattn.attention import attention, attention_weights
@@ -33,4 +35,5 @@ __all__ = [
     "position",
     "score_mods",
     "sparse",
+    "variants",
 ]

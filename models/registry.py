@@ -14,8 +14,9 @@ A registered factory is called as ``factory(cfg, mask, arg, rngs=rngs)`` and ret
 :class:`models.cores.base.Core`; ``mask`` is the block's mask (causal & configured pattern).
 Softmax-family cores accept any mask; recurrent cores accept none. The built-in cores, with the
 math and the paper of each: :mod:`models.cores.softmax`, :mod:`models.cores.variants`,
-:mod:`models.cores.recurrent`, :mod:`models.cores.hybrid`; they register when
-:mod:`models.cores` loads (importing any of ``models`` loads it).
+:mod:`models.cores.score_map` (mta, gpsa), :mod:`models.cores.recurrent`,
+:mod:`models.cores.hybrid`; they register when :mod:`models.cores` loads (importing any of
+``models`` loads it).
 """
 
 from __future__ import annotations

@@ -44,7 +44,9 @@ Metrics (eval, on the fixed eval batch; layer 0 unless suffixed ``/layer{i}``):
 * ``loss``: cross-entropy on all positions;
 * extras: ``value_norm_ratio`` / ``residual_norm_ratio`` (``<s>``'s norm over the mean of the
   other positions', layer 0: a drain is << 1, a peak >> 1) and ``sink_score`` (Gu et al.'s
-  ``Sink_0^0.3`` in percent of the (layer, head) pairs, ``jattn.analysis.sink_score``).
+  ``Sink_0^0.3`` in percent of the (layer, head) pairs, ``jattn.analysis.sink_score``) and
+  ``sink_score_rownorm`` (the same on row-normalized weights, as Gu et al. evaluate sigmoid
+  attention).
 
 ``summary.json`` gets ``trajectory`` (one entry per eval: ``step`` and the metrics above),
 ``final`` (the same metrics at the end, plus the runner's ``train_loss`` and ``eval_*``
@@ -250,6 +252,10 @@ class BigramBackcopyTask(Task):
         out["residual_norm_ratio"] = analysis.token_norm_ratio(layer0["residual_norms"])
         if weights:  # Gu et al.'s Sink_0^0.3 (% of (layer, head) pairs), all layers
             out["sink_score"] = analysis.sink_score(jnp.stack(weights), k=0, eps=0.3)
+            # the same on row-normalized weights: what Gu et al. report for unnormalized
+            # (sigmoid) attention; equal to sink_score when rows already sum to one
+            out["sink_score_rownorm"] = analysis.sink_score(jnp.stack(weights), k=0, eps=0.3,
+                                                            normalize=True)
         return out
 
     def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jattn.analysis._validate import _weights
 
 
-def sink_importance(weights, k: int = 0) -> jax.Array:
+def sink_importance(weights, k: int = 0, normalize: bool = False) -> jax.Array:
     r"""Attention importance of key ``k`` per head: ``alpha_k = mean_{i >= k} p_{i,k}``.
 
     Gu et al. 2024 (Sec. 3): ``alpha_k^{l,h} = 1/(T - k) * sum_{i=k}^{T-1} p^{l,h}_{i,k}``
@@ -21,11 +21,17 @@ def sink_importance(weights, k: int = 0) -> jax.Array:
     Args:
       weights: ``[B, H, T, T]`` or ``[L, B, H, T, T]`` (square: self-attention).
       k: the key (token) index, ``0 <= k < T``.
+      normalize: first divide each row by its sum, ``p / (sum_j p_ij + 1e-8)``, as Gu et al.'s
+        evaluation code does for attention without normalization (sigmoid, elu + 1): their
+        reported Sink of ~0.4% for sigmoid attention is on row-normalized weights. Raw sigmoid
+        weights are ~0.5 everywhere at init, so every head would clear ``eps = 0.3``.
 
     Returns:
       ``[H]`` or ``[L, H]``.
     """
     w = _weights(weights)
+    if normalize:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-8)
     t = w.shape[-1]
     if w.shape[-2] != t:
         raise ValueError(f"weights must be square self-attention [.., T, T], got {w.shape}")
@@ -35,7 +41,7 @@ def sink_importance(weights, k: int = 0) -> jax.Array:
     return jnp.mean(p[..., k:, k], axis=-1)
 
 
-def sink_score(weights, k: int = 0, eps: float = 0.3) -> jax.Array:
+def sink_score(weights, k: int = 0, eps: float = 0.3, normalize: bool = False) -> jax.Array:
     r"""Gu et al.'s attention-sink metric ``Sink_k^eps`` in percent.
 
     ``Sink_k^eps = 100 / (L H) * sum_{l, h} 1[alpha_k^{l,h} > eps]`` with ``alpha_k`` from
@@ -45,7 +51,8 @@ def sink_score(weights, k: int = 0, eps: float = 0.3) -> jax.Array:
     Args:
       weights: ``[B, H, T, T]`` (one layer: the percentage of heads) or
         ``[L, B, H, T, T]`` (the percentage of (layer, head) pairs).
-      k: key index. eps: threshold on ``alpha_k``.
+      k: key index. eps: threshold on ``alpha_k``. normalize: row-normalize the weights first
+        (Gu et al.'s evaluation of unnormalized attention; see :func:`sink_importance`).
 
     Returns:
       A scalar in ``[0, 100]``.
@@ -55,7 +62,7 @@ def sink_score(weights, k: int = 0, eps: float = 0.3) -> jax.Array:
     number), e.g. ``0.61 > 0.3`` at ``T = 3`` (score 100), ``0.21 < 0.3`` at ``T = 16``
     (score 0).
     """
-    alpha = sink_importance(weights, k)
+    alpha = sink_importance(weights, k, normalize)
     return 100.0 * jnp.mean((alpha > eps).astype(jnp.float32))
 
 

@@ -3,7 +3,8 @@
 * :mod:`models.cores.base`: :class:`Core` (the interface), :class:`CoreInputs`, :class:`AuxLoss`.
 * :mod:`models.cores.softmax`: :class:`SoftmaxCore` (KV cache) and the softmax family.
 * :mod:`models.cores.variants`: softmax-family variants (fox, softpick, stick_breaking, diff,
-  cog).
+  cog, top_theta, dual_triangle).
+* :mod:`models.cores.score_map`: weights from several query-key pairs (mta, gpsa).
 * :mod:`models.cores.recurrent`: :class:`RecurrentCore` (fixed-size state) and the linear family.
 * :mod:`models.cores.rwkv7`: RWKV-7 time mixing on the DPLR delta rule.
 * :mod:`models.cores.hybrid`: cores with both (Based).
@@ -20,9 +21,18 @@ from models.cores.loglinear import LogLinearGLA, LogLinearMamba2
 from models.cores.mamba2 import Mamba2
 from models.cores.recurrent import RecurrentCore
 from models.cores.rwkv7 import RWKV7  # noqa: F401 (registers)
+from models.cores.score_map import GPSA, MTA  # noqa: F401 (registers)
 from models.cores.softmax import SoftmaxCore
 from models.cores.sparse import DSA, MoBA
-from models.cores.variants import Cog, Diff, FoX, Softpick, StickBreaking  # noqa: F401 (registers)
+from models.cores.variants import (  # noqa: F401 (registers)
+    Cog,
+    Diff,
+    DualTriangle,
+    FoX,
+    Softpick,
+    StickBreaking,
+    TopTheta,
+)
 
 __all__ = ["DSA", "Agent", "AuxLoss", "Based", "Core", "CoreInputs", "Flowformer",
            "LogLinearGLA", "LogLinearMamba2", "Mamba2", "MoBA", "RecurrentCore", "SoftmaxCore",

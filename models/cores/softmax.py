@@ -37,7 +37,7 @@ import jattn
 from jattn import masks
 from models import cache_policies, kv_cache
 from models.config import AttentionConfig
-from models.cores.base import AuxLoss, Core, CoreInputs, repeat_kv
+from models.cores.base import AuxLoss, Core, CoreInputs
 from models.intermediates import record
 from models.kv_cache import CachePolicy
 from models.layers import Dense
@@ -279,8 +279,8 @@ class ClippedSoftmax(_SoftmaxBase):
 
     ``p = clip((zeta - gamma) * softmax(s) + gamma, 0, 1)`` with ``gamma <= 0``, ``zeta >= 1``
     (options ``clip_gamma``, ``clip_zeta``), so a weight reaches exactly 0 (or 1) with finite
-    logits. Masked keys get 0. Materializes ``[B, H, Tq, Tk]`` (reference path, any
-    ``implementation``; hence no context parallelism). The paper scales
+    logits. Masked keys get 0. :func:`jattn.variants.clipped_softmax_attention`: two blocked
+    passes (``implementation`` None or ``"xla"``; no context parallelism). The paper scales
     ``gamma = -alpha / T``; pass that as ``clip_gamma``.
     """
 
@@ -299,9 +299,13 @@ class ClippedSoftmax(_SoftmaxBase):
         return jnp.where(_dense_visible(mask, q.shape[1], k.shape[1]), p, 0.0)
 
     def attend(self, q, k, v, *, mask, bias, context_axis=None):
-        p = self.weights(q, k, mask=mask, bias=bias)
-        vv = repeat_kv(v, q.shape[2]).astype(jnp.float32)
-        return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype)
+        # two blocked passes for implementation None/"xla" (never [T, T]); materialized for
+        # "reference"; "pallas" is a NotImplementedError (no kernel)
+        cfg = self.cfg
+        return jattn.variants.clipped_softmax_attention(
+            q, k, v, gamma=self.opts.clip_gamma, zeta=self.opts.clip_zeta, mask=mask, bias=bias,
+            scale=cfg.scale, logits_soft_cap=cfg.logits_soft_cap,
+            implementation=cfg.implementation)
 
 
 @register_mechanism("moh")

@@ -6,10 +6,11 @@ softpick           ``relu(e^s - 1) / sum |e^s - 1|`` (Zuhri et al. 2025)
 stick_breaking     ``beta_ij prod_{j<k<=i} (1 - beta_ik)``, ``beta = sigmoid(s)`` (Tan et al. 2024)
 diff               Differential attention ``softmax(Q1 K1^T) - lambda softmax(Q2 K2^T)`` (Ye et al.)
 cog                signed weights ``sign(s) softmax(|s|)`` (Cog attention, Lv et al. 2024)
+top_theta          softmax over keys with ``s >= theta_h``, calibrated (Berestizshevsky et al. 2025)
+dual_triangle      half of each head looks back, half forward (MECHANISMS.md)
 =================  ===============================================================================
 
-None of them runs context-parallel (``context_parallel = False``): untested there, and ``cog``
-materializes its ``[Tq, Tk]`` weights.
+None of them runs context-parallel (``context_parallel = False``): untested there.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from models.layers import Dense
 from models.registry import register_mechanism
 from models.sharding import param
 
-__all__ = ["FoX", "Softpick", "StickBreaking", "Diff", "Cog", "diff_lambda_init"]
+__all__ = ["FoX", "Softpick", "StickBreaking", "Diff", "Cog", "TopTheta", "DualTriangle",
+           "calibrate_top_theta", "diff_lambda_init", "weights_from_outputs"]
 
 
 @register_mechanism("fox")
@@ -242,22 +244,22 @@ class Cog(_SoftmaxBase):
     (a soft-cap, if set, applies to ``|s|``, which leaves the sign alone). The magnitude is a
     softmax of ``|s|``, so a head can give a key a large *negative* weight (delete/copy).
 
-    No ``jattn`` normalizer serves it (a ``"signed"`` normalizer would need the blocked kernel's
-    streaming form), so this core materializes ``[B, Hq, Tq, Tk]`` weights (any
-    ``implementation`` runs the reference formula) and cannot run context-parallel.
+    :func:`jattn.variants.signed_attention`: an online softmax over ``|s|`` with the sign
+    applied in the value product (``implementation`` None or ``"xla"``: blocked, never
+    ``[T, T]``; ``"reference"``: materialized). No context parallelism, no score_mod.
     """
 
     context_parallel = False
 
     def weights(self, q, k, *, mask, bias, score_mod=None):
         cfg = self.cfg
+        if score_mod is not None:
+            raise NotImplementedError("mechanism 'cog' takes no score_mod")
         scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(q.shape[-1])
         kk = repeat_kv(k, q.shape[2]).astype(jnp.float32)
         s = scale * jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), kk)
         if bias is not None:
             s = s + bias
-        if score_mod is not None:
-            raise NotImplementedError("mechanism 'cog' takes no score_mod")
 
         def magnitude(t, b, h, qi, ki):
             return jnp.abs(t)
@@ -268,6 +270,144 @@ class Cog(_SoftmaxBase):
         return jnp.where(vis, jnp.sign(s) * mag, 0.0)
 
     def attend(self, q, k, v, *, mask, bias, context_axis=None, score_mod=None):
-        p = self.weights(q, k, mask=mask, bias=bias, score_mod=score_mod)
-        vv = repeat_kv(v, q.shape[2]).astype(jnp.float32)
-        return jnp.einsum("bhqk,bkhd->bqhd", p, vv).astype(q.dtype)
+        if score_mod is not None:
+            raise NotImplementedError("mechanism 'cog' takes no score_mod")
+        cfg = self.cfg
+        return jattn.variants.signed_attention(q, k, v, mask=mask, bias=bias, scale=cfg.scale,
+                                               logits_soft_cap=cfg.logits_soft_cap,
+                                               implementation=cfg.implementation)
+
+
+def weights_from_outputs(attend, q, k) -> jax.Array:
+    """``[B, Hq, Tq, Tk]`` weights of a mechanism linear in ``v``: ``attend(q, k, v)`` with
+    ``v`` the identity over keys (one-hot value per key), so the output rows are the weights.
+    For analysis (materializes ``[Tq, Tk]``)."""
+    b, tk, hkv = k.shape[0], k.shape[1], k.shape[2]
+    eye = jnp.broadcast_to(jnp.eye(tk, dtype=jnp.float32)[None, :, None, :], (b, tk, hkv, tk))
+    return jnp.moveaxis(attend(q, k, eye).astype(jnp.float32), 2, 1)
+
+
+class TopThetaThreshold(nnx.Variable):
+    """Calibrated per-head score thresholds (not trained: a threshold has no gradient)."""
+
+
+@register_mechanism("top_theta")
+class TopTheta(_SoftmaxBase):
+    """Top-theta attention (Berestizshevsky et al., "Top-Theta Attention: Sparsifying
+    Transformers by Compensated Thresholding", 2025): softmax over the keys whose score reaches
+    a calibrated per-head threshold, ``s_ij >= theta_h`` (the diagonal always kept), see
+    :func:`jattn.variants.top_theta_attention`.
+
+    ``theta`` (a :class:`TopThetaThreshold` ``[Hq]``) starts at ``-inf``: plain softmax, so a
+    model trains dense and is calibrated afterwards. :func:`calibrate_top_theta` runs a
+    forward pass on sample data and sets every top-theta layer's ``theta`` to keep about
+    ``top_theta_keep`` keys per row (option, default 8).
+    """
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        top_theta_keep: int = 8
+
+    context_parallel = False
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        self.theta = TopThetaThreshold(jnp.full((cfg.num_heads,), -jnp.inf, jnp.float32))
+        self.calibrating = False
+
+    def attend(self, q, k, v, *, mask, bias, context_axis=None, score_mod=None,
+               diagonal_offset=None):
+        if score_mod is not None:
+            raise NotImplementedError("mechanism 'top_theta' takes no score_mod")
+        cfg = self.cfg
+        if self.calibrating:  # calibrate_top_theta: thresholds from this batch's scores
+            self.theta.set_value(jattn.variants.calibrate_top_theta(
+                q, k, keep=self.opts.top_theta_keep, mask=mask, bias=bias, scale=cfg.scale,
+                logits_soft_cap=cfg.logits_soft_cap))
+        return jattn.variants.top_theta_attention(
+            q, k, v, self.theta[...], mask=mask, bias=bias, scale=cfg.scale,
+            logits_soft_cap=cfg.logits_soft_cap, implementation=cfg.implementation,
+            diagonal_offset=diagonal_offset)
+
+    def decode(self, inp, cache, index, policy):
+        """Full KV cache only: a new query's own key (always kept) is its slot ``index + t``,
+        which the end-aligned default would misplace in a partly filled cache."""
+        if policy.kind != "full":
+            raise NotImplementedError(f"top_theta decodes with the full KV cache only (its own "
+                                      f"key is located by slot), got policy {policy.kind!r}")
+        tq = inp.q.shape[1]
+        index = jnp.asarray(index, jnp.int32)
+        new_pos = index + jnp.arange(tq, dtype=jnp.int32)
+        cache = kv_cache.update(cache, self.rope(inp.k, new_pos), inp.v, index, policy)
+        view = kv_cache.visible(cache, index, tq, policy)
+        vis = view.mask & self._pattern(view.q_pos, view.k_pos)
+        o = self.attend(self.rope(inp.q, view.q_pos), cache["k"], cache["v"], mask=vis,
+                        bias=self.alibi(view.q_pos, view.k_pos), diagonal_offset=index)
+        o = self.finish(inp, o, None)
+        return jnp.where(view.invalid, jnp.asarray(jnp.nan, o.dtype), o), cache
+
+    def weights(self, q, k, *, mask, bias, score_mod=None):
+        cfg = self.cfg
+        return weights_from_outputs(
+            lambda q, k, v: jattn.variants.top_theta_attention(
+                q, k, v, self.theta[...], mask=mask, bias=bias, scale=cfg.scale,
+                logits_soft_cap=cfg.logits_soft_cap, implementation="reference"), q, k)
+
+
+def calibrate_top_theta(model: nnx.Module, run) -> None:
+    """Set the thresholds of every :class:`TopTheta` core in ``model`` from one call of
+    ``run()`` (e.g. ``lambda: model(sample_tokens)``; eager, not under ``jax.jit``)."""
+    cores = [m for _, m in nnx.iter_modules(model) if isinstance(m, TopTheta)]
+    if not cores:
+        raise ValueError("calibrate_top_theta: the model has no 'top_theta' attention core")
+    for core in cores:
+        core.calibrating = True
+    try:
+        run()
+    finally:
+        for core in cores:
+            core.calibrating = False
+
+
+@register_mechanism("dual_triangle")
+class DualTriangle(_SoftmaxBase):
+    """Dual triangle attention (MECHANISMS.md: "half of each head's subspace masked past+self,
+    half future+self; bidirectional without positions"): the first half of each head's q/k/v
+    attends to keys ``j <= i``, the second half to ``j >= i``, both ANDed with the block's mask;
+    outputs concatenated. :func:`jattn.variants.dual_triangle_attention` (two
+    ``jattn.attention`` calls: every implementation). Meant for bidirectional blocks
+    (``causal=False``, e.g. the ViT) with ``position="none"``; under a causal mask the future
+    half sees only the query itself. No KV-cache decoding: the future half needs keys that
+    have not been generated (``decode`` raises NotImplementedError)."""
+
+    context_parallel = False
+
+    def __init__(self, cfg, mask, arg=None, *, rngs):
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        if cfg.dh % 2:
+            raise ValueError(f"mechanism 'dual_triangle' splits each head in two: head_dim must "
+                             f"be even, got {cfg.dh}")
+
+    def attend(self, q, k, v, *, mask, bias, context_axis=None, score_mod=None):
+        cfg = self.cfg
+        extra = {} if score_mod is None else {"score_mod": score_mod}
+        return jattn.variants.dual_triangle_attention(
+            q, k, v, mask=mask, bias=bias, scale=cfg.scale, logits_soft_cap=cfg.logits_soft_cap,
+            implementation=cfg.implementation, **extra)
+
+    def weights(self, q, k, *, mask, bias, score_mod=None):
+        """The mean of the two halves' weight maps (the past and the future triangle)."""
+        cfg = self.cfg
+        past, future = jattn.variants.past_and_future_masks(mask, q.shape[1], k.shape[1])
+        h = q.shape[-1] // 2
+
+        def one(sl, m):
+            return jattn.attention_weights(q[..., sl], k[..., sl], mask=m, bias=bias,
+                                           scale=cfg.scale, logits_soft_cap=cfg.logits_soft_cap,
+                                           score_mod=score_mod)
+
+        return 0.5 * (one(slice(0, h), past) + one(slice(h, None), future))
+
+    def decode(self, inp, cache, index, policy):
+        raise NotImplementedError("mechanism 'dual_triangle' is bidirectional (half of each "
+                                  "head attends to future keys): it has no KV-cache decoding")
