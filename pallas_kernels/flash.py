@@ -29,6 +29,17 @@ using the forward lists for dq and the transposed lists (per key block, the non-
 blocks) for dk/dv. A query row with no visible key (and no sink) outputs 0, gets zero
 gradients and ``lse = -inf``.
 
+A ``score_mod`` (FlexAttention's idea) is applied to the scaled logits before the cap; the arrays
+it reads are kernel operands (``score_mod_operands``): per-query-position arrays sliced to the
+program's query block and per-key-position arrays to the key block by their BlockSpecs (e.g.
+FoX's gate cumsums), small per-(batch, head) tables read whole (ALiBi slopes, T5 buckets; their
+entries picked by one-hot sums, as neither Mosaic nor Triton lowers a gather). The backward
+kernels pull each tile's ``ds`` back through the score_mod (``jax.vjp`` inside the kernel) and
+accumulate each operand's cotangent into a per-program partial output (the dq pass for
+query-indexed and whole operands, the dk/dv pass for key-indexed ones); the wrapper sums the
+partials over programs, batch and heads with ordinary XLA reductions. No atomics, so operand
+gradients are bitwise reproducible (FlexAttention accumulates them with atomics on GPU).
+
 Backends and JAX versions (tested range pinned in ``pyproject.toml``: jax >= 0.10.2, < 0.12):
 
 * TPU (Mosaic): ``pltpu.PrefetchScalarGridSpec`` with the block lists scalar-prefetched into
