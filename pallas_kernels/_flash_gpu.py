@@ -228,9 +228,9 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, m, log_l,
             blocks = _mod_blocks(cfg, mod_refs, "q", sl)
 
             def tile(vis):
-                _, ds, dblocks = tiles._bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r,
-                                                 vis, cfg, (b, h, i * bq, kb * bk), blocks,
-                                                 want_q)
+                _, ds, dblocks = tiles.bwd_tile_operands(
+                    q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg,
+                    (b, h, i * bq, kb * bk), blocks, want_q)
                 return (acc + tiles._mm(ds.astype(k_blk.dtype), k_blk),
                         _add_partials(cfg, parts, want_q, dblocks))
 
@@ -282,9 +282,9 @@ def gpu_backward(cfg: Config, ents, cnts, ents_t, cnts_t, q, k, v, do, m, log_l,
             blocks = _mod_blocks(cfg, mod_refs, "kv", sl)
 
             def tile(vis):
-                p, ds, dblocks = tiles._bwd_tile(q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r,
-                                                 vis, cfg, (b, h, qb * bq, c * bk), blocks,
-                                                 want_kv)
+                p, ds, dblocks = tiles.bwd_tile_operands(
+                    q_blk, k_blk, v_blk, do_blk, m_r, log_l_r, di_r, vis, cfg,
+                    (b, h, qb * bq, c * bk), blocks, want_kv)
                 return (dk_acc + tiles._mm(ds.T.astype(q_blk.dtype), q_blk),
                         dv_acc + tiles._mm(p.T.astype(do_blk.dtype), do_blk),
                         _add_partials(cfg, parts, want_kv, dblocks))

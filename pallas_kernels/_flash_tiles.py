@@ -179,9 +179,14 @@ def _finalize(m, l, acc):
     return o, jnp.where(empty, jnp.inf, m), jnp.log(l_safe)
 
 
-def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config, pos, blocks=(), want=()):
-    """``p``, ``ds = dL/ds`` (before ``scale``) of a tile and the cotangents of the score_mod
-    blocks listed in ``want``; m, log_l, di are ``[bq]``."""
+def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config, pos, blocks=()):
+    """``p`` and ``ds = dL/ds`` (before ``scale``) of a tile; m, log_l, di are ``[bq]``."""
+    p, ds, _ = bwd_tile_operands(q, k, v, do, m, log_l, di, vis, cfg, pos, blocks)
+    return p, ds
+
+
+def bwd_tile_operands(q, k, v, do, m, log_l, di, vis, cfg: Config, pos, blocks=(), want=()):
+    """:func:`_bwd_tile` plus the cotangents of the score_mod blocks listed in ``want``."""
     if want:  # reverse mode through score_mod and cap, for the blocks' cotangents too
         def modded(s0, own):
             bl = list(blocks)

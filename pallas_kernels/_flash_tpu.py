@@ -14,13 +14,13 @@ from pallas_kernels._flash_tiles import (
     MASK_VALUE,
     SUBLANES,
     Config,
-    _bwd_tile,
     _entry,
     _finalize,
     _fwd_update,
     _mm,
     _sel,
     _visible,
+    bwd_tile_operands,
     f32,
     grad_value,
     split_blocks,
@@ -309,10 +309,10 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
         def step(masked):
             vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, i * bq, kb * bk, h)
             k_blk = k_ref[...]
-            _, ds, dblocks = _bwd_tile(q_ref[...], k_blk, v_ref[...], do_ref[...],
-                                       _row_stat(m_ref), _row_stat(log_l_ref), _row_stat(di_ref),
-                                       vis, cfg, (b, h, i * bq, kb * bk),
-                                       _tpu_mod_blocks(cfg, mod_refs), want_q)
+            _, ds, dblocks = bwd_tile_operands(
+                q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(m_ref),
+                _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg, (b, h, i * bq, kb * bk),
+                _tpu_mod_blocks(cfg, mod_refs), want_q)
             dq_sc[...] += _mm(ds.astype(k_blk.dtype), k_blk)
             _tpu_accumulate(cfg, part_refs, want_q, dblocks)
 
@@ -375,10 +375,10 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
         def step(masked):
             vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, qb * bq, c * bk, h)
             q_blk, do_blk = q_ref[...], do_ref[...]
-            p, ds, dblocks = _bwd_tile(q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref),
-                                       _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
-                                       (b, h, qb * bq, c * bk),
-                                       _tpu_mod_blocks(cfg, mod_refs), want_kv)
+            p, ds, dblocks = bwd_tile_operands(
+                q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref), _row_stat(log_l_ref),
+                _row_stat(di_ref), vis, cfg, (b, h, qb * bq, c * bk),
+                _tpu_mod_blocks(cfg, mod_refs), want_kv)
             dv_sc[...] += _mm(p.T.astype(do_blk.dtype), do_blk)
             dk_sc[...] += _mm(ds.T.astype(q_blk.dtype), q_blk)
             _tpu_accumulate(cfg, part_refs, want_kv, dblocks)
