@@ -76,7 +76,7 @@ def _run_case(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["tpu", "cuda"])
-@pytest.mark.parametrize("name", ["alibi", "relative_bias", "forgetting", "compose"])
+@pytest.mark.parametrize("name", ["alibi", "relative_bias", "forgetting", "tanh_cap", "compose"])
 def test_captured_arrays_match_dense_formula(name, backend):
     """Forward and gradients w.r.t. q, k, v and every captured array; causal, GQA (Hq=4,
     Hkv=2), a soft cap after the score_mod, padded tiles."""
