@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jattn import _block_mask, _blocked, _dispatch, _pallas_dispatch, _reference
+from jattn import _block_mask, _blocked, _dispatch, _flash_bias, _pallas_dispatch, _reference
 from jattn import masks as masks_lib
 from jattn import normalizers as normalizers_lib
 from jattn import score_mods as score_mods_lib
@@ -255,6 +255,17 @@ def _flax_keywords(q, k, v, mask, *, dropout_rate, deterministic, dtype, module)
     return q, k, v, mask
 
 
+def _with_bias_factors(q, k, v, bias_factors, *, scale, bias, normalizer, score_mod,
+                       implementation):
+    """``bias_factors`` folded into q/k (or a dense/tiled bias): see :mod:`jattn._flash_bias`."""
+    _check_qkv(q, k, v)
+    normalizers_lib.get(normalizer)  # an unknown name is reported as usual
+    scale = None if scale is None else _static_float(scale, "scale")
+    return _flash_bias.apply(q, k, v, bias_factors, scale=scale, bias=bias,
+                             normalizer=normalizer, score_mod=score_mod,
+                             implementation=implementation)
+
+
 def attention(
     q: ArrayLike,
     k: ArrayLike,
@@ -282,6 +293,7 @@ def attention(
     dtype: Any = None,
     precision: Any = None,
     module: Any = None,
+    bias_factors: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> Array | tuple[Array, Array]:
     """Scaled dot-product attention with masks, sinks, soft-capping and other normalizers.
 
@@ -323,14 +335,22 @@ def attention(
         applied after ``scale * q.k + bias`` and before the soft-cap, mask and normalizer (see
         :mod:`jattn.score_mods`). Arrays it closes over receive gradients, deterministically,
         in every implementation. It is traced once on scalars; a wrong output shape/dtype or a
-        non-elementwise function is a TypeError naming it. The Pallas kernel takes only
-        score_mods capturing no arrays (else NotImplementedError; ``None`` falls back to
-        xla); not yet with ``context_axis`` (NotImplementedError).
+        non-elementwise function is a TypeError naming it. In the Pallas kernel the captured
+        arrays are kernel operands (per-position arrays sliced per block, small tables whole;
+        see :class:`jattn.score_mods.KernelForm`); a capture it cannot take (a large array with
+        no KernelForm) is a NotImplementedError naming it, and ``None`` falls back to xla.
+        Not yet with ``context_axis`` (NotImplementedError).
       block_mask: bool (or 0/1 int) ``[B|1, Hq|1, nq, nk]``, run-time block sparsity at the
         block sizes ``jattn.attention_block_sizes(Tq, Tk, implementation)``: query block ``i``
         of ``(b, h)`` sees key block ``j`` only where it is True (ANDed with ``mask``). May be
         traced (no recompilation when it changes); empty blocks are skipped (their K/V,
         even NaN, never reach the output or gradients). See :mod:`jattn._block_mask`.
+      bias_factors: ``(u, w)``, a low-rank bias ``bias = u @ w^T`` (FlashBias, Wu et al. 2025)
+        added like ``bias``: u float ``[B|1, Hq|1, Tq, R]``, w float ``[B|1, Hq|Hkv|1, Tk,
+        R]``. Folded exactly into q and k as ``R`` extra feature columns
+        (``q' = [scale q, u]``, ``k' = [k, w]``, then ``scale = 1``), so every implementation,
+        the Pallas kernel included, serves it without a ``[Tq, Tk]`` array; ``reference``
+        materializes it. Differentiable in u and w. See :mod:`jattn._flash_bias`.
 
     Returns:
       ``[B, Tq, Hq, Dv]`` in q's dtype (accumulated in fp32), and ``lse`` if requested. Empty
@@ -342,6 +362,10 @@ def attention(
     q, k, v, mask = _flax_keywords(q, k, v, mask, dropout_rate=dropout_rate,
                                    deterministic=deterministic, dtype=dtype, module=module)
     mask = _convenience_mask(q, k, mask, is_causal, local_window_size)
+    if bias_factors is not None:
+        q, k, v, scale, bias, score_mod = _with_bias_factors(
+            q, k, v, bias_factors, scale=scale, bias=bias, normalizer=normalizer,
+            score_mod=score_mod, implementation=implementation)
     if context_axis is not None:
         if block_mask is not None:
             raise NotImplementedError("block_mask with context_axis is not supported yet")
@@ -410,17 +434,22 @@ def attention_weights(
     score_mod: Callable[..., Array] | None = None,
     is_causal: bool = False,
     local_window_size: int | tuple[int, int] | None = None,
+    bias_factors: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> Array:
     """The normalized weights ``p [B, Hq, Tq, Tk]`` (fp32, reference path), for analysis.
 
-    Takes the same arguments as :func:`attention` (``score_mod``, ``is_causal`` and
-    ``local_window_size`` included); ``v`` (only its shape matters) and
+    Takes the same arguments as :func:`attention` (``score_mod``, ``is_causal``,
+    ``local_window_size`` and ``bias_factors`` included); ``v`` (only its shape matters) and
     ``implementation``/``return_lse`` are accepted for symmetry and ignored.
     With sinks, a row sums to less than one: the remainder went to the sink.
     """
     if v is None:
         v = k
     mask = _convenience_mask(q, k, mask, is_causal, local_window_size)
+    if bias_factors is not None:  # the reference path: u @ w^T joins the dense bias
+        q, k, v, scale, bias, score_mod = _with_bias_factors(
+            q, k, v, bias_factors, scale=scale, bias=bias, normalizer=normalizer,
+            score_mod=score_mod, implementation="reference")
     spec, bias4, sinks, dense, seg_q, seg_k = _prepare(
         q, k, v, mask=mask, bias=bias, scale=scale, normalizer=normalizer, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, return_lse=False,

@@ -17,8 +17,12 @@ XLA's scatter-add: deterministic on CPU and TPU; on GPU, indices repeated within
 buckets) may be summed with atomics unless XLA runs with ``--xla_gpu_deterministic_ops=true``.
 Per-head and per-position gathers (ALiBi slopes, FoX cumsums) have unique indices per tile.
 
-The Pallas kernel takes score_mods that capture no arrays (Python numbers are fine); one that
-captures arrays raises ``NotImplementedError`` there, and ``implementation=None`` uses xla.
+The Pallas kernel takes captured arrays as kernel operands (``jattn._pallas_dispatch``): the
+library's score_mods declare how each array is indexed (:class:`KernelForm`): per query
+position, per key position (sliced per block by BlockSpecs) or a small per-head table (passed
+whole); an arbitrary closure over small arrays passes them whole. Their gradients are reduced
+from per-program partials the backward kernels write, summed outside the kernel in a fixed
+order (no atomics): the same bits every run.
 
 Library (each returns a score_mod; compose them with :func:`compose`):
 
@@ -29,6 +33,7 @@ Library (each returns a score_mod; compose them with :func:`compose`):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -36,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["alibi", "relative_bias", "t5_bucket", "forgetting", "soft_cap", "tanh_cap",
-           "compose", "check"]
+           "compose", "check", "KernelForm", "KERNEL_AXES"]
 
 ScoreMod = Callable[..., jax.Array]
 
@@ -48,6 +53,45 @@ def _name(fn) -> str:
 def _named(fn, name: str):
     fn.__name__ = fn.__qualname__ = name
     return fn
+
+
+KERNEL_AXES = ("q", "kv", "whole")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelForm:
+    """How the Pallas kernel evaluates a score_mod whose captured arrays are kernel operands.
+
+    ``operands[n]`` is a float array ``[Bx, Hx, L]`` (``Bx`` in {1, B}, ``Hx`` in {1, Hq}: per
+    batch / per query head, or shared) and ``axes[n]`` says what ``L`` indexes:
+
+    * ``"q"``: the query position (``L = Tq``); each program gets its query block as ``[bq, 1]``.
+    * ``"kv"``: the key position (``L = Tk``); the key block as ``[1, bk]``.
+    * ``"whole"``: a small table (``L`` entries, e.g. T5's buckets); each entry as a ``[1, 1]``
+      array (a tuple of ``L``), so the function needs no gather (Mosaic and Triton have none).
+
+    ``fn(s, b, h, q_idx, kv_idx, *blocks) -> s'`` on a ``[bq, bk]`` tile (scalar ``b``, ``h``;
+    ``[bq, bk]`` positions) must equal the score_mod it is attached to (``mod.kernel_form``).
+    """
+
+    fn: Callable
+    operands: tuple
+    axes: tuple
+
+    def __post_init__(self):
+        if len(self.operands) != len(self.axes) or any(a not in KERNEL_AXES for a in self.axes):
+            raise ValueError(f"KernelForm axes must be one of {KERNEL_AXES} per operand, got "
+                             f"{self.axes} for {len(self.operands)} operands")
+
+
+def _with_kernel_form(mod, fn, operands, axes):
+    mod.kernel_form = KernelForm(fn, tuple(operands), tuple(axes))
+    return mod
+
+
+def _head_rows(x):
+    """``[..., Hq]`` -> ``[1, Hq, L]`` (per-head rows of a small table)."""
+    return jnp.moveaxis(jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1]), -1, 0)[None]
 
 
 def check(score_mod: ScoreMod) -> ScoreMod:
@@ -149,7 +193,11 @@ def alibi(slopes) -> ScoreMod:
     def mod(s, b, h, q_idx, kv_idx):
         return s - slopes[h].astype(jnp.float32) * (q_idx - kv_idx).astype(jnp.float32)
 
-    return _named(mod, "alibi")
+    def kernel(s, b, h, q_idx, kv_idx, slope):  # slope: this head's entry, [1, 1]
+        return s - slope[0] * (q_idx - kv_idx).astype(jnp.float32)
+
+    return _with_kernel_form(_named(mod, "alibi"), kernel, [_head_rows(slopes[None])],
+                             ["whole"])
 
 
 def t5_bucket(relative_position, num_buckets: int, max_distance: int, bidirectional: bool):
@@ -196,7 +244,14 @@ def relative_bias(table, num_buckets: int, max_distance: int, bidirectional: boo
         bucket = t5_bucket(kv_idx - q_idx, num_buckets, max_distance, bidirectional)
         return s + table[bucket, h].astype(jnp.float32)
 
-    return _named(mod, "relative_bias")
+    def kernel(s, b, h, q_idx, kv_idx, row):  # row: this head's buckets, num_buckets x [1, 1]
+        bucket = t5_bucket(kv_idx - q_idx, num_buckets, max_distance, bidirectional)
+        for n, entry in enumerate(row):  # one-hot select: no gather in the kernel
+            s = s + jnp.where(bucket == n, entry, 0.0)
+        return s
+
+    return _with_kernel_form(_named(mod, "relative_bias"), kernel, [_head_rows(table)],
+                             ["whole"])
 
 
 def forgetting(log_f) -> ScoreMod:
@@ -215,7 +270,11 @@ def forgetting(log_f) -> ScoreMod:
     def mod(s, b, h, q_idx, kv_idx):
         return s + (c[b, q_idx, h] - c[b, kv_idx, h])
 
-    return _named(mod, "forgetting")
+    def kernel(s, b, h, q_idx, kv_idx, c_q, c_kv):  # [bq, 1] and [1, bk] blocks of c
+        return s + (c_q - c_kv)
+
+    c_bht = c.transpose(0, 2, 1)  # [B, Hq, T]: sliced per query block and per key block
+    return _with_kernel_form(_named(mod, "forgetting"), kernel, [c_bht, c_bht], ["q", "kv"])
 
 
 def soft_cap(cap: float) -> ScoreMod:
@@ -244,7 +303,11 @@ def tanh_cap(caps) -> ScoreMod:
         c = (caps[h] if caps.ndim else caps).astype(jnp.float32)
         return c * jnp.tanh(s / c)
 
-    return _named(mod, "tanh_cap")
+    def kernel(s, b, h, q_idx, kv_idx, cap):
+        return cap[0] * jnp.tanh(s / cap[0])
+
+    rows = _head_rows(caps[None]) if caps.ndim else jnp.asarray(caps, jnp.float32).reshape(1, 1, 1)
+    return _with_kernel_form(_named(mod, "tanh_cap"), kernel, [rows], ["whole"])
 
 
 def compose(*mods: ScoreMod) -> ScoreMod:
@@ -258,4 +321,21 @@ def compose(*mods: ScoreMod) -> ScoreMod:
             s = m(s, b, h, q_idx, kv_idx)
         return s
 
-    return _named(mod, "compose(" + ", ".join(_name(m) for m in mods) + ")")
+    mod = _named(mod, "compose(" + ", ".join(_name(m) for m in mods) + ")")
+    forms = [getattr(m, "kernel_form", None) for m in mods]
+    if all(f is None for f in forms):
+        return mod
+    # Concatenate the members' operands; members without a kernel form run as they are (the
+    # Pallas glue passes whatever they still capture whole, or refuses it).
+    counts = [0 if f is None else len(f.operands) for f in forms]
+
+    def kernel(s, b, h, q_idx, kv_idx, *blocks):
+        start = 0
+        for m, f, n in zip(mods, forms, counts, strict=True):
+            own = blocks[start:start + n]
+            start += n
+            s = m(s, b, h, q_idx, kv_idx) if f is None else f.fn(s, b, h, q_idx, kv_idx, *own)
+        return s
+
+    return _with_kernel_form(mod, kernel, [x for f in forms if f for x in f.operands],
+                             [a for f in forms if f for a in f.axes])

@@ -44,9 +44,13 @@ class Config:
     mask_fn: Callable | None
     has_sinks: bool
     has_segments: bool
-    # score_mod(s, b, h, q_idx, kv_idx) capturing no arrays (jattn checks), applied to the
-    # scaled logits before the soft-cap; scalars b, h and [bq, bk] iota indices.
+    # score_mod(s, b, h, q_idx, kv_idx, *blocks), applied to the scaled logits before the
+    # soft-cap; scalars b, h and [bq, bk] iota indices; one block per operand (see mod_axes).
     score_mod: Callable | None = None
+    # Per score_mod operand: "q" (block [bq, 1]), "kv" ([1, bk]), "whole" (a small per-(b, h)
+    # table, handed over as mod_lens[n] entries of [1, 1]) or "const" (the whole array).
+    mod_axes: tuple = ()
+    mod_lens: tuple = ()
 
     @property
     def group(self) -> int:
@@ -64,27 +68,77 @@ class Config:
 # ------------------------------------------------------------------------------------------
 # Tile math shared by both drivers.
 # ------------------------------------------------------------------------------------------
-def _logits(q, k, cfg: Config, pos):
+def _apply_mod(s, cfg: Config, pos, blocks):
+    """``score_mod(s, b, h, q_idx, kv_idx, *blocks)`` on the tile (identity without one)."""
+    if cfg.score_mod is None:
+        return s
+    b, h, q0, k0 = pos
+    shape = (cfg.block_q, cfg.block_kv)
+    # clamp padding rows/columns into the sequence, as the xla path does
+    qi = jnp.minimum(q0 + lax.broadcasted_iota(jnp.int32, shape, 0), cfg.q_len - 1)
+    ki = jnp.minimum(k0 + lax.broadcasted_iota(jnp.int32, shape, 1), cfg.kv_len - 1)
+    return cfg.score_mod(s, b, h, qi, ki, *blocks).astype(f32)
+
+
+def _logits(q, k, cfg: Config, pos, blocks=()):
     """``s = cap(score_mod(scale * q k^T))`` in fp32 and ``ds / d(scale q k^T)`` (None if 1).
 
-    ``pos = (b, h, q0, k0)``: the tile's batch, query head and first row/column (score_mod).
+    ``pos = (b, h, q0, k0)``: the tile's batch, query head and first row/column (score_mod);
+    ``blocks``: the score_mod operands' blocks (see :func:`split_blocks`).
     """
     s = lax.dot_general(q, k, _NT, preferred_element_type=f32) * cfg.scale
     grad = None
     if cfg.score_mod is not None:
-        b, h, q0, k0 = pos
-        shape = (cfg.block_q, cfg.block_kv)
-        # clamp padding rows/columns into the sequence, as the xla path does
-        qi = jnp.minimum(q0 + lax.broadcasted_iota(jnp.int32, shape, 0), cfg.q_len - 1)
-        ki = jnp.minimum(k0 + lax.broadcasted_iota(jnp.int32, shape, 1), cfg.kv_len - 1)
         # elementwise in s, so the JVP with a tangent of ones is the derivative
-        s, grad = jax.jvp(lambda x: cfg.score_mod(x, b, h, qi, ki).astype(f32), (s,),
-                          (jnp.ones_like(s),))
+        s, grad = jax.jvp(lambda x: _apply_mod(x, cfg, pos, blocks), (s,), (jnp.ones_like(s),))
     if cfg.soft_cap is None:
         return s, grad
     t = jnp.tanh(s * (1.0 / cfg.soft_cap))
     cap_grad = 1.0 - t * t
     return t * cfg.soft_cap, cap_grad if grad is None else cap_grad * grad
+
+
+def _cap(s, cfg: Config):
+    return s if cfg.soft_cap is None else jnp.tanh(s * (1.0 / cfg.soft_cap)) * cfg.soft_cap
+
+
+# ------------------------------------------------------------------------------------------
+# score_mod operands: blocks in, per-program gradient partials out.
+# ------------------------------------------------------------------------------------------
+def _entries(vec, n: int):
+    """The first ``n`` entries of a ``[1, L]`` row as ``[1, 1]`` arrays (one-hot sums: neither
+    Mosaic nor Triton lowers a gather or a value slice)."""
+    iota = lax.broadcasted_iota(jnp.int32, vec.shape, 1)
+    return tuple(jnp.sum(jnp.where(iota == i, vec, 0.0), axis=1, keepdims=True)
+                 for i in range(n))
+
+
+def _row(entries, width: int):
+    """``[1, width]`` row holding ``entries`` (``[1, 1]`` each) first, zeros after."""
+    iota = lax.broadcasted_iota(jnp.int32, (1, width), 1)
+    row = jnp.zeros((1, width), f32)
+    for i, e in enumerate(entries):
+        row = row + jnp.where(iota == i, e, 0.0)
+    return row
+
+
+def split_blocks(cfg: Config, loaded):
+    """The score_mod's blocks from the loaded operand values (``q``: ``[bq, 1]``, ``kv``:
+    ``[1, bk]``, ``whole``: a ``[1, L_pad]`` row, ``const``: the array)."""
+    return tuple(_entries(x, n) if a == "whole" else x
+                 for x, a, n in zip(loaded, cfg.mod_axes, cfg.mod_lens, strict=True))
+
+
+def wanted(cfg: Config, pass_: str) -> tuple[int, ...]:
+    """Operands whose gradient partials a backward pass writes: the dq pass (one program per
+    query block) those indexed by query or not by position, the dk/dv pass those by key."""
+    axes = ("kv",) if pass_ == "dkv" else ("q", "whole", "const")
+    return tuple(n for n, a in enumerate(cfg.mod_axes) if a in axes)
+
+
+def grad_value(cfg: Config, n: int, d, width: int):
+    """Operand ``n``'s gradient block in its loaded layout (``whole``: back to a row)."""
+    return _row(d, width) if cfg.mod_axes[n] == "whole" else d
 
 
 def _visible(cfg: Config, q0, k0, head, q_seg, k_seg):
@@ -100,9 +154,9 @@ def _visible(cfg: Config, q0, k0, head, q_seg, k_seg):
     return vis
 
 
-def _fwd_update(q, k, v, m_prev, l_prev, acc_prev, vis, cfg: Config, pos):
+def _fwd_update(q, k, v, m_prev, l_prev, acc_prev, vis, cfg: Config, pos, blocks=()):
     """One online-softmax step; ``m, l`` are ``[bq]``, ``acc`` is ``[bq, Dv]`` (fp32)."""
-    s, _ = _logits(q, k, cfg, pos)
+    s, _ = _logits(q, k, cfg, pos, blocks)
     if vis is not None:
         s = jnp.where(vis, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
@@ -125,17 +179,37 @@ def _finalize(m, l, acc):
     return o, jnp.where(empty, jnp.inf, m), jnp.log(l_safe)
 
 
-def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config, pos):
+def _bwd_tile(q, k, v, do, m, log_l, di, vis, cfg: Config, pos, blocks=()):
     """``p`` and ``ds = dL/ds`` (before ``scale``) of a tile; m, log_l, di are ``[bq]``."""
-    s, grad = _logits(q, k, cfg, pos)
+    p, ds, _ = bwd_tile_operands(q, k, v, do, m, log_l, di, vis, cfg, pos, blocks)
+    return p, ds
+
+
+def bwd_tile_operands(q, k, v, do, m, log_l, di, vis, cfg: Config, pos, blocks=(), want=()):
+    """:func:`_bwd_tile` plus the cotangents of the score_mod blocks listed in ``want``."""
+    if want:  # reverse mode through score_mod and cap, for the blocks' cotangents too
+        def modded(s0, own):
+            bl = list(blocks)
+            for n, x in zip(want, own, strict=True):
+                bl[n] = x
+            return _cap(_apply_mod(s0, cfg, pos, bl), cfg)
+
+        s0 = lax.dot_general(q, k, _NT, preferred_element_type=f32) * cfg.scale
+        s, pull = jax.vjp(modded, s0, tuple(blocks[n] for n in want))
+        grad = None
+    else:
+        s, grad = _logits(q, k, cfg, pos, blocks)
     p = jnp.exp((s - m[:, None]) - log_l[:, None])  # s - m first: exact for tied maxima
     if vis is not None:
         p = jnp.where(vis, p, 0.0)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
     ds = p * (dp - di[:, None])
+    if want:
+        ds, dblocks = pull(ds)
+        return p, ds, dblocks
     if grad is not None:
         ds = ds * grad
-    return p, ds
+    return p, ds, ()
 
 
 def _mm(a, b):

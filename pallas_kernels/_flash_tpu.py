@@ -14,14 +14,17 @@ from pallas_kernels._flash_tiles import (
     MASK_VALUE,
     SUBLANES,
     Config,
-    _bwd_tile,
     _entry,
     _finalize,
     _fwd_update,
     _mm,
     _sel,
     _visible,
+    bwd_tile_operands,
     f32,
+    grad_value,
+    split_blocks,
+    wanted,
 )
 
 
@@ -85,7 +88,101 @@ def _tile_visible(cfg: Config, masked: bool, qseg_ref, kseg_ref, q0, k0, h):
     return _visible(cfg, q0, k0, h, q_seg, k_seg)
 
 
-def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
+def _whole_width(n: int) -> int:
+    return -(-max(n, 1) // LANES) * LANES
+
+
+def _tpu_mod_inputs(cfg: Config, ops):
+    """Score_mod operands in TPU layouts: ``q`` lane-broadcast ``[Bx, Hx, Tq_pad, 128]``, ``kv``
+    and ``whole`` sublane-broadcast ``[Bx, Hx, 8, L]`` (as segment ids / row stats)."""
+    out = []
+    for x, a in zip(ops, cfg.mod_axes, strict=True):
+        if a == "q":
+            x = lax.broadcast_in_dim(x, x.shape + (LANES,), (0, 1, 2))
+        elif a in ("kv", "whole"):
+            x = lax.broadcast_in_dim(x, x.shape[:2] + (SUBLANES, x.shape[2]), (0, 1, 3))
+        out.append(x)
+    return out
+
+
+def _tpu_mod_specs(cfg: Config, ops, where):
+    """BlockSpecs of the operands; ``where(*grid, ents) -> (b, h, q_block, kv_block)``."""
+    bq, bk = cfg.block_q, cfg.block_kv
+    specs = []
+    for x, a in zip(ops, cfg.mod_axes, strict=True):
+        if a == "const":
+            specs.append(pl.BlockSpec(x.shape, lambda *g, nd=x.ndim: (0,) * nd))
+            continue
+        bx, hx = x.shape[0], x.shape[1]
+
+        def index(*g, a=a, bx=bx, hx=hx):
+            b, h, qb, kb = where(*g)
+            b, h = _sel(b, bx), _sel(h, hx)
+            return {"q": (b, h, qb, 0), "kv": (b, h, 0, kb), "whole": (b, h, 0, 0)}[a]
+
+        block = {"q": (bq, LANES), "kv": (SUBLANES, bk), "whole": (SUBLANES, x.shape[-1])}[a]
+        specs.append(pl.BlockSpec((_SQ, _SQ) + block, index))
+    return specs
+
+
+def _tpu_mod_blocks(cfg: Config, refs):
+    loaded = []
+    for r, a in zip(refs, cfg.mod_axes, strict=True):
+        x = r[...]
+        loaded.append(x[:, :1] if a == "q" else x[:1, :] if a in ("kv", "whole") else x)
+    return split_blocks(cfg, loaded)
+
+
+def _tpu_partials(cfg: Config, ops, want, where):
+    """Out shapes/specs of the gradient partials (one per (b, h, block) program): ``q``
+    ``[B, Hq, Tq_pad, 128]``, ``kv`` ``[B, Hq, 8, Tk_pad]``, ``whole`` ``[B, Hq, nq * 8, L]``,
+    ``const`` ``[B, Hq, nq, *shape]``; ``where(*grid, ents) -> (b, h, block)``."""
+    b_, hq, bq, bk = cfg.batch, cfg.num_q_heads, cfg.block_q, cfg.block_kv
+    shapes, specs = [], []
+    for n in want:
+        x, a = ops[n], cfg.mod_axes[n]
+        if a == "const":
+            shape, block = (b_, hq, cfg.nq) + x.shape, (_SQ, _SQ, _SQ) + x.shape
+        else:
+            shape = {"q": (b_, hq, cfg.q_pad, LANES), "kv": (b_, hq, SUBLANES, cfg.kv_pad),
+                     "whole": (b_, hq, cfg.nq * SUBLANES, x.shape[-1])}[a]
+            block = (_SQ, _SQ) + {"q": (bq, LANES), "kv": (SUBLANES, bk),
+                                  "whole": (SUBLANES, x.shape[-1])}[a]
+
+        def index(*g, a=a, nd=x.ndim):
+            b, h, blk = where(*g)
+            return {"q": (b, h, blk, 0), "kv": (b, h, 0, blk), "whole": (b, h, blk, 0)}.get(
+                a, (b, h, blk) + (0,) * nd)
+
+        shapes.append(jax.ShapeDtypeStruct(shape, f32))
+        specs.append(pl.BlockSpec(block, index))
+    return shapes, specs
+
+
+def _tpu_accumulate(cfg: Config, refs, want, dblocks):
+    for r, n, d in zip(refs, want, dblocks, strict=True):
+        d = grad_value(cfg, n, d, r.shape[-1])
+        r[...] += d if cfg.mod_axes[n] == "const" else jnp.broadcast_to(d, r.shape)
+
+
+def tpu_partials_to_compact(cfg: Config, parts, want):
+    """Per-program partials -> ``[B, Hq, L]`` (``const``: ``[B, Hq, *shape]``)."""
+    out = []
+    for x, n in zip(parts, want, strict=True):
+        a = cfg.mod_axes[n]
+        if a == "q":
+            x = x[..., 0]
+        elif a == "kv":
+            x = x[:, :, 0]
+        elif a == "whole":
+            x = x.reshape(x.shape[:2] + (cfg.nq, SUBLANES, x.shape[-1]))[:, :, :, 0].sum(2)
+        else:
+            x = x.sum(2)
+        out.append(x)
+    return out
+
+
+def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k, mod_ops=()):
     """q ``[B, Hq, Tq_pad, D]``, k/v ``[B, Hkv, Tk_pad, D]`` -> o and the row stats m, log_l
     (lane-broadcast ``[B, Hq, Tq_pad, 128]``)."""
     pltpu = _tpu()
@@ -95,8 +192,11 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
     def kv_block(b, h, i, j, ent):
         return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])[0]
 
-    def kernel(ent_ref, q_ref, k_ref, v_ref, sink_ref, qseg_ref, kseg_ref,
-               o_ref, m_ref, log_l_ref, m_sc, l_sc, acc_sc):
+    n_mod = len(mod_ops)
+
+    def kernel(ent_ref, q_ref, k_ref, v_ref, sink_ref, qseg_ref, kseg_ref, *refs):
+        mod_refs = refs[:n_mod]
+        o_ref, m_ref, log_l_ref, m_sc, l_sc, acc_sc = refs[n_mod:]
         b, h, i, j = (pl.program_id(a) for a in range(4))
 
         @pl.when(j == 0)
@@ -115,7 +215,7 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
             vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, i * bq, kb * bk, h)
             m, l, acc = _fwd_update(q_ref[...], k_ref[...], v_ref[...], _row_stat(m_sc),
                                     _row_stat(l_sc), acc_sc[...], vis, cfg,
-                                    (b, h, i * bq, kb * bk))
+                                    (b, h, i * bq, kb * bk), _tpu_mod_blocks(cfg, mod_refs))
             m_sc[...] = _lanes(m, m_sc.shape)
             l_sc[...] = _lanes(l, l_sc.shape)
             acc_sc[...] = acc
@@ -144,6 +244,9 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
         pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, h, i, j, e: (b, 0, kv_block(b, h, i, j, e)))
         if has_seg else None,
     ]
+    mod_in = _tpu_mod_inputs(cfg, mod_ops)
+    in_specs += _tpu_mod_specs(
+        cfg, mod_in, lambda b, h, i, j, e: (b, h, i, kv_block(b, h, i, j, e)))
     sinks_in = (jnp.broadcast_to(sinks.astype(f32)[None], (SUBLANES, hq))
                 if cfg.has_sinks else None)
     stat_spec = pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda b, h, i, j, e: (b, h, i, 0))
@@ -163,12 +266,15 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k):
         kernel, out_shape=out_shape, grid_spec=grid_spec, interpret=cfg.interpret,
         compiler_params=_tpu_params(pltpu, ("parallel", "parallel", "parallel", "arbitrary")),
         name="flash_fwd",
-    )(ents, q, k, v, sinks_in, sq, sk)
+    )(ents, q, k, v, sinks_in, sq, sk, *mod_in)
     return o, m, log_l
 
 
-def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, seg_k):
-    """dq ``[B, Hq, Tq_pad, D]``, dk ``[B, Hkv, Tk_pad, D]``, dv ``[B, Hkv, Tk_pad, Dv]``.
+def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, seg_k,
+                 mod_ops=()):
+    """dq ``[B, Hq, Tq_pad, D]``, dk ``[B, Hkv, Tk_pad, D]``, dv ``[B, Hkv, Tk_pad, Dv]`` and the
+    score_mod operands' gradients ``[B, Hq, L]`` (``const``: ``[B, Hq, *shape]``), one per
+    operand (None for integer ``const`` operands).
 
     ``m``/``log_l``/``di`` come lane-broadcast ``[B, Hq, Tq_pad, 128]``.
     """
@@ -177,28 +283,38 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
     d, dv, g = q.shape[-1], v.shape[-1], cfg.group
     sq, sk = _tpu_seg_inputs(cfg, seg_q, seg_k)
     has_seg = sq is not None
+    n_mod = len(mod_ops)
+    mod_in = _tpu_mod_inputs(cfg, mod_ops)
+    floating = {n for n, x in enumerate(mod_ops) if jnp.issubdtype(x.dtype, jnp.floating)}
+    want_q = tuple(n for n in wanted(cfg, "dq") if n in floating)
+    want_kv = tuple(n for n in wanted(cfg, "dkv") if n in floating)
 
     # ---- dq: same grid and lists as the forward pass.
     def kv_block(b, h, i, j, ent):
         return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])[0]
 
     def dq_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref, qseg_ref,
-                  kseg_ref, dq_ref, dq_sc):
+                  kseg_ref, *refs):
+        mod_refs, (dq_ref, *part_refs, dq_sc) = refs[:n_mod], refs[n_mod:]
         b, h, i, j = (pl.program_id(a) for a in range(4))
 
         @pl.when(j == 0)
         def _init():
             dq_sc[...] = jnp.zeros_like(dq_sc)
+            for r in part_refs:
+                r[...] = jnp.zeros_like(r)
 
         kb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), i, j])
 
         def step(masked):
             vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, i * bq, kb * bk, h)
             k_blk = k_ref[...]
-            _, ds = _bwd_tile(q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(m_ref),
-                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
-                              (b, h, i * bq, kb * bk))
+            _, ds, dblocks = bwd_tile_operands(
+                q_ref[...], k_blk, v_ref[...], do_ref[...], _row_stat(m_ref),
+                _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg, (b, h, i * bq, kb * bk),
+                _tpu_mod_blocks(cfg, mod_refs), want_q)
             dq_sc[...] += _mm(ds.astype(k_blk.dtype), k_blk)
+            _tpu_accumulate(cfg, part_refs, want_q, dblocks)
 
         pl.when(kind == 1)(lambda: step(True))
         pl.when(kind == 2)(lambda: step(False))
@@ -214,19 +330,22 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
         pl.BlockSpec((_SQ, bq, LANES), lambda b, h, i, j, e: (b, i, 0)) if has_seg else None,
         pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, h, i, j, e: (b, 0, kv_block(b, h, i, j, e)))
         if has_seg else None,
+        *_tpu_mod_specs(cfg, mod_in, lambda b, h, i, j, e: (b, h, i, kv_block(b, h, i, j, e))),
     ]
-    dq = pl.pallas_call(
+    part_shapes, part_specs = _tpu_partials(cfg, mod_ops, want_q,
+                                            lambda b, h, i, j, e: (b, h, i))
+    dq, *parts_q = pl.pallas_call(
         dq_kernel,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), *part_shapes],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b_, hq, cfg.nq, cfg.width), in_specs=in_specs,
-            out_specs=pl.BlockSpec((_SQ, _SQ, bq, d), row),
+            out_specs=[pl.BlockSpec((_SQ, _SQ, bq, d), row), *part_specs],
             scratch_shapes=[pltpu.VMEM((bq, d), f32)],
         ),
         interpret=cfg.interpret,
         compiler_params=_tpu_params(pltpu, ("parallel", "parallel", "parallel", "arbitrary")),
         name="flash_bwd_dq",
-    )(ents, q, k, v, do, m, log_l, di, sq, sk)
+    )(ents, q, k, v, do, m, log_l, di, sq, sk, *mod_in)
 
     # ---- dk/dv: grid (B, Hkv, nk, group, Wq); query heads of a group accumulate in scratch.
     wt = cfg.width_t
@@ -236,7 +355,8 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
         return _entry(ent[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), c, j])[0]
 
     def dkv_kernel(ent_ref, q_ref, k_ref, v_ref, do_ref, m_ref, log_l_ref, di_ref, qseg_ref,
-                   kseg_ref, dk_ref, dv_ref, dk_sc, dv_sc):
+                   kseg_ref, *refs):
+        mod_refs, (dk_ref, dv_ref, *part_refs, dk_sc, dv_sc) = refs[:n_mod], refs[n_mod:]
         b, hk, c, gi, j = (pl.program_id(a) for a in range(5))
         h = hk * g + gi
 
@@ -245,16 +365,23 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
             dk_sc[...] = jnp.zeros_like(dk_sc)
             dv_sc[...] = jnp.zeros_like(dv_sc)
 
+        @pl.when(j == 0)  # the partials are per query head: one block per (b, h, key block)
+        def _init_partials():
+            for r in part_refs:
+                r[...] = jnp.zeros_like(r)
+
         qb, kind = _entry(ent_ref[_sel(b, cfg.map_batch), _sel(h, cfg.map_heads), c, j])
 
         def step(masked):
             vis = _tile_visible(cfg, masked, qseg_ref, kseg_ref, qb * bq, c * bk, h)
             q_blk, do_blk = q_ref[...], do_ref[...]
-            p, ds = _bwd_tile(q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref),
-                              _row_stat(log_l_ref), _row_stat(di_ref), vis, cfg,
-                              (b, h, qb * bq, c * bk))
+            p, ds, dblocks = bwd_tile_operands(
+                q_blk, k_ref[...], v_ref[...], do_blk, _row_stat(m_ref), _row_stat(log_l_ref),
+                _row_stat(di_ref), vis, cfg, (b, h, qb * bq, c * bk),
+                _tpu_mod_blocks(cfg, mod_refs), want_kv)
             dv_sc[...] += _mm(p.T.astype(do_blk.dtype), do_blk)
             dk_sc[...] += _mm(ds.T.astype(q_blk.dtype), q_blk)
+            _tpu_accumulate(cfg, part_refs, want_kv, dblocks)
 
         pl.when(kind == 1)(lambda: step(True))
         pl.when(kind == 2)(lambda: step(False))
@@ -273,19 +400,28 @@ def tpu_backward(cfg: Config, ents, ents_t, q, k, v, do, m, log_l, di, seg_q, se
         if has_seg else None,
         pl.BlockSpec((_SQ, SUBLANES, bk), lambda b, hk, c, gi, j, e: (b, 0, c))
         if has_seg else None,
+        *_tpu_mod_specs(cfg, mod_in, lambda b, hk, c, gi, j, e: (
+            b, hk * g + gi, q_block(b, hk, c, gi, j, e), c)),
     ]
-    dk, dv_ = pl.pallas_call(
+    part_shapes, part_specs = _tpu_partials(cfg, mod_ops, want_kv,
+                                            lambda b, hk, c, gi, j, e: (b, hk * g + gi, c))
+    dk, dv_, *parts_kv = pl.pallas_call(
         dkv_kernel,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                   *part_shapes],
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b_, hkv, cfg.nk, g, wt), in_specs=in_specs,
             out_specs=[pl.BlockSpec((_SQ, _SQ, bk, d), kvrow),
-                       pl.BlockSpec((_SQ, _SQ, bk, dv), kvrow)],
+                       pl.BlockSpec((_SQ, _SQ, bk, dv), kvrow), *part_specs],
             scratch_shapes=[pltpu.VMEM((bk, d), f32), pltpu.VMEM((bk, dv), f32)],
         ),
         interpret=cfg.interpret,
         compiler_params=_tpu_params(
             pltpu, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         name="flash_bwd_dkv",
-    )(ents_t, q, k, v, do, m, log_l, di, sq, sk)
-    return dq, dk, dv_
+    )(ents_t, q, k, v, do, m, log_l, di, sq, sk, *mod_in)
+    dmods = [None] * n_mod
+    for n, x in zip(want_q + want_kv, tpu_partials_to_compact(cfg, parts_q, want_q)
+                    + tpu_partials_to_compact(cfg, parts_kv, want_kv), strict=True):
+        dmods[n] = x
+    return dq, dk, dv_, dmods

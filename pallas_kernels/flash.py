@@ -29,6 +29,17 @@ using the forward lists for dq and the transposed lists (per key block, the non-
 blocks) for dk/dv. A query row with no visible key (and no sink) outputs 0, gets zero
 gradients and ``lse = -inf``.
 
+A ``score_mod`` (FlexAttention's idea) is applied to the scaled logits before the cap; the arrays
+it reads are kernel operands (``score_mod_operands``): per-query-position arrays sliced to the
+program's query block and per-key-position arrays to the key block by their BlockSpecs (e.g.
+FoX's gate cumsums), small per-(batch, head) tables read whole (ALiBi slopes, T5 buckets; their
+entries picked by one-hot sums, as neither Mosaic nor Triton lowers a gather). The backward
+kernels pull each tile's ``ds`` back through the score_mod (``jax.vjp`` inside the kernel) and
+accumulate each operand's cotangent into a per-program partial output (the dq pass for
+query-indexed and whole operands, the dk/dv pass for key-indexed ones); the wrapper sums the
+partials over programs, batch and heads with ordinary XLA reductions. No atomics, so operand
+gradients are bitwise reproducible (FlexAttention accumulates them with atomics on GPU).
+
 Backends and JAX versions (tested range pinned in ``pyproject.toml``: jax >= 0.10.2, < 0.12):
 
 * TPU (Mosaic): ``pltpu.PrefetchScalarGridSpec`` with the block lists scalar-prefetched into
@@ -123,8 +134,11 @@ def flash_attention(
     interpret: bool | None = None,
     backend: str | None = None,
     score_mod: Callable | None = None,
+    score_mod_operands: tuple = (),
+    score_mod_axes: tuple = (),
 ):
-    """Block-sparse flash attention. Differentiable in q, k, v and sinks (custom VJP).
+    """Block-sparse flash attention. Differentiable in q, k, v, sinks and the score_mod operands
+    (custom VJP).
 
     Args:
       q: ``[B, Tq, Hq, D]``. k: ``[B, Tk, Hkv, D]``. v: ``[B, Tk, Hkv, Dv]``; ``Hq % Hkv == 0``.
@@ -142,10 +156,19 @@ def flash_attention(
       block_q, block_kv: tile sizes (clamped for short sequences, see :func:`block_sizes`).
       return_lse: also return ``lse [B, Hq, Tq]`` (fp32; ``-inf`` for rows seeing nothing).
       interpret: None = interpret mode on CPU only. backend: None / "tpu" / "cuda" / "gpu".
-      score_mod: ``f(s, b, h, q_idx, kv_idx) -> s'`` elementwise on fp32 logits (after
-        ``scale``, before the cap), with scalar ``b``, ``h`` and ``[block_q, block_kv]`` int32
-        positions; it must capture no arrays (they would be kernel constants without
-        gradients): :func:`jattn.attention` checks that and falls back to xla otherwise.
+      score_mod: ``f(s, b, h, q_idx, kv_idx, *blocks) -> s'`` elementwise on fp32 logits
+        (after ``scale``, before the cap), with scalar ``b``, ``h``, ``[block_q, block_kv]``
+        int32 positions and one block per operand; it must capture no arrays (they would be
+        kernel constants without gradients): pass them as ``score_mod_operands``.
+      score_mod_operands, score_mod_axes: arrays the score_mod reads, and per array how:
+        ``"q"``: float ``[B|1, Hq|1, Tq]`` (a per-query-position value; block ``[block_q, 1]``),
+        ``"kv"``: float ``[B|1, Hq|1, Tk]`` (block ``[1, block_kv]``), ``"whole"``: float
+        ``[B|1, Hq|1, L]``, a small table per (batch, head) handed to ``f`` as a tuple of ``L``
+        ``[1, 1]`` entries (no gather needed in the kernel), ``"const"``: any array, passed
+        whole as it is (in-kernel gathers need interpret mode or a lowering that has them).
+        Their gradients are reduced from per-program partials written by the backward kernels
+        (the dq pass for ``q``/``whole``/``const``, the dk/dv pass for ``kv``), summed outside
+        the kernel in a fixed order: no atomics, the same bits every run.
 
     Returns:
       ``o [B, Tq, Hq, Dv]`` in ``q.dtype`` (and ``lse`` when ``return_lse``). ``B``, ``Tq`` or
@@ -218,6 +241,8 @@ def flash_attention(
                 raise TypeError(f"segment_ids must be integer, got {s.dtype}")
         seg_q, seg_k = seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)
 
+    mod_ops, mod_axes, mod_lens = _check_mod_operands(
+        score_mod, score_mod_operands, score_mod_axes, b, hq, tq, tk, backend)
     if 0 in (b, tq, tk):  # an empty grid launches nothing; the result is known in closed form
         return _without_keys(q, v, sinks if has_sinks else None, return_lse)
 
@@ -242,10 +267,58 @@ def flash_attention(
         num_q_heads=hq, num_kv_heads=hkv, block_q=bq, block_kv=bk, nq=nq, nk=nk,
         width=width, width_t=width_t, map_batch=bm.shape[0], map_heads=bm.shape[1],
         scale=scale, soft_cap=cap, mask_fn=mask_fn, has_sinks=has_sinks,
-        has_segments=seg_q is not None, score_mod=score_mod,
+        has_segments=seg_q is not None, score_mod=score_mod, mod_axes=mod_axes,
+        mod_lens=mod_lens,
     )
-    o, lse = _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t)
+    mod_ops = tuple(_pad_mod_operand(x, a, cfg, backend) for x, a in zip(mod_ops, mod_axes,
+                                                                        strict=True))
+    o, lse = _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, mod_ops)
     return (o, lse) if return_lse else o
+
+
+_MOD_AXES = ("q", "kv", "whole", "const")
+
+
+def _check_mod_operands(score_mod, operands, axes, b: int, hq: int, tq: int, tk: int,
+                        backend: str):
+    """Validate the score_mod operands; ``(operands, axes, lens)`` with float ones in fp32."""
+    operands, axes = tuple(operands), tuple(axes)
+    if len(operands) != len(axes) or any(a not in _MOD_AXES for a in axes):
+        raise ValueError(f"score_mod_axes must name one of {_MOD_AXES} per score_mod operand; "
+                         f"got {len(operands)} operands and axes {axes}")
+    if operands and score_mod is None:
+        raise ValueError("score_mod_operands need a score_mod that reads them")
+    out, lens = [], []
+    for n, (x, a) in enumerate(zip(operands, axes, strict=True)):
+        x = jnp.asarray(x)
+        if a == "const":
+            out.append(x)
+            lens.append(0)
+            continue
+        length = {"q": tq, "kv": tk}.get(a)
+        want = f"[B|1={b}, Hq|1={hq}, {'L' if length is None else length}]"
+        if (x.ndim != 3 or x.shape[0] not in (1, b) or x.shape[1] not in (1, hq)
+                or (length is not None and x.shape[2] != length)
+                or not jnp.issubdtype(x.dtype, jnp.floating)):
+            raise ValueError(f"score_mod_operands[{n}] (axis {a!r}) must be a float array "
+                             f"{want}, got {x.dtype}{tuple(x.shape)}")
+        out.append(x.astype(jnp.float32))
+        lens.append(x.shape[2])
+    return tuple(out), axes, tuple(lens)
+
+
+def _pad_mod_operand(x, axis: str, cfg, backend: str):
+    """Pad a score_mod operand's position axis to whole blocks (a ``whole`` table to a lane
+    multiple on TPU, a power of two on GPU); outside the custom VJP, so autodiff slices the
+    gradient back."""
+    if axis == "q":
+        return _pad_axis(x, 2, cfg.q_pad)
+    if axis == "kv":
+        return _pad_axis(x, 2, cfg.kv_pad)
+    if axis == "whole":
+        n = x.shape[2]
+        return _pad_axis(x, 2, -(-n // fk.LANES) * fk.LANES if backend == "tpu" else _gpu_dim(n))
+    return x
 
 
 def _normalize_batched_map(block_map, b: int, hq: int, nq: int, nk: int, kv_len: int,
@@ -277,30 +350,42 @@ def _without_keys(q, v, sinks, return_lse):
 # custom VJP
 # ------------------------------------------------------------------------------------------
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t):
-    o, m, log_l = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts)
+def _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, mod_ops):
+    o, m, log_l = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, mod_ops)
     return o, _public_lse(m, log_l)
 
 
-def _flash_fwd(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t):
-    o, m, log_l = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts)
-    res = (q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, o, m, log_l)
+def _flash_fwd(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, mod_ops):
+    o, m, log_l = _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, mod_ops)
+    res = (q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, mod_ops, o, m, log_l)
     return (o, _public_lse(m, log_l)), res
 
 
 def _flash_bwd(cfg, res, cts):
-    q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, o, m, log_l = res
+    q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, mod_ops, o, m, log_l = res
     do, dlse = cts
     do = do.astype(q.dtype)
     di = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
     di = di - dlse.astype(jnp.float32)
-    dq, dk, dv = _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts, ents_t,
-                           cnts_t)
+    dq, dk, dv, dmods = _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts,
+                                  ents_t, cnts_t, mod_ops)
     dsinks = None
     if cfg.has_sinks:
         p_sink = jnp.exp((sinks.astype(jnp.float32)[None, :, None] - m) - log_l)
         dsinks = (-jnp.sum(p_sink * di, axis=(0, 2))).astype(sinks.dtype)
-    return dq, dk, dv, dsinks, None, None, None, None, None, None
+    dmods = tuple(_reduce_partials(x, d) for x, d in zip(mod_ops, dmods, strict=True))
+    return dq, dk, dv, dsinks, None, None, None, None, None, None, dmods
+
+
+def _reduce_partials(x, d):
+    """An operand's gradient from the kernels' per-(batch, query head) sums ``d``: summed over
+    the batch/head axes the operand broadcasts over (a fixed-order XLA reduction)."""
+    if d is None:  # integer operand: no cotangent
+        return None
+    if d.ndim == x.ndim + 2:  # const: [B, Hq, *shape]
+        return d.sum((0, 1)).astype(x.dtype)
+    axes = tuple(a for a in (0, 1) if x.shape[a] == 1)
+    return (d.sum(axes, keepdims=True) if axes else d).astype(x.dtype)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -324,7 +409,7 @@ def _gpu_dim(n):
     return max(16, pl_next_pow2(n))
 
 
-def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts):
+def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, mod_ops=()):
     """o ``[B, Tq, Hq, Dv]`` and the row stats ``m``, ``log_l`` ``[B, Hq, Tq]`` (``m = +inf``,
     ``log_l = 0`` where nothing is seen)."""
     tq, dv = cfg.q_len, v.shape[-1]
@@ -335,17 +420,18 @@ def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts):
         qt = _pad_axis(q, 1, cfg.q_pad).transpose(0, 2, 1, 3)
         kt = _pad_axis(k, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
         vt = _pad_axis(v, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
-        o, m, log_l = fk.tpu_forward(cfg, ents, qt, kt, vt, sinks, seg_q, seg_k)
+        o, m, log_l = fk.tpu_forward(cfg, ents, qt, kt, vt, sinks, seg_q, seg_k, mod_ops)
         return o.transpose(0, 2, 1, 3)[:, :tq], m[:, :, :tq, 0], log_l[:, :, :tq, 0]
     dp, dvp = _gpu_dim(q.shape[-1]), _gpu_dim(dv)
     qp = _pad_axis(_pad_axis(q, 1, cfg.q_pad), 3, dp)
     kp = _pad_axis(_pad_axis(k, 1, cfg.kv_pad), 3, dp)
     vp = _pad_axis(_pad_axis(v, 1, cfg.kv_pad), 3, dvp)
-    o, m, log_l = fk.gpu_forward(cfg, ents, cnts, qp, kp, vp, sinks, seg_q, seg_k)
+    o, m, log_l = fk.gpu_forward(cfg, ents, cnts, qp, kp, vp, sinks, seg_q, seg_k, mod_ops)
     return o[:, :tq, :, :dv], m[:, :, :tq], log_l[:, :, :tq]
 
 
-def _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts, ents_t, cnts_t):
+def _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts, ents_t, cnts_t,
+              mod_ops=()):
     tq, tk, d, dv = cfg.q_len, cfg.kv_len, q.shape[-1], v.shape[-1]
     if seg_q is not None:
         seg_q = _pad_axis(seg_q, 1, cfg.q_pad)
@@ -356,14 +442,14 @@ def _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts, ents_t, 
     if cfg.backend == "tpu":
         tr = lambda x, n: _pad_axis(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731
         lanes = lambda x: jax.lax.broadcast_in_dim(x, x.shape + (fk.LANES,), (0, 1, 2))  # noqa: E731
-        dq, dk, dv_ = fk.tpu_backward(
+        dq, dk, dv_, dmods = fk.tpu_backward(
             cfg, ents, ents_t, tr(q, cfg.q_pad), tr(k, cfg.kv_pad), tr(v, cfg.kv_pad),
-            tr(do, cfg.q_pad), lanes(m), lanes(log_l), lanes(di), seg_q, seg_k)
+            tr(do, cfg.q_pad), lanes(m), lanes(log_l), lanes(di), seg_q, seg_k, mod_ops)
         back = lambda x, n: x.transpose(0, 2, 1, 3)[:, :n]  # noqa: E731
-        return back(dq, tq), back(dk, tk), back(dv_, tk)
+        return back(dq, tq), back(dk, tk), back(dv_, tk), dmods
     dp, dvp = _gpu_dim(d), _gpu_dim(dv)
     pad = lambda x, n, dd: _pad_axis(_pad_axis(x, 1, n), 3, dd)  # noqa: E731
-    dq, dk, dv_ = fk.gpu_backward(
+    dq, dk, dv_, dmods = fk.gpu_backward(
         cfg, ents, cnts, ents_t, cnts_t, pad(q, cfg.q_pad, dp), pad(k, cfg.kv_pad, dp),
-        pad(v, cfg.kv_pad, dvp), pad(do, cfg.q_pad, dvp), m, log_l, di, seg_q, seg_k)
-    return dq[:, :tq, :, :d], dk[:, :tk, :, :d], dv_[:, :tk, :, :dv]
+        pad(v, cfg.kv_pad, dvp), pad(do, cfg.q_pad, dvp), m, log_l, di, seg_q, seg_k, mod_ops)
+    return dq[:, :tq, :, :d], dk[:, :tk, :, :d], dv_[:, :tk, :, :dv], dmods
