@@ -343,7 +343,7 @@ class TopTheta(_SoftmaxBase):
         vis = view.mask & self._pattern(view.q_pos, view.k_pos)
         o = self.attend(self.rope(inp.q, view.q_pos), cache["k"], cache["v"], mask=vis,
                         bias=self.alibi(view.q_pos, view.k_pos), diagonal_offset=index)
-        o = self.finish(inp, o, None)
+        o = self.finish(inp, o)
         return jnp.where(view.invalid, jnp.asarray(jnp.nan, o.dtype), o), cache
 
     def weights(self, q, k, *, mask, bias, score_mod=None):
