@@ -20,7 +20,8 @@ The structure follows FlashAttention-3 (Shah et al. 2024) as JAX's own
 
 Scope: forward only; bf16/f16; ``D == Dv``, a multiple of 64 up to 256; ``block_q == 128``;
 ``block_kv`` 64 or 128; no soft-cap, segment ids or score_mod (those calls keep the Triton
-kernel). Selected at trace time on compute capability 9.x (:func:`enabled`);
+kernel). Selected at trace time on compute capability 9.x (:func:`enabled`; the environment
+variable ``PALLAS_KERNELS_MOSAIC_GPU=0`` turns it off);
 :func:`force` switches it on for cross-lowering from a CPU host (``jax.export(...,
 platforms=("cuda",))`` yields a ``mosaic_gpu_v2`` custom call) and for Mosaic GPU's interpret
 mode (``InterpretGPUParams``), which runs this kernel on CPU in tests: the barriers, TMA
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +47,8 @@ ROWS_PER_WG = 64  # wgmma's M per warpgroup
 COMPUTE_WGS = 2
 BLOCK_Q = ROWS_PER_WG * COMPUTE_WGS
 STAGES = 2  # k/v shared-memory ring depth
-M_INIT = -1e30  # finite "nothing seen yet" row max (base-2 units): exp2(M_INIT - M_INIT) = 1
+M_INIT = -1e30  # finite "nothing seen yet" row max (base-2 units): alpha = exp2(0) = 1
+M_MASKED = 2 * M_INIT  # masked logits: below every row max, so their weight is exp2(-1e30) = 0
 LOG2E = math.log2(math.e)
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: q k^T
 
@@ -85,7 +88,8 @@ def enabled() -> bool:
     """Whether ``backend="cuda"`` calls should try this kernel (forced, or on Hopper)."""
     if _forced is not None:
         return _forced
-    return on_hopper()
+    # a kill switch until the kernel has been measured on hardware (issue 21)
+    return os.environ.get("PALLAS_KERNELS_MOSAIC_GPU", "1") != "0" and on_hopper()
 
 
 def unsupported_reason(cfg, q, v) -> str | None:
@@ -208,22 +212,20 @@ def forward(cfg, ents, cnts, q, k, v, sinks):
                 plgpu.barrier_arrive(k_used.at[slot])
                 s = s * scale2
 
-                def visible():
+                def masked(s):  # partial blocks only: full blocks skip the mask entirely
                     shape = (ROWS_PER_WG, bk)
                     qs = q_base + iota(shape, 0)
                     ks = k0 + iota(shape, 1)
                     vis = ks < cfg.kv_len
                     if cfg.mask_fn is not None:
                         vis = vis & cfg.mask_fn(qs, ks, head)
-                    # full blocks (kind 2) see everything: one select instead of a branch
-                    return vis | (lax.rem(entry, 4) == 2)
+                    return jnp.where(vis, s, M_MASKED)
 
-                vis = visible()
-                s = jnp.where(vis, s, M_INIT)
+                s = lax.cond(lax.rem(entry, 4) == 1, masked, lambda s: s, s)
                 m_new = jnp.maximum(m_i, s.max(axis=1))
                 alpha = jnp.exp2(m_i - m_new)
+                # m_new >= M_INIT > M_MASKED + 2^100: masked keys get exactly exp2(-huge) = 0
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                p = jnp.where(vis, p, 0.0)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_i = l_i * alpha + p.sum(axis=1)
                 p16 = p.astype(dtype)
