@@ -42,8 +42,10 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import re
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 
 import jax
@@ -84,8 +86,8 @@ class Sizes:
     chunk_batch: int = 2
     chunk_lengths: tuple[int, ...] = (4096, 16384, 65536)
     xla_chunk_max_t: int = 16384
-    repeats: int = 10
-    min_time: float = 0.3
+    repeats: int = 5
+    min_time: float = 0.2
     # subsets (None: all): the smoke run keeps one case of each kind so that it takes seconds
     flash_check_cases: tuple[str, ...] | None = None
     chunk_check_mechs: tuple[str, ...] | None = None
@@ -101,6 +103,10 @@ SMOKE = Sizes(check_t=80, check_heads=(2, 1), check_dim=32, check_dtypes=("float
               modes=("fwd+bwd",))
 
 
+#: cumulative fraction of ``--budget`` by the end of each part (checks, flash, chunk timing)
+PART_SHARES = {"check": 0.3, "flash": 0.68, "chunk": 1.0}
+
+
 class Run:
     """Rows, the time budget and incremental JSON output."""
 
@@ -109,12 +115,20 @@ class Run:
         self.on_gpu = jax.default_backend() == "gpu"
         self.hopper = mgpu.on_hopper()
 
+        self.deadline = self.args.budget  # seconds from start; set per part by `part`
+
+    def part(self, name: str) -> None:
+        """Open a part: it may run until its cumulative share of the budget (time a part
+        leaves unused carries over to the next)."""
+        self.deadline = self.args.budget * PART_SHARES[name]
+
     def left(self) -> float:
-        return self.args.budget - (time.perf_counter() - self.start)
+        return self.deadline - (time.perf_counter() - self.start)
 
     def row(self, **fields) -> dict:
         if self.left() <= 0 and "status" not in fields:
-            fields.update(status="skipped", reason=f"budget of {self.args.budget:.0f}s spent")
+            fields.update(status="skipped", reason=f"budget: {self.deadline:.0f}s of "
+                                                   f"{self.args.budget:.0f}s spent")
         self.rows.append(fields)
         return fields
 
@@ -164,8 +178,20 @@ def _loss_and_grads(fn, diff: dict, rest: dict, weights: dict):
         outs = fn(**d, **rest)
         return sum(jnp.vdot(outs[n].astype(jnp.float32), weights[n]) for n in weights), outs
 
-    (_, outs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(diff)
-    return {**outs, **{"d" + n: g for n, g in grads.items()}}
+    compiled = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(diff).compile()
+    (_, outs), grads = compiled(diff)
+    return {**outs, **{"d" + n: g for n, g in grads.items()}}, kernels(compiled)
+
+
+def kernels(compiled) -> list[str]:
+    """The GPU kernel custom calls in a compiled executable (Mosaic GPU, Triton, cuDNN): which
+    path really ran (e.g. a feature the Mosaic forward lacks falls back to Triton)."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - backends without HLO text
+        return []
+    names = re.findall(r'custom_call_target="([^"]+)"', text)
+    return sorted({n for n in names if re.search("mosaic|triton|cudnn", n)})
 
 
 def flash_checks(sz: Sizes, seed: int):
@@ -224,9 +250,10 @@ def run_flash_checks(run: Run, sz: Sizes):
                 if row.get("status"):
                     continue
                 try:
-                    want = want or _loss_and_grads(_attend("reference", kw), diff, {}, weights)
+                    want = want or _loss_and_grads(_attend("reference", kw), diff, {}, weights)[0]
                     with ctx():
-                        got = _loss_and_grads(_attend("pallas", kw), diff, {}, weights)
+                        got, row["kernels"] = _loss_and_grads(_attend("pallas", kw), diff, {},
+                                                              weights)
                     _verdict(row, _compare(got, want), TOL[("flash", dtype)])
                 except Exception as e:  # noqa: BLE001 - recorded, the suite goes on
                     _fail(row, e)
@@ -270,18 +297,36 @@ CHUNK_MECHS = {  # name -> (kernel kind, gate shape: None / "scalar" / "channel"
 }
 
 
-def _chunk_inputs(rng, kind, gate, b, t, h, kd, dtype):
-    draw = lambda *s: rng.standard_normal(s)  # noqa: E731
-    q, k, v = draw(b, t, h, kd), draw(b, t, h, kd) / math.sqrt(kd), draw(b, t, h, kd)
-    diff = dict(q=jnp.asarray(q, dtype), k=jnp.asarray(k, dtype), v=jnp.asarray(v, dtype),
-                initial_state=jnp.asarray(draw(b, h, kd, kd) * 0.1, jnp.float32))
+class Draw:
+    """Fresh standard normals / uniforms as fp32 jax arrays, drawn on the device (numpy would
+    spend seconds per 64K-token array on the host)."""
+
+    def __init__(self, *seed: int):
+        tag = zlib.crc32(repr(seed[1:]).encode()) % 2**31  # stable across processes
+        self.key = jax.random.fold_in(jax.random.PRNGKey(seed[0]), tag)
+
+    def _next(self):
+        self.key, sub = jax.random.split(self.key)
+        return sub
+
+    def normal(self, *shape, dtype=jnp.float32):
+        return jax.random.normal(self._next(), shape, jnp.float32).astype(dtype)
+
+    def uniform(self, *shape):
+        return jax.random.uniform(self._next(), shape, jnp.float32)
+
+
+def _chunk_inputs(draw: Draw, kind, gate, b, t, h, kd, dtype):
+    diff = dict(q=draw.normal(b, t, h, kd, dtype=dtype),
+                k=(draw.normal(b, t, h, kd) / math.sqrt(kd)).astype(dtype),
+                v=draw.normal(b, t, h, kd, dtype=dtype),
+                initial_state=draw.normal(b, h, kd, kd) * 0.1)
     if gate is not None:  # fla-style log-sigmoid / 16 gates, with some strong channels
         shape = (b, t, h, kd) if gate == "channel" else (b, t, h)
-        g = np.log(1 / (1 + np.exp(-draw(*shape)))) / 16
-        g = np.where(rng.random(shape) < 0.05, g * 40, g)
-        diff["g"] = jnp.asarray(g, jnp.float32)
+        g = jax.nn.log_sigmoid(draw.normal(*shape)) / 16
+        diff["g"] = jnp.where(draw.uniform(*shape) < 0.05, g * 40, g)
     if kind == "delta":
-        diff["beta"] = jnp.asarray(1 / (1 + np.exp(-draw(b, t, h))), jnp.float32)
+        diff["beta"] = jax.nn.sigmoid(draw.normal(b, t, h))
     return diff
 
 
@@ -319,13 +364,13 @@ def run_chunk_checks(run: Run, sz: Sizes):
                           shape=f"B={b} T={t} H={h} K=V={kd}")
             if row.get("status"):
                 continue
-            rng = np.random.default_rng([run.args.seed, hash(name) % 2**31])
-            diff = _chunk_inputs(rng, kind, gate, b, t, h, kd, dtype)
-            weights = dict(o=jnp.asarray(rng.standard_normal((b, t, h, kd)), jnp.float32),
-                           state=jnp.asarray(rng.standard_normal((b, h, kd, kd)), jnp.float32))
+            draw = Draw(run.args.seed, name, dtype)
+            diff = _chunk_inputs(draw, kind, gate, b, t, h, kd, dtype)
+            weights = dict(o=draw.normal(b, t, h, kd), state=draw.normal(b, h, kd, kd))
             try:
-                want = _loss_and_grads(_chunk_call(kind, "reference"), diff, {}, weights)
-                got = _loss_and_grads(_chunk_call(kind, "pallas"), diff, {}, weights)
+                want = _loss_and_grads(_chunk_call(kind, "reference"), diff, {}, weights)[0]
+                got, row["kernels"] = _loss_and_grads(_chunk_call(kind, "pallas"), diff, {},
+                                                      weights)
                 _verdict(row, _compare(got, want), TOL[("chunk", dtype)])
             except Exception as e:  # noqa: BLE001
                 _fail(row, e)
@@ -345,6 +390,7 @@ def _time(run: Run, row: dict, fn: Callable, args: tuple, flops: float, ctx=None
         with (ctx or contextlib.nullcontext)():
             compiled = harness.compile_fn(fn, *args)
         row["compile_s"] = time.perf_counter() - t0
+        row["kernels"] = kernels(compiled)
         sec = harness.time_compiled(compiled, *args, repeats=run.sizes.repeats,
                                     min_time=run.sizes.min_time)
         row.update(status="ok", ms=sec * 1e3, tflops=flops / sec / 1e12)
@@ -416,9 +462,8 @@ def flash_impls(run: Run, kind, s, arg, seg, d):
 def run_flash_timing(run: Run, sz: Sizes):
     d, h = sz.dim, sz.heads
     for case, b, s, kind, arg in sz.flash:
-        rng = np.random.default_rng([run.args.seed, s])
-        q, k, v = (jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.bfloat16)
-                   for _ in range(3))
+        draw = Draw(run.args.seed, case)
+        q, k, v = (draw.normal(b, s, h, d, dtype=jnp.bfloat16) for _ in range(3))
         seg = None
         if kind == "documents":  # `arg` documents of equal length
             seg = jnp.asarray(np.repeat(np.arange(arg), -(-s // arg))[:s][None].repeat(b, 0),
@@ -452,13 +497,13 @@ def run_chunk_timing(run: Run, sz: Sizes):
     b, h, kd = sz.chunk_batch, sz.heads, sz.dim
     for t in sz.chunk_lengths:
         case = f"chunk T={t}"
-        rng = np.random.default_rng([run.args.seed, t, 7])
+        draw = Draw(run.args.seed, t)
         impls = []
         for mech, kind, gate in (("GLA", "gla", "channel"), ("Gated DeltaNet", "delta", "scalar"),
                                  ("KDA", "delta", "channel")):
             if mech not in sz.chunk_timing_mechs:
                 continue
-            diff = _chunk_inputs(rng, kind, gate, b, t, h, kd, jnp.bfloat16)
+            diff = _chunk_inputs(draw, kind, gate, b, t, h, kd, jnp.bfloat16)
             g, beta = diff.get("g"), diff.get("beta")
             flops = linear_flops("gla" if kind == "gla" else "gdn", b, h, t, kd, kd, 64)
             for impl in ("pallas", "chunk"):
@@ -470,8 +515,7 @@ def run_chunk_timing(run: Run, sz: Sizes):
 
                 impls.append((f"{mech} {'pallas' if impl == 'pallas' else 'xla chunk'}",
                               fn, flops, 3.0, None))
-        q, k, v = (jnp.asarray(rng.standard_normal((b, t, h, kd)), jnp.bfloat16)
-                   for _ in range(3))
+        q, k, v = (draw.normal(b, t, h, kd, dtype=jnp.bfloat16) for _ in range(3))
         soft = flash_impls(run, "causal", t, None, None, kd)
         dens = _density("causal", t, None, None)
         for name in ("cudnn", *[n for n in soft if n.startswith("jattn pallas")]):
@@ -538,15 +582,19 @@ def main(argv=None) -> dict:
     run.sizes = sz = SMOKE if args.smoke else Sizes()
     print(f"gpu_suite: {harness.machine()} hopper={run.hopper} seed={args.seed}", flush=True)
     if args.part in ("all", "check"):
+        run.part("check" if args.part == "all" else "chunk")
         run_flash_checks(run, sz)
         run_chunk_checks(run, sz)
     if args.part in ("all", "flash"):
+        run.part("flash" if args.part == "all" else "chunk")
         run_flash_timing(run, sz)
     if args.part in ("all", "chunk"):
+        run.part("chunk")
         run_chunk_timing(run, sz)
     run.save()
     cols = ["part", "family", "case", "mode", "impl", "dtype", "status", "max_rel_err", "ms",
-            "tflops", "vs_cudnn", "vs_softmax cudnn", "compile_s", "crossover_T", "reason"]
+            "tflops", "vs_cudnn", "vs_softmax cudnn", "compile_s", "crossover_T", "kernels",
+            "reason"]
     print(harness.table(run.rows, cols))
     bad = [r for r in run.rows if r.get("part") == "check" and r.get("status") == "failed"]
     print(f"{len(bad)} failed checks; {time.perf_counter() - run.start:.0f}s; wrote {args.out}")

@@ -35,13 +35,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-__all__ = ["applies", "enabled", "force", "unsupported_reason", "forward"]
+__all__ = ["applies", "enabled", "force", "unsupported_reason", "forward", "padded_forward"]
 
 ROWS_PER_WG = 64  # wgmma's M per warpgroup
 COMPUTE_WGS = 2
@@ -85,7 +86,8 @@ def on_hopper() -> bool:
 
 
 def enabled() -> bool:
-    """Whether ``backend="cuda"`` calls should try this kernel (forced, or on Hopper)."""
+    """Whether ``backend="cuda"`` calls should try this kernel (forced, or on Hopper). Read
+    at trace time: a function jitted before a change keeps its traced choice."""
     if _forced is not None:
         return _forced
     # a kill switch until the kernel has been measured on hardware (issue 21)
@@ -126,6 +128,28 @@ def _interpret_params(interpret: bool):
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
+
+
+def _pad_rows(x, size):
+    return jnp.pad(x, [(0, 0), (0, size - x.shape[1]), (0, 0), (0, 0)])
+
+
+def padded_forward(cfg, ents, cnts, q, k, v, sinks):
+    """:func:`forward` on unpadded ``q [B, Tq, Hq, D]``, ``k/v [B, Tk, Hkv, D]``; outputs cut
+    back to ``Tq``. When chosen automatically (not :func:`force`), a failure to trace (e.g. a
+    Mosaic GPU API that moved in another JAX) warns and returns None so that the caller keeps
+    the Triton kernel; forced, it raises."""
+    tq = q.shape[1]
+    try:
+        o, m, log_l = forward(cfg, ents, cnts, _pad_rows(q, cfg.q_pad), _pad_rows(k, cfg.kv_pad),
+                              _pad_rows(v, cfg.kv_pad), sinks)
+    except Exception as e:  # noqa: BLE001 - any trace-time failure: fall back, loudly
+        if _forced:
+            raise
+        warnings.warn(f"Mosaic GPU flash forward unavailable ({type(e).__name__}: {e}); "
+                      "using the Triton kernel", RuntimeWarning, stacklevel=3)
+        return None
+    return o[:, :tq], m[:, :, :tq], log_l[:, :, :tq]
 
 
 def forward(cfg, ents, cnts, q, k, v, sinks):

@@ -339,9 +339,9 @@ def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts):
         o, m, log_l = fk.tpu_forward(cfg, ents, qt, kt, vt, sinks, seg_q, seg_k)
         return o.transpose(0, 2, 1, 3)[:, :tq], m[:, :, :tq, 0], log_l[:, :, :tq, 0]
     if mgpu.applies(cfg, q, v):  # Hopper: warp-specialised wgmma/TMA forward (same stats)
-        o, m, log_l = mgpu.forward(cfg, ents, cnts, _pad_axis(q, 1, cfg.q_pad),
-                                   _pad_axis(k, 1, cfg.kv_pad), _pad_axis(v, 1, cfg.kv_pad), sinks)
-        return o[:, :tq], m[:, :, :tq], log_l[:, :, :tq]
+        out = mgpu.padded_forward(cfg, ents, cnts, q, k, v, sinks)
+        if out is not None:  # None: it failed to trace (warned); the Triton kernel follows
+            return out
     dp, dvp = _gpu_dim(q.shape[-1]), _gpu_dim(dv)
     qp = _pad_axis(_pad_axis(q, 1, cfg.q_pad), 3, dp)
     kp = _pad_axis(_pad_axis(k, 1, cfg.kv_pad), 3, dp)

@@ -75,6 +75,26 @@ def test_off_hopper_and_unsupported_features_keep_triton():
         assert _calls(_masked(causal, 256), *args)[MOSAIC] == 0
 
 
+def test_auto_selection_on_hopper_kill_switch_and_trace_failure_fallback(monkeypatch):
+    args = (_spec(1, 256, 2, 128),) * 3
+    # a fresh function per export: the choice is made at trace time and jit caches traces
+    fwd = lambda: _masked(masks.causal(), 256)  # noqa: E731
+    monkeypatch.setattr(mgpu, "on_hopper", lambda: True)  # as on an H100/H200
+    assert _calls(fwd(), *args) == {MOSAIC: 1, TRITON: 0}
+    monkeypatch.setenv("PALLAS_KERNELS_MOSAIC_GPU", "0")
+    assert _calls(fwd(), *args) == {MOSAIC: 0, TRITON: 1}
+    monkeypatch.delenv("PALLAS_KERNELS_MOSAIC_GPU")
+
+    def broken(*a):
+        raise AttributeError("module 'plgpu' has no attribute 'wgmma'")  # an API that moved
+
+    monkeypatch.setattr(mgpu, "forward", broken)
+    with pytest.warns(RuntimeWarning, match="using the Triton kernel"):
+        assert _calls(fwd(), *args) == {MOSAIC: 0, TRITON: 1}
+    with mgpu.force(True), pytest.raises(AttributeError):  # forced: the error surfaces
+        _calls(fwd(), *args)
+
+
 def _check_interpret(mask, t, hq, hkv, bk, sinks=None, grads=False):
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((1, t, hq, 64)), bf16)
