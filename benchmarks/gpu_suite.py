@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import time
@@ -74,12 +75,12 @@ class Sizes:
     check_heads: tuple[int, int] = (8, 2)
     check_dim: int = 128
     check_dtypes: tuple[str, ...] = ("bfloat16", "float32")
-    flash: tuple = (  # (name, B, S, mask kind, window)
-        ("causal 4K", 4, 4096, "causal", None),
-        ("causal 16K", 1, 16384, "causal", None),
-        ("window 1024 @16K", 1, 16384, "window", 1024),
-        ("window 1024 @64K", 1, 65536, "window", 1024),
-        ("8 documents @16K", 1, 16384, "documents", 8),
+    flash: tuple = (  # (name, B, S, mask kind, window or documents, modes): issue 21's table
+        ("causal 4K", 4, 4096, "causal", None, ("fwd", "fwd+bwd")),
+        ("causal 16K", 1, 16384, "causal", None, ("fwd", "fwd+bwd")),
+        ("window 1024 @16K", 1, 16384, "window", 1024, ("fwd+bwd",)),
+        ("window 1024 @64K", 1, 65536, "window", 1024, ("fwd+bwd",)),
+        ("8 documents @16K", 1, 16384, "documents", 8, ("fwd+bwd",)),
     )
     heads: int = 16
     dim: int = 128
@@ -96,7 +97,7 @@ class Sizes:
 
 
 SMOKE = Sizes(check_t=80, check_heads=(2, 1), check_dim=32, check_dtypes=("float32",),
-              flash=(("2 documents", 1, 128, "documents", 2),),
+              flash=(("2 documents", 1, 128, "documents", 2, ("fwd+bwd",)),),
               heads=2, dim=32, chunk_batch=1, chunk_lengths=(64,), xla_chunk_max_t=0,
               repeats=1, min_time=0.0, flash_check_cases=("sinks + soft-cap",),
               chunk_check_mechs=("Gated DeltaNet",), chunk_timing_mechs=("Gated DeltaNet",),
@@ -104,7 +105,7 @@ SMOKE = Sizes(check_t=80, check_heads=(2, 1), check_dim=32, check_dtypes=("float
 
 
 #: cumulative fraction of ``--budget`` by the end of each part (checks, flash, chunk timing)
-PART_SHARES = {"check": 0.3, "flash": 0.68, "chunk": 1.0}
+PART_SHARES = {"flash check": 0.15, "chunk check": 0.3, "flash time": 0.65, "chunk time": 1.0}
 
 
 class Run:
@@ -150,10 +151,11 @@ def _fail(row: dict, e: BaseException) -> None:
     row["trace"] = traceback.format_exc(limit=-3)[-600:]
 
 
-def _paths(run: Run):
-    """The flash kernels to check: the default dispatch, plus the Triton kernel on Hopper."""
+def _paths(run: Run, both: bool = True):
+    """The flash kernels to run: the default dispatch, and on Hopper (``both``) the Mosaic GPU
+    forward and the Triton kernel side by side."""
     paths = [("pallas", contextlib.nullcontext)]
-    if run.hopper:
+    if run.hopper and both:
         paths = [("pallas[mosaic-fwd]", lambda: mgpu.force(True)),
                  ("pallas[triton]", lambda: mgpu.force(False))]
     return paths
@@ -244,7 +246,9 @@ def run_flash_checks(run: Run, sz: Sizes):
             if "sinks" in kw:
                 diff["sinks"] = kw.pop("sinks")
             want = None
-            for path, ctx in _paths(run):
+            # the Mosaic forward serves bf16 without soft-cap / segment ids: there, both paths
+            both = dtype == "bfloat16" and name not in ("sinks + soft-cap", "segment ids")
+            for path, ctx in _paths(run, both):
                 row = run.row(part="check", family="flash", case=name, impl=path, dtype=dtype,
                               shape=f"B={b} Tq={tq} Tk={tk} H={hq}/{hkv} D={d}")
                 if row.get("status"):
@@ -330,6 +334,12 @@ def _chunk_inputs(draw: Draw, kind, gate, b, t, h, kd, dtype):
     return diff
 
 
+def _chunk_timing_inputs(draw: Draw, kind, gate, b, t, h, kd) -> tuple:
+    """``(q, k, v, *gates)`` for timing: gates ``g`` (if any) then ``beta`` (delta rule)."""
+    d = _chunk_inputs(draw, kind, gate, b, t, h, kd, jnp.bfloat16)
+    return (d["q"], d["k"], d["v"], *(d[n] for n in ("g", "beta") if n in d))
+
+
 def _chunk_call(kind, impl):
     """``(**inputs) -> {"o", "state"}`` for the pallas kernel or a ``jattn.linear`` impl."""
 
@@ -381,11 +391,14 @@ def run_chunk_checks(run: Run, sz: Sizes):
 # ------------------------------------------------------------------------------------------
 # Part 2: timing
 # ------------------------------------------------------------------------------------------
-def _time(run: Run, row: dict, fn: Callable, args: tuple, flops: float, ctx=None):
-    """Compile (inside ``ctx``), time, and fill ``row``; never raises."""
+def _time(run: Run, row: dict, fn: Callable, inputs: Callable[[], tuple], flops: float,
+          ctx=None):
+    """Compile (inside ``ctx``), time, and fill ``row``; never raises. ``inputs()`` gives the
+    arguments (drawn on first use: a skipped case allocates nothing)."""
     if row.get("status"):
         return
     try:
+        args = inputs()
         t0 = time.perf_counter()
         with (ctx or contextlib.nullcontext)():
             compiled = harness.compile_fn(fn, *args)
@@ -402,7 +415,12 @@ def _time(run: Run, row: dict, fn: Callable, args: tuple, flops: float, ctx=None
 
 
 def _grad_fn(fn):
-    return harness.fwd_bwd(fn)
+    """Gradients of ``sum(fn(*args))`` w.r.t. every argument (q, k, v and any gates)."""
+
+    def loss(*args):
+        return fn(*args).astype(jnp.float32).sum()
+
+    return lambda *args: jax.grad(loss, argnums=tuple(range(len(args))))(*args)
 
 
 def _density(kind, s, arg, seg) -> float:
@@ -415,15 +433,15 @@ def _density(kind, s, arg, seg) -> float:
     return float((sizes * (sizes + 1) / 2).sum() / s**2)
 
 
-def flash_impls(run: Run, kind, s, arg, seg, d):
-    """``name -> (fn(q, k, v) | None, reason, trace-time context)``."""
+def flash_impls(run: Run, kind, s, arg, seg, d, both: bool = True):
+    """``name -> (fn(q, k, v) | None, reason, trace-time context)``; ``both``: see _paths."""
     window = arg if kind == "window" else None
     mask = masks.causal() if window is None else masks.sliding_window(window)
     seg_ids = seg if kind == "documents" else None
     j = lambda impl: (lambda q, k, v: jattn.attention(  # noqa: E731
         q, k, v, mask=mask, segment_ids=seg_ids, implementation=impl))
     impls = {}
-    for path, ctx in _paths(run):
+    for path, ctx in _paths(run, both and kind != "documents"):  # segments: Triton only
         impls["jattn " + path] = (j("pallas"), None, ctx)
     if not run.on_gpu:
         impls["cudnn"] = (None, "needs a CUDA GPU", None)
@@ -461,9 +479,10 @@ def flash_impls(run: Run, kind, s, arg, seg, d):
 
 def run_flash_timing(run: Run, sz: Sizes):
     d, h = sz.dim, sz.heads
-    for case, b, s, kind, arg in sz.flash:
+    for case, b, s, kind, arg, modes in sz.flash:
         draw = Draw(run.args.seed, case)
-        q, k, v = (draw.normal(b, s, h, d, dtype=jnp.bfloat16) for _ in range(3))
+        qkv = functools.cache(lambda: tuple(draw.normal(b, s, h, d, dtype=jnp.bfloat16)  # noqa: B023
+                                            for _ in range(3)))
         seg = None
         if kind == "documents":  # `arg` documents of equal length
             seg = jnp.asarray(np.repeat(np.arange(arg), -(-s // arg))[:s][None].repeat(b, 0),
@@ -471,7 +490,7 @@ def run_flash_timing(run: Run, sz: Sizes):
         dens = _density(kind, s, arg, seg)
         fwd_flops = 4.0 * b * h * s * s * d * dens
         impls = flash_impls(run, kind, s, arg, seg, d)
-        for mode in sz.modes:
+        for mode in modes:
             for name, (fn, reason, ctx) in impls.items():
                 row = run.row(part="time", family="flash", case=case, mode=mode, impl=name,
                               shape=f"B={b} S={s} H={h} D={d} bf16", density=dens)
@@ -479,7 +498,7 @@ def run_flash_timing(run: Run, sz: Sizes):
                     row.update(status="skipped", reason=reason)
                     continue
                 f = fn if mode == "fwd" else _grad_fn(fn)
-                _time(run, row, f, (q, k, v), fwd_flops * (1.0 if mode == "fwd" else 3.5), ctx)
+                _time(run, row, f, qkv, fwd_flops * (1.0 if mode == "fwd" else 3.5), ctx)
         _ratios(run.rows, case, "cudnn")
         run.save()
 
@@ -498,39 +517,43 @@ def run_chunk_timing(run: Run, sz: Sizes):
     for t in sz.chunk_lengths:
         case = f"chunk T={t}"
         draw = Draw(run.args.seed, t)
+        # (name, fn(*args), inputs() -> args, forward FLOPs, fwd+bwd multiple, context)
         impls = []
         for mech, kind, gate in (("GLA", "gla", "channel"), ("Gated DeltaNet", "delta", "scalar"),
                                  ("KDA", "delta", "channel")):
             if mech not in sz.chunk_timing_mechs:
                 continue
-            diff = _chunk_inputs(draw, kind, gate, b, t, h, kd, jnp.bfloat16)
-            g, beta = diff.get("g"), diff.get("beta")
+            # gates are arguments, not closed-over constants (GBs baked into the executable)
+            inputs = functools.cache(functools.partial(_chunk_timing_inputs, draw, kind, gate,
+                                                       b, t, h, kd))
             flops = linear_flops("gla" if kind == "gla" else "gdn", b, h, t, kd, kd, 64)
+            names = (("g",) if gate else ()) + (("beta",) if kind == "delta" else ())
             for impl in ("pallas", "chunk"):
                 if impl == "chunk" and (t > sz.xla_chunk_max_t or mech == "KDA"):
                     continue  # minutes per call at 64K on GPU (issue 22's table)
 
-                def fn(q, k, v, _c=_chunk_call(kind, impl), _g=g, _b=beta):
-                    return _c(q, k, v, None, g=_g, beta=_b)["o"]
+                def fn(q, k, v, *gates, _c=_chunk_call(kind, impl), _names=names):
+                    return _c(q, k, v, None, **dict(zip(_names, gates, strict=True)))["o"]
 
                 impls.append((f"{mech} {'pallas' if impl == 'pallas' else 'xla chunk'}",
-                              fn, flops, 3.0, None))
-        q, k, v = (draw.normal(b, t, h, kd, dtype=jnp.bfloat16) for _ in range(3))
-        soft = flash_impls(run, "causal", t, None, None, kd)
+                              fn, inputs, flops, 3.0, None))
+        qkv = functools.cache(lambda: tuple(draw.normal(b, t, h, kd, dtype=jnp.bfloat16)  # noqa: B023
+                                            for _ in range(3)))
+        soft = flash_impls(run, "causal", t, None, None, kd, both=False)
         dens = _density("causal", t, None, None)
         for name in ("cudnn", *[n for n in soft if n.startswith("jattn pallas")]):
             fn, reason, ctx = soft[name]
-            impls.append((f"softmax {name}", fn, 4.0 * b * h * t * t * kd * dens, 3.5, ctx)
-                         if fn else (f"softmax {name}", None, reason, None, None))
+            impls.append((f"softmax {name}", fn, qkv, 4.0 * b * h * t * t * kd * dens, 3.5, ctx)
+                         if fn else (f"softmax {name}", None, reason, None, None, None))
         for mode in sz.modes:
-            for name, fn, flops, mult, ctx in impls:
+            for name, fn, inputs, flops, mult, ctx in impls:
                 row = run.row(part="time", family="chunk", case=case, mode=mode, impl=name,
                               shape=f"B={b} T={t} H={h} K=V={kd} bf16")
                 if fn is None:
-                    row.update(status="skipped", reason=flops)
+                    row.update(status="skipped", reason=inputs)
                     continue
                 f = fn if mode == "fwd" else _grad_fn(fn)
-                _time(run, row, f, (q, k, v), flops * (1.0 if mode == "fwd" else mult), ctx)
+                _time(run, row, f, inputs, flops * (1.0 if mode == "fwd" else mult), ctx)
         _ratios(run.rows, case, "softmax cudnn")
         run.save()
     crossover(run)
@@ -581,15 +604,18 @@ def main(argv=None) -> dict:
     run = Run(args)
     run.sizes = sz = SMOKE if args.smoke else Sizes()
     print(f"gpu_suite: {harness.machine()} hopper={run.hopper} seed={args.seed}", flush=True)
+    # one part alone gets the whole budget (its share is measured from the start)
+    alone = args.part != "all"
     if args.part in ("all", "check"):
-        run.part("check" if args.part == "all" else "chunk")
+        run.part("chunk check" if alone else "flash check")
         run_flash_checks(run, sz)
+        run.part("chunk time" if alone else "chunk check")
         run_chunk_checks(run, sz)
     if args.part in ("all", "flash"):
-        run.part("flash" if args.part == "all" else "chunk")
+        run.part("chunk time" if alone else "flash time")
         run_flash_timing(run, sz)
     if args.part in ("all", "chunk"):
-        run.part("chunk")
+        run.part("chunk time")
         run_chunk_timing(run, sz)
     run.save()
     cols = ["part", "family", "case", "mode", "impl", "dtype", "status", "max_rel_err", "ms",
