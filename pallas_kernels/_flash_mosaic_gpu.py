@@ -18,7 +18,7 @@ The structure follows FlashAttention-3 (Shah et al. 2024) as JAX's own
   ``log l = 0`` on rows that see nothing), so the existing Triton backward (``_flash_gpu``)
   serves as its VJP unchanged.
 
-Scope: forward only; bf16/f16; ``D == Dv``, a multiple of 64 up to 256; ``block_q == 128``;
+Scope: forward only; bf16/f16; ``D == Dv`` in {64, 128}; ``block_q == 128``;
 ``block_kv`` 64 or 128; no soft-cap, segment ids or score_mod (those calls keep the Triton
 kernel). Selected at trace time on compute capability 9.x (:func:`enabled`; the environment
 variable ``PALLAS_KERNELS_MOSAIC_GPU=0`` turns it off);
@@ -100,7 +100,8 @@ def unsupported_reason(cfg, q, v) -> str | None:
     checks = (
         (cfg.backend == "cuda", "backend is not cuda"),
         (q.dtype in (jnp.bfloat16, jnp.float16), f"dtype {q.dtype} (needs bf16/f16)"),
-        (d == dv and d % 64 == 0 and d <= 256, f"head dims D={d} Dv={dv} (need D == Dv, 64k)"),
+        # D=256 would need a shallower ring to fit the 227 KiB of shared memory
+        (d == dv and d in (64, 128), f"head dims D={d} Dv={dv} (need D == Dv in 64, 128)"),
         (cfg.block_q == BLOCK_Q, f"block_q={cfg.block_q} (needs {BLOCK_Q})"),
         (cfg.block_kv in (64, 128), f"block_kv={cfg.block_kv} (needs 64 or 128)"),
         (cfg.soft_cap is None, "logits_soft_cap"),

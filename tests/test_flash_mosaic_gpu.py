@@ -70,6 +70,8 @@ def test_off_hopper_and_unsupported_features_keep_triton():
         assert _calls(_masked(causal, 256, bq=64), *args)[MOSAIC] == 0
         fp32 = (_spec(1, 256, 2, 128, dtype=jnp.float32),) * 3
         assert _calls(_masked(causal, 256), *fp32)[MOSAIC] == 0
+        wide = (_spec(1, 256, 2, 256),) * 3  # D=256: the k/v ring would overflow shared memory
+        assert _calls(_masked(causal, 256), *wide)[MOSAIC] == 0
         assert _calls(_masked(causal, 256), *args)[MOSAIC] == 1
     with mgpu.force(False):
         assert _calls(_masked(causal, 256), *args)[MOSAIC] == 0
