@@ -54,9 +54,9 @@ Backends and JAX versions (tested range pinned in ``pyproject.toml``: jax >= 0.1
   favour of Mosaic GPU (already the default ``pallas_call`` GPU lowering in 0.10.2) but still
   ships it. Exported modules carry the ``__gpu$xla.gpu.triton`` custom call.
   The GPU kernels loop over the lists inside the kernel (Triton has no scalar prefetch).
-  Block sizes and head dims are powers of two (>= 16; head dims are zero-padded). A Mosaic
-  GPU (Hopper warp-specialised) path is not implemented: in 0.10.2 Mosaic GPU lacks in-kernel
-  transposes, which the dk/dv pass uses.
+  Block sizes and head dims are powers of two (>= 16; head dims are zero-padded). On Hopper
+  the forward runs through Mosaic GPU instead (``_flash_mosaic_gpu``: wgmma, TMA, warp
+  specialisation; same row stats, so this backward serves it); the backward stays Triton.
 * CPU: interpret mode (``interpret=None`` picks it on CPU) runs either driver; ``backend``
   picks the lowering so a CPU host can ``jax.export`` for ``("tpu",)`` or ``("cuda",)``.
 """
@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _flash_kernels as fk
+from pallas_kernels import _flash_mosaic_gpu as mgpu
 from pallas_kernels import block_map as bsp
 
 __all__ = ["flash_attention", "resolve_backend", "block_sizes"]
@@ -422,6 +423,10 @@ def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, mod_ops=()):
         vt = _pad_axis(v, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
         o, m, log_l = fk.tpu_forward(cfg, ents, qt, kt, vt, sinks, seg_q, seg_k, mod_ops)
         return o.transpose(0, 2, 1, 3)[:, :tq], m[:, :, :tq, 0], log_l[:, :, :tq, 0]
+    if mgpu.applies(cfg, q, v):  # Hopper: warp-specialised wgmma/TMA forward (same stats)
+        out = mgpu.padded_forward(cfg, ents, cnts, q, k, v, sinks)
+        if out is not None:  # None: it failed to trace (warned); the Triton kernel follows
+            return out
     dp, dvp = _gpu_dim(q.shape[-1]), _gpu_dim(dv)
     qp = _pad_axis(_pad_axis(q, 1, cfg.q_pad), 3, dp)
     kp = _pad_axis(_pad_axis(k, 1, cfg.kv_pad), 3, dp)
