@@ -46,8 +46,10 @@ query row, the sum of ``log(1 - sigmoid(s))`` over every visible key to the righ
 ``ds_ik`` the sum of ``p dp`` over keys to the left. The forward and dq passes could carry
 both right to left through a row's key blocks, but the dk/dv pass owns one key block and
 visits query blocks: it would need those per-(row, key block) prefix sums from another pass
-(an extra ``[B, Hq, Tq, nk]`` residual, or O(nk) recomputation per tile), which breaks the
-kernel's O(T) residuals. ``jattn`` serves it with the blocked xla path.
+(two extra ``[B, Hq, Tq, nk]`` residuals: 1 GiB per batch row and head at T = 128k with
+128-wide blocks, or an O(nk) recomputation per tile), which breaks the kernel's O(T)
+residuals. ``jattn`` serves it with the blocked xla path (which walks each query block's
+key blocks right to left inside one loop, dk/dv included).
 
 A ``score_mod`` (FlexAttention's idea) is applied to the scaled logits before the cap; the arrays
 it reads are kernel operands (``score_mod_operands``): per-query-position arrays sliced to the
