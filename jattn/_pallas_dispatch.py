@@ -34,6 +34,9 @@ _GATHERS = frozenset({"gather", "dynamic_slice", "scatter-add", "scatter_add", "
 
 __all__ = ["attention_pallas", "pallas_supported", "unsupported_reason"]
 
+# Normalizers the flash kernel computes (stick-breaking stays on xla: see pallas_kernels.flash).
+KERNEL_NORMALIZERS = flash_lib.NORMALIZERS
+
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_KV = 128
 
@@ -63,8 +66,9 @@ def unsupported_reason(*, mask=None, dense_mask=None, bias=None, normalizer="sof
     """Why the Pallas kernel cannot serve this call (None if it can)."""
     if bias is not None:
         return "bias (additive score bias) is not supported by the Pallas flash kernel"
-    if normalizer != "softmax":
-        return f"normalizer={normalizer!r} is not supported by the Pallas flash kernel (softmax)"
+    if normalizer not in KERNEL_NORMALIZERS:
+        return (f"normalizer={normalizer!r} is not supported by the Pallas flash kernel "
+                f"(only {', '.join(KERNEL_NORMALIZERS)})")
     if dense_mask is not None:
         return ("dense bool-array masks are not supported by the Pallas flash kernel; "
                 "use a jattn.masks.Mask (or segment_ids for per-batch document masks)")
@@ -177,10 +181,10 @@ def kernel_score_mod(score_mod, batch: int, hq: int, tq: int, tk: int, block_q: 
 def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sinks,
                      logits_soft_cap, segment_ids, return_lse, block_q=None, block_kv=None,
                      interpret=None, backend=None, score_mod=None, block_mask=None):
-    """Softmax attention through :func:`pallas_kernels.flash_attention`.
+    """Softmax or softpick attention through :func:`pallas_kernels.flash_attention`.
 
     ``mask`` is a :class:`jattn.masks.Mask` or None; ``dense_mask``/``bias`` must be None and
-    ``normalizer`` ``"softmax"`` (else ``NotImplementedError``). Shapes as in
+    ``normalizer`` one of ``KERNEL_NORMALIZERS`` (else ``NotImplementedError``). Shapes as in
     :func:`jattn.attention`. ``score_mod``'s arrays become kernel operands
     (:func:`kernel_score_mod`; NotImplementedError when it cannot). ``block_mask``: bool
     ``[B|1, Hq|1, nq, nk]`` at the kernel's block sizes (see :func:`kernel_block_sizes`),
@@ -220,4 +224,4 @@ def attention_pallas(q, k, v, *, mask, dense_mask, bias, scale, normalizer, sink
         q, k, v, block_map=block_map, mask_fn=mask_fn, scale=scale, sinks=sinks,
         logits_soft_cap=logits_soft_cap, segment_ids=segment_ids, block_q=bq, block_kv=bk,
         return_lse=return_lse, interpret=interpret, backend=backend, score_mod=mod_fn,
-        score_mod_operands=tuple(mod_ops), score_mod_axes=tuple(mod_axes))
+        score_mod_operands=tuple(mod_ops), score_mod_axes=tuple(mod_axes), normalizer=normalizer)

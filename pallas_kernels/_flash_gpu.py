@@ -9,7 +9,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _flash_tiles as tiles  # the tile math, shared with _flash_tpu
-from pallas_kernels._flash_tiles import _SQ, MASK_VALUE, Config, f32
+from pallas_kernels._flash_tiles import _SQ, Config, f32
 
 
 # ------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def gpu_forward(cfg: Config, ents, cnts, q, k, v, sinks, seg_q, seg_k, mod_ops=(
             m0 = jnp.zeros((bq,), f32) + sink_ref[h]
             l0 = jnp.ones((bq,), f32)
         else:
-            m0 = jnp.full((bq,), MASK_VALUE, f32)
+            m0 = jnp.full((bq,), tiles.initial_max(cfg), f32)
             l0 = jnp.zeros((bq,), f32)
         acc0 = jnp.zeros((bq, dv), f32)
 
@@ -158,7 +158,7 @@ def gpu_forward(cfg: Config, ents, cnts, q, k, v, sinks, seg_q, seg_k, mod_ops=(
             return lax.cond(kind == 1, masked, full, carry)
 
         m, l, acc = lax.fori_loop(0, cnt_ref[row], body, (m0, l0, acc0))
-        o, m, log_l = tiles._finalize(m, l, acc)
+        o, m, log_l = tiles._finalize(m, l, acc, cfg)
         o_ref[...] = o.astype(o_ref.dtype)
         m_ref[...] = m
         log_l_ref[...] = log_l

@@ -26,8 +26,14 @@ drivers); this module re-exports what ``flash.py`` uses.
 """
 
 from pallas_kernels._flash_gpu import gpu_backward, gpu_forward
-from pallas_kernels._flash_tiles import LANES, MASK_VALUE, Config
+from pallas_kernels._flash_tiles import (
+    LANES,
+    MASK_VALUE,
+    NORMALIZERS,
+    SOFTPICK_EPS,
+    Config,
+)
 from pallas_kernels._flash_tpu import tpu_backward, tpu_forward
 
-__all__ = ["Config", "LANES", "MASK_VALUE", "tpu_forward", "tpu_backward", "gpu_forward",
-           "gpu_backward"]
+__all__ = ["Config", "LANES", "MASK_VALUE", "NORMALIZERS", "SOFTPICK_EPS", "tpu_forward",
+           "tpu_backward", "gpu_forward", "gpu_backward"]

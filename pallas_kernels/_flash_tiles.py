@@ -14,6 +14,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+# Softpick's eps (Zuhri et al. 2025), equal to ``jattn.normalizers.SOFTPICK_EPS`` (a test checks;
+# pallas_kernels does not import jattn).
+SOFTPICK_EPS = 1e-6
+NORMALIZERS = ("softmax", "softpick")
 LANES, SUBLANES = 128, 8
 _NT = (((1,), (1,)), ((), ()))
 _SQ = getattr(pl, "squeezed", None)  # squeezed block dim (None in older JAX)
@@ -51,6 +55,12 @@ class Config:
     # table, handed over as mod_lens[n] entries of [1, 1]) or "const" (the whole array).
     mod_axes: tuple = ()
     mod_lens: tuple = ()
+    # "softmax" or "softpick" (row stats: see _fwd_update / _finalize)
+    normalizer: str = "softmax"
+
+    @property
+    def softpick(self) -> bool:
+        return self.normalizer == "softpick"
 
     @property
     def group(self) -> int:
@@ -154,25 +164,51 @@ def _visible(cfg: Config, q0, k0, head, q_seg, k_seg):
     return vis
 
 
+def initial_max(cfg: Config) -> float:
+    """The running max ``m`` before any key (without sinks): softmax starts from the mask value,
+    softpick from 0 (its ``m >= 0`` keeps ``e^{-m} <= 1``)."""
+    return 0.0 if cfg.softpick else MASK_VALUE
+
+
 def _fwd_update(q, k, v, m_prev, l_prev, acc_prev, vis, cfg: Config, pos, blocks=()):
-    """One online-softmax step; ``m, l`` are ``[bq]``, ``acc`` is ``[bq, Dv]`` (fp32)."""
+    """One online step; ``m, l`` are ``[bq]``, ``acc`` is ``[bq, Dv]`` (fp32).
+
+    softmax: ``l = sum e^{s - m}``, ``acc = sum e^{s - m} v``. softpick: ``e^s - 1 =
+    e^m (e^{s - m} - e^{-m})`` with the running max ``m >= 0``, ``l = sum |e^{s-m} - e^{-m}|``,
+    ``acc = sum relu(e^{s-m} - e^{-m}) v``; both rescale by ``e^{m_old - m_new}`` when ``m``
+    grows (eps joins only at :func:`_finalize`, with the final ``m``). Masked entries add 0.
+    """
     s, _ = _logits(q, k, cfg, pos, blocks)
     if vis is not None:
         s = jnp.where(vis, s, MASK_VALUE)
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.exp(s - m_new[:, None])
+    if cfg.softpick:
+        p = p - jnp.exp(-m_new)[:, None]  # e^{-m} (e^s - 1)
     if vis is not None:
         p = jnp.where(vis, p, 0.0)
-    l_new = alpha * l_prev + jnp.sum(p, axis=1)
+    if cfg.softpick:
+        l_new = alpha * l_prev + jnp.sum(jnp.abs(p), axis=1)
+        p = jnp.maximum(p, 0.0)
+    else:
+        l_new = alpha * l_prev + jnp.sum(p, axis=1)
     pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                          preferred_element_type=f32)
     return m_new, l_new, alpha[:, None] * acc_prev + pv
 
 
-def _finalize(m, l, acc):
+def _finalize(m, l, acc, cfg: Config | None = None):
     """Output ``acc / l`` (0 where l = 0) and the backward's row stats ``m`` (+inf where
-    l = 0) and ``log l`` (0 where l = 0)."""
+    l = 0) and ``log l`` (0 where l = 0).
+
+    softpick: ``z = l + eps e^{-m}`` (the denominator ``sum |e^s - 1| + eps`` over ``e^m``),
+    output ``acc / z`` and the stats ``(m, log z)``, so ``m + log z = log(sum |e^s - 1| + eps)``
+    (a row that sees nothing: ``m = 0``, ``z = eps``, output 0).
+    """
+    if cfg is not None and cfg.softpick:
+        z = l + SOFTPICK_EPS * jnp.exp(-m)
+        return acc / z[:, None], m, jnp.log(z)
     empty = l == 0.0
     l_safe = jnp.where(empty, 1.0, l)
     o = acc / l_safe[:, None]
@@ -199,17 +235,42 @@ def bwd_tile_operands(q, k, v, do, m, log_l, di, vis, cfg: Config, pos, blocks=(
         grad = None
     else:
         s, grad = _logits(q, k, cfg, pos, blocks)
-    p = jnp.exp((s - m[:, None]) - log_l[:, None])  # s - m first: exact for tied maxima
-    if vis is not None:
-        p = jnp.where(vis, p, 0.0)
     dp = lax.dot_general(do, v, _NT, preferred_element_type=f32)
-    ds = p * (dp - di[:, None])
+    if cfg.softpick:
+        p, ds = _softpick_p_ds(s, m, log_l, di, dp)
+        if vis is not None:  # e^s of a masked entry may be inf: select, never multiply by 0
+            p, ds = jnp.where(vis, p, 0.0), jnp.where(vis, ds, 0.0)
+    else:
+        p = jnp.exp((s - m[:, None]) - log_l[:, None])  # s - m first: exact for tied maxima
+        if vis is not None:
+            p = jnp.where(vis, p, 0.0)
+        ds = p * (dp - di[:, None])
     if want:
         ds, dblocks = pull(ds)
         return p, ds, dblocks
     if grad is not None:
         ds = ds * grad
     return p, ds, ()
+
+
+def _softpick_p_ds(s, m, log_z, di, dp):
+    """Softpick's weights and ``dL/ds`` from the saved ``(m, log z)``, ``Z = e^m z``.
+
+    ``p_j = relu(e^{s_j} - 1) / Z`` with ``Z = sum_k |e^{s_k} - 1| + eps``, so
+    ``dp_j / ds_k = [j = k][s_k > 0] e^{s_k} / Z - p_j sign(s_k) e^{s_k} / Z`` and with
+    ``sum_j p_j dp_j = di`` (= ``o . do``, minus the cotangent of ``log Z``)::
+
+        ds_k = e^{s_k} / Z ([s_k > 0] dp_k - sign(s_k) di)
+
+    ``e^{s}/Z = e^{(s - m) - log z}``. ``sign`` is spelled with ``where`` (Mosaic's ``sign``
+    rule queries the TPU generation, which a CPU host cannot answer when cross-lowering).
+    """
+    m, log_z = m[:, None], log_z[:, None]
+    e = jnp.exp((s - m) - log_z)
+    p = jnp.maximum(e - jnp.exp(-m - log_z), 0.0)
+    di = di[:, None]
+    ds = e * jnp.where(s > 0, dp - di, jnp.where(s < 0, di, 0.0))
+    return p, ds
 
 
 def _mm(a, b):

@@ -11,7 +11,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels._flash_tiles import (
     _SQ,
     LANES,
-    MASK_VALUE,
     SUBLANES,
     Config,
     _entry,
@@ -23,6 +22,7 @@ from pallas_kernels._flash_tiles import (
     bwd_tile_operands,
     f32,
     grad_value,
+    initial_max,
     split_blocks,
     wanted,
 )
@@ -205,7 +205,7 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k, mod_ops=()):
                 m_sc[...] = sink_ref[0, h] * jnp.ones_like(m_sc)
                 l_sc[...] = jnp.ones_like(l_sc)
             else:
-                m_sc[...] = jnp.full_like(m_sc, MASK_VALUE)
+                m_sc[...] = jnp.full_like(m_sc, initial_max(cfg))
                 l_sc[...] = jnp.zeros_like(l_sc)
             acc_sc[...] = jnp.zeros_like(acc_sc)
 
@@ -225,7 +225,7 @@ def tpu_forward(cfg: Config, ents, q, k, v, sinks, seg_q, seg_k, mod_ops=()):
 
         @pl.when(j == w - 1)
         def _final():
-            o, m, log_l = _finalize(_row_stat(m_sc), _row_stat(l_sc), acc_sc[...])
+            o, m, log_l = _finalize(_row_stat(m_sc), _row_stat(l_sc), acc_sc[...], cfg)
             o_ref[...] = o.astype(o_ref.dtype)
             m_ref[...] = _lanes(m, m_ref.shape)
             log_l_ref[...] = _lanes(log_l, log_l_ref.shape)

@@ -29,6 +29,28 @@ using the forward lists for dq and the transposed lists (per key block, the non-
 blocks) for dk/dv. A query row with no visible key (and no sink) outputs 0, gets zero
 gradients and ``lse = -inf``.
 
+``normalizer="softpick"`` (Zuhri et al., "Softpick: No Attention Sink, No Massive Activations
+with Rectified Softmax", 2025) swaps the softmax for::
+
+    p_ij = relu(e^{s_ij} - 1) / (sum_{visible j'} |e^{s_ij'} - 1| + eps),   eps = 1e-6
+
+streamed with the same running max, clamped at ``m >= 0``: ``e^s - 1 = e^m (e^{s-m} - e^{-m})``,
+so numerator and denominator rescale by ``e^{m_old - m_new}`` like the softmax's and no
+``e^s`` is ever formed (no fp32 overflow); ``eps`` does not rescale and joins once at the end as
+``eps e^{-m}``. Masked keys add 0 to the denominator. The row stats are ``m`` and ``log z``
+(``z = Z e^{-m}``), the "lse" is ``log Z`` (a row that sees nothing: ``log eps``, output 0), and
+the backward uses ``ds_ij = e^{s_ij} / Z ([s_ij > 0] dp_ij - sign(s_ij) di_i)``. No sinks.
+
+Stick-breaking attention (Tan et al. 2024) is not a kernel normalizer: its weights need, per
+query row, the sum of ``log(1 - sigmoid(s))`` over every visible key to the right, and its
+``ds_ik`` the sum of ``p dp`` over keys to the left. The forward and dq passes could carry
+both right to left through a row's key blocks, but the dk/dv pass owns one key block and
+visits query blocks: it would need those per-(row, key block) prefix sums from another pass
+(two extra ``[B, Hq, Tq, nk]`` residuals: 1 GiB per batch row and head at T = 128k with
+128-wide blocks, or an O(nk) recomputation per tile), which breaks the kernel's O(T)
+residuals. ``jattn`` serves it with the blocked xla path (which walks each query block's
+key blocks right to left inside one loop, dk/dv included).
+
 A ``score_mod`` (FlexAttention's idea) is applied to the scaled logits before the cap; the arrays
 it reads are kernel operands (``score_mod_operands``): per-query-position arrays sliced to the
 program's query block and per-key-position arrays to the key block by their BlockSpecs (e.g.
@@ -75,7 +97,9 @@ from pallas_kernels import _flash_kernels as fk
 from pallas_kernels import _flash_mosaic_gpu as mgpu
 from pallas_kernels import block_map as bsp
 
-__all__ = ["flash_attention", "resolve_backend", "block_sizes"]
+__all__ = ["flash_attention", "resolve_backend", "block_sizes", "NORMALIZERS"]
+
+NORMALIZERS = fk.NORMALIZERS  # the normalizers the kernel computes
 
 
 def resolve_backend(backend: str | None) -> str:
@@ -137,6 +161,7 @@ def flash_attention(
     score_mod: Callable | None = None,
     score_mod_operands: tuple = (),
     score_mod_axes: tuple = (),
+    normalizer: str = "softmax",
 ):
     """Block-sparse flash attention. Differentiable in q, k, v, sinks and the score_mod operands
     (custom VJP).
@@ -170,6 +195,9 @@ def flash_attention(
         Their gradients are reduced from per-program partials written by the backward kernels
         (the dq pass for ``q``/``whole``/``const``, the dk/dv pass for ``kv``), summed outside
         the kernel in a fixed order: no atomics, the same bits every run.
+      normalizer: ``"softmax"`` or ``"softpick"`` (see the module docstring; no sinks). With
+        softpick, ``lse`` is ``log(sum_j |e^{s_ij} - 1| + eps)`` (``log eps`` for a row that sees
+        nothing), differentiable like the softmax's.
 
     Returns:
       ``o [B, Tq, Hq, Dv]`` in ``q.dtype`` (and ``lse`` when ``return_lse``). ``B``, ``Tq`` or
@@ -201,6 +229,10 @@ def flash_attention(
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be callable(s, b, h, q_idx, kv_idx), got {score_mod!r}")
 
+    if normalizer not in fk.NORMALIZERS:
+        raise ValueError(f"normalizer must be one of {fk.NORMALIZERS}, got {normalizer!r}")
+    if normalizer != "softmax" and sinks is not None:
+        raise ValueError(f"sinks need normalizer='softmax', got {normalizer!r}")
     backend = resolve_backend(backend)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
@@ -245,7 +277,7 @@ def flash_attention(
     mod_ops, mod_axes, mod_lens = _check_mod_operands(
         score_mod, score_mod_operands, score_mod_axes, b, hq, tq, tk, backend)
     if 0 in (b, tq, tk):  # an empty grid launches nothing; the result is known in closed form
-        return _without_keys(q, v, sinks if has_sinks else None, return_lse)
+        return _without_keys(q, v, sinks if has_sinks else None, return_lse, normalizer)
 
     # --- block map -> compacted lists (on the host when the map is static; see block_map)
     if block_map is None:
@@ -269,7 +301,7 @@ def flash_attention(
         width=width, width_t=width_t, map_batch=bm.shape[0], map_heads=bm.shape[1],
         scale=scale, soft_cap=cap, mask_fn=mask_fn, has_sinks=has_sinks,
         has_segments=seg_q is not None, score_mod=score_mod, mod_axes=mod_axes,
-        mod_lens=mod_lens,
+        mod_lens=mod_lens, normalizer=normalizer,
     )
     mod_ops = tuple(_pad_mod_operand(x, a, cfg, backend) for x, a in zip(mod_ops, mod_axes,
                                                                         strict=True))
@@ -334,14 +366,16 @@ def _normalize_batched_map(block_map, b: int, hq: int, nq: int, nk: int, kv_len:
     return (np if all(bsp.concrete(m) is not None for m in maps) else jnp).stack(maps)
 
 
-def _without_keys(q, v, sinks, return_lse):
+def _without_keys(q, v, sinks, return_lse, normalizer="softmax"):
     """Attention when ``B``, ``Tq`` or ``Tk`` is 0: no query sees a key, so ``o = 0`` and
-    ``lse = log(exp(sink))`` = the sink (``-inf`` without sinks); differentiable in ``sinks``
-    (``d lse / d sink = 1``), zero gradients for q, k, v."""
+    ``lse = log(exp(sink))`` = the sink (``-inf`` without sinks; softpick: ``log eps``);
+    differentiable in ``sinks`` (``d lse / d sink = 1``), zero gradients for q, k, v."""
     b, tq, hq, _ = q.shape
     o = jnp.zeros((b, tq, hq, v.shape[-1]), q.dtype)
     if not return_lse:
         return o
+    if normalizer == "softpick":
+        return o, jnp.full((b, hq, tq), math.log(fk.SOFTPICK_EPS), jnp.float32)
     if sinks is None:
         return o, jnp.full((b, hq, tq), -jnp.inf, jnp.float32)
     return o, jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (b, hq, tq))
