@@ -1,0 +1,174 @@
+"""DuoAttention (issue 20): the split KV cache (full heads + streaming ring buffers).
+
+* Direct core calls (GQA, batch 2, per-head sink logits and ALiBi slopes): the split cache gives
+  the masked reference's outputs (:func:`models.duo.masked_decode`, full layout + Lambda mask),
+  for a one-call prefill, a chunked prefill and steps that wrap the ring; the ring holds exactly
+  the sinks and the window newest tokens.
+* A decoder with mixed gates per layer equals its full forward under explicit per-head masks.
+* The cache is smaller by the formula, keeps its shapes and the jitted step compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jattn import masks
+from models import AttentionConfig, CachePolicy, Decoder, DecoderConfig, build_core
+from models.cores.base import CoreInputs
+from models.decode import decode_fns
+from models.duo import cache_bytes, masked_decode
+
+B, HQ, HKV, DH = 2, 8, 4, 8
+GATES = ((True, False, False, True),)
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _core(mechanism: str, position: str):
+    cfg = AttentionConfig(d_model=16, num_heads=HQ, num_kv_heads=HKV, head_dim=DH,
+                          mechanism=mechanism, position=position, implementation="reference")
+    core = build_core(cfg, rngs=nnx.Rngs(0))
+    if mechanism == "sinks":  # distinct per-head sink logits
+        core.sink_logits[...] = jnp.linspace(-1.0, 2.0, HQ)
+    return core
+
+
+def _run(core, policy, chunks, t, reference: bool):
+    """Outputs [B, T, Hq, Dh] of calls over ``chunks`` (lengths summing to ``t``) and the caches."""
+    ks = jax.random.split(jax.random.key(7), 3)
+    q = jax.random.normal(ks[0], (B, t, HQ, DH))
+    k = jax.random.normal(ks[1], (B, t, HKV, DH))
+    v = jax.random.normal(ks[2], (B, t, HKV, DH))
+    graphdef, state = nnx.split(core)
+    fn = masked_decode if reference else None
+
+    @jit
+    def call(state, q, k, v, cache, index):
+        c = nnx.merge(graphdef, state)
+        inp = CoreInputs(jnp.zeros((*q.shape[:2], 16)), q, k, v, index + jnp.arange(q.shape[1]))
+        return fn(c, inp, cache, index, policy) if fn else c.decode(inp, cache, index, policy)
+
+    cache = core.init_cache(B, t, CachePolicy() if reference else policy)
+    outs, caches, i = [], [], 0
+    for n in chunks:
+        s = slice(i, i + n)
+        o, cache = call(state, q[:, s], k[:, s], v[:, s], cache, jnp.int32(i))
+        outs.append(o)
+        caches.append((i + n - 1, cache))
+        i += n
+    return np.asarray(jnp.concatenate(outs, axis=1)), caches
+
+
+@pytest.mark.parametrize("mechanism, position", [("softmax", "rope"), ("sinks", "alibi")])
+def test_split_cache_equals_the_masked_reference(mechanism, position):
+    t, sink, budget = 14, 2, 5  # ring of 5 slots, wraps several times
+    policy = CachePolicy("duo", budget=budget, sink_tokens=sink, head_gates=GATES)
+    core = _core(mechanism, position)
+    want, _ = _run(core, policy, [6] + [1] * 8, t, reference=True)
+    for chunks in ([6] + [1] * 8, [3, 4] + [1] * 7, [1] * t, [t]):
+        got, caches = _run(core, policy, chunks, t, reference=False)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=str(chunks))
+        for last, cache in caches:  # the ring: sinks + the window newest, at their slots
+            held = sorted(p for p in np.asarray(cache["stream_pos"]).tolist() if p >= 0)
+            expect = sorted({*range(min(sink, last + 1)),
+                             *range(max(0, last + 1 - (budget - sink)), last + 1)})
+            assert held == expect, (chunks, last)
+            assert cache["stream_k"].shape == (B, budget, 2, DH)
+            assert cache["k"].shape == (B, t, 2, DH)
+
+
+def test_traced_step_past_max_len_gives_nan_and_keeps_the_cache():
+    core = _core("softmax", "rope")
+    policy = CachePolicy("duo", budget=4, sink_tokens=1, head_gates=GATES)
+    _, caches = _run(core, policy, [5], 5, reference=False)
+    cache = caches[-1][1]
+    graphdef, state = nnx.split(core)
+    x = jnp.ones((B, 1, HQ, DH))
+    kv = jnp.ones((B, 1, HKV, DH))
+
+    @jit
+    def step(state, cache, index):
+        inp = CoreInputs(jnp.zeros((B, 1, 16)), x, kv, kv, index[None])
+        return nnx.merge(graphdef, state).decode(inp, cache, index, policy)
+
+    o, new = step(state, cache, jnp.int32(5))
+    assert np.all(np.isnan(np.asarray(o)))
+    jax.tree.map(np.testing.assert_array_equal, new, cache)
+    with pytest.raises(ValueError, match="past the KV cache"):
+        core.decode(CoreInputs(jnp.zeros((B, 1, 16)), x, kv, kv, jnp.array([5])), cache, 5,
+                    policy)
+
+
+@functools.cache
+def _decoder() -> Decoder:
+    cfg = DecoderConfig(vocab_size=32, d_model=32, num_heads=HQ, num_kv_heads=HKV, mlp_dim=32,
+                        num_layers=2, positions="rope", implementation="reference")
+    return Decoder(cfg, rngs=nnx.Rngs(0))
+
+
+def test_decoder_with_mixed_gates_equals_the_forward_under_per_head_masks():
+    t, p, sink, budget = 13, 5, 1, 4
+    gates = ((True, False, True, False), (False, False, False, True))
+    lam = masks.a_shape(sink, budget - sink)
+    per_layer = [masks.per_head([masks.causal() if g else lam for g in row for _ in range(2)])
+                 for row in gates]
+    tokens = jax.random.randint(jax.random.key(3), (B, t), 0, 32)
+    model = _decoder()
+    # the reference: the same weights, each layer's heads under their explicit masks
+    ref = Decoder(model.cfg, rngs=nnx.Rngs(0))
+    for layer, m in zip(ref.layers, per_layer, strict=True):
+        layer.attn.core.mask = m
+    graphdef, ref_state = nnx.split(ref)
+    want = jit(lambda s, x: nnx.merge(graphdef, s)(x))(ref_state, tokens)
+    policy = CachePolicy("duo", budget=budget, sink_tokens=sink, head_gates=gates)
+    state, prefill, step = decode_fns(model, policy)
+    logits, cache = prefill(state, tokens[:, :p], model.init_cache(B, t, policy))
+    got = [logits[:, None]]
+    for i in range(p, t - 1):
+        out, cache = step(state, tokens[:, i:i + 1], cache, i)
+        got.append(out)
+    np.testing.assert_allclose(np.concatenate(got, axis=1), np.asarray(want)[:, p - 1:-1],
+                               rtol=2e-5, atol=2e-5)
+    assert step.jitted._cache_size() == 1
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_cache_bytes_follow_the_gate_fraction(fraction):
+    """Per layer ``2 B Dh bytes (Hf max_len + Hs (S + W))`` vs ``2 B Dh bytes Hkv max_len``."""
+    max_len, sink, budget = 64, 2, 10
+    n_full = round(fraction * HKV)
+    gates = (tuple(h < n_full for h in range(HKV)),)
+    model = _decoder()
+    full = model.init_cache(B, max_len, CachePolicy())
+    duo = model.init_cache(B, max_len, CachePolicy("duo", budget=budget, sink_tokens=sink,
+                                                   head_gates=gates))
+    itemsize, dh = np.dtype(full[0]["k"].dtype).itemsize, full[0]["k"].shape[-1]
+    kv = 2 * 2 * B * dh * itemsize * (n_full * max_len + (HKV - n_full) * budget)
+    positions = 2 * 4 * (max_len + budget)  # int32 pos of both buffers, 2 layers
+    assert cache_bytes(duo) == kv + positions
+    assert cache_bytes(full) == 2 * 2 * B * dh * itemsize * HKV * max_len + 2 * 4 * max_len
+    ratio = kv / (2 * 2 * B * dh * itemsize * HKV * max_len)
+    assert ratio == pytest.approx(fraction + (1 - fraction) * budget / max_len)
+
+
+def test_ring_never_exceeds_max_len():
+    model = _decoder()
+    cache = model.init_cache(1, 6, CachePolicy("duo", budget=20, head_gates=GATES))
+    assert cache[0]["stream_k"].shape[1] == 6 and cache[0]["stream_pos"].shape == (6,)
+
+
+def test_masked_reference_is_a_real_reference():
+    """Guard: the reference differs from full attention here (the mask hides something)."""
+    core = _core("softmax", "rope")
+    duo = CachePolicy("duo", budget=4, sink_tokens=1, head_gates=GATES)
+    every = CachePolicy("duo", budget=4, sink_tokens=1, head_gates=((True,) * HKV,))
+    a, _ = _run(core, duo, [10], 10, reference=True)
+    b, _ = _run(core, every, [10], 10, reference=True)
+    assert not np.allclose(a, b)
+    assert dataclasses.replace(duo, head_gates=GATES) == duo
