@@ -20,10 +20,12 @@ import pytest
 from flax import nnx
 
 from jattn import masks
-from models import AttentionConfig, CachePolicy, Decoder, DecoderConfig, build_core
+from models import AttentionConfig, CachePolicy, Decoder, DecoderConfig, build_core, generate
+from models.cache_policies import gates_from_scores
 from models.cores.base import CoreInputs
 from models.decode import decode_fns
 from models.duo import cache_bytes, masked_decode
+from models.duo_gates import gates_from_alpha, learn_duo_gates, mixed_hidden, passkey_batches
 
 B, HQ, HKV, DH = 2, 8, 4, 8
 GATES = ((True, False, False, True),)
@@ -172,3 +174,60 @@ def test_masked_reference_is_a_real_reference():
     b, _ = _run(core, every, [10], 10, reference=True)
     assert not np.allclose(a, b)
     assert dataclasses.replace(duo, head_gates=GATES) == duo
+
+
+# --- gate learning (the paper's distillation objective) -----------------------------------------
+def _tiny(num_layers: int = 2) -> Decoder:
+    cfg = DecoderConfig(vocab_size=16, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=16,
+                        num_layers=num_layers, positions="rope", implementation="reference")
+    return Decoder(cfg, rngs=nnx.Rngs(1))
+
+
+def test_mixed_forward_with_every_gate_open_is_the_model():
+    model = _tiny()
+    tokens = passkey_batches(jax.random.key(0), 1, 2, 16, 16, passkey_len=2)[0]
+    graphdef, state = nnx.split(model)
+
+    @jit
+    def both(state, tokens):
+        m = nnx.merge(graphdef, state)
+        h = mixed_hidden(m, tokens, jnp.ones((2, 2)), sink_tokens=1, window=3)
+        return m.embed.attend(h), m(tokens)
+
+    got, want = both(state, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_learned_gates_lower_the_loss_and_threshold_into_head_gates():
+    model = _tiny()
+    batches = passkey_batches(jax.random.key(1), 2, 2, 24, 16, passkey_len=2)
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    out = learn_duo_gates(model, batches, 30, sink_tokens=1, window=3, init=0.0, l1=1e-3,
+                          learning_rate=0.05)
+    assert out.alpha.shape == (2, 2) and np.all((out.alpha >= 0) & (out.alpha <= 1))
+    assert out.distill[-1] < 0.5 * out.distill[0]  # from all-streaming towards the full model
+    assert out.losses[-2:].mean() < out.losses[:2].mean()
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray,
+                                                                     nnx.state(model)))  # frozen
+    gates = gates_from_alpha(out.alpha, 0.5)
+    assert len(gates) == 2 and all(len(row) == 2 for row in gates)
+    policy = CachePolicy("duo", budget=4, sink_tokens=1, head_gates=gates)
+    assert generate(model, batches[0][:, :8], 3, policy=policy).shape == (2, 11)
+    with pytest.raises(ValueError, match="alpha"):
+        gates_from_alpha(np.full((2, 2), 1.5))
+
+
+def test_the_only_head_that_reaches_the_output_keeps_the_highest_gate():
+    """Only query heads 2, 3 (KV head 1) of layer 1 write to the residual stream (the other
+    heads' output projections are zeroed): the other gates get no distillation signal and the
+    L1 penalty closes them; KV head 1 of layer 1 stays open."""
+    model = _tiny()
+    for i, layer in enumerate(model.layers):
+        w = layer.attn.o_proj.kernel
+        keep = jnp.zeros((4, 1, 1)).at[2:].set(1.0 if i == 1 else 0.0)
+        w[...] = w[...] * keep
+    batches = passkey_batches(jax.random.key(2), 2, 4, 32, 16, passkey_len=2)
+    out = learn_duo_gates(model, batches, 60, sink_tokens=1, window=3, l1=1e-3)
+    others = np.delete(out.alpha.ravel(), 3)
+    assert out.alpha[1, 1] > 0.5 and np.all(others < 0.1), out.alpha
+    assert gates_from_scores(out.alpha, 0.25) == ((False, False), (False, True))
