@@ -234,3 +234,13 @@ def test_the_only_head_that_reaches_the_output_keeps_the_highest_gate():
     others = np.delete(out.alpha.ravel(), 3)
     assert out.alpha[1, 1] > 0.5 and np.all(others < 0.1), out.alpha
     assert gates_from_scores(out.alpha, 0.25) == ((False, False), (False, True))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps"), (dict(init=1.5), "init"), (dict(l1=-1.0), "l1"),
+    (dict(last_tokens=0), "last_tokens"), (dict(batches=[]), "batches"),
+])
+def test_learn_duo_gates_bad_arguments_raise_naming_them(kwargs, match):
+    args = dict(batches=[jnp.ones((1, 8), jnp.int32)], steps=1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        learn_duo_gates(_tiny(1), args.pop("batches"), args.pop("steps"), **args)
