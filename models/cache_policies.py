@@ -2,7 +2,8 @@
 
 :class:`models.kv_cache.CachePolicy` names the policy; :meth:`SoftmaxCore.decode
 <models.cores.softmax.SoftmaxCore.decode>` hands ``"snapkv"``, ``"h2o"`` and ``"l2norm"`` to
-:func:`decode` and masks ``"duo"``'s streaming heads with :func:`duo_visibility`.
+:func:`decode`; ``"duo"`` decodes in :mod:`models.duo` (split cache; :func:`duo_visibility` is
+its masked reference's rule).
 
 **Layout.** ``k, v [B, L, Hkv, Dh]`` with ``L = budget`` slots (SnapKV: the kept prompt plus
 room for the generated tokens), and ``pos [B, Hkv, L]``: the absolute position held by each
@@ -40,8 +41,9 @@ The newest token is therefore always cached when it attends.
   paper observes sinks have low key norms, so the rule keeps them anyway), ``recent = 0``.
 * DuoAttention (Xiao et al. 2024): retrieval heads (gate True) see every token; streaming heads
   see the ``sink_tokens`` first and the ``window`` newest (the "Lambda" mask, at prefill too).
-  The cache keeps the full layout (slot = absolute position) and masks the streaming heads:
-  exact semantics, but their evicted slots are masked, not freed.
+  Full heads cache ``max_len`` tokens, streaming heads a ring buffer of ``sink_tokens + window``
+  slots (:mod:`models.duo`; the masked full layout, :func:`models.duo.masked_decode`, is the
+  reference it equals).
 """
 
 from __future__ import annotations

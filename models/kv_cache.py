@@ -11,8 +11,11 @@ token goes:
   their position *within the cache* (sinks at ``0 .. sink - 1``, the recent window contiguous
   after them), as in the paper.
 
-* ``"duo"``: the full layout (slot = absolute position); its streaming heads see only sinks +
-  recent window (:func:`models.cache_policies.duo_visibility`).
+* ``"duo"``: DuoAttention, two buffers per layer: its full (retrieval) KV heads at slot =
+  absolute position (``"k", "v" [B, max_len, Hf, Dh]``, ``"pos" [max_len]``), its streaming
+  heads in a ring buffer of ``sink_tokens + window`` slots (``"stream_k", "stream_v"
+  [B, S + W, Hs, Dh]``, ``"stream_pos" [S + W]``), keys rotated at absolute positions; decoded
+  by :func:`models.duo.decode`.
 * ``"snapkv"``, ``"h2o"``, ``"l2norm"``: per-head slots, ``pos [B, Hkv, L]``, handled by
   :mod:`models.cache_policies` (keys rotated at absolute positions).
 
@@ -37,7 +40,8 @@ __all__ = ["CachePolicy", "CacheView", "init", "update", "visible", "check_cache
 CACHE_POLICIES = ("full", "streaming", "snapkv", "h2o", "l2norm", "duo")
 #: policies whose slots differ per (batch, KV head): ``pos`` is ``[B, Hkv, L]``
 PER_HEAD_POLICIES = ("snapkv", "h2o", "l2norm")
-#: policies that cache every token at slot = absolute position (``pos [L]``, keys rotated)
+#: policies whose ``pos [L]`` is slot = absolute position (keys rotated); ``"duo"``: its full
+#: heads (``max_len`` bounds the decoded positions as for ``"full"``)
 ABSOLUTE_SLOT_POLICIES = ("full", "duo")
 POOLINGS = ("avg", "max")
 
@@ -73,8 +77,11 @@ class CachePolicy:
       Inference with Retrieval and Streaming Heads", 2024): per (layer, KV head) gates
       ``head_gates[layer][head]``: True = retrieval head (full cache), False = streaming head
       (``sink_tokens`` sinks + the ``window`` newest; ``budget`` sets
-      ``window = budget - sink_tokens``). Build gates from retrieval scores with
-      :func:`models.cache_policies.gates_from_scores`.
+      ``window = budget - sink_tokens``). Full heads cache ``max_len`` tokens, streaming heads
+      ``min(sink_tokens + window, max_len)`` (a ring buffer): a gate fraction ``f`` stores
+      ``f + (1 - f) (S + W) / max_len`` of the full cache (:mod:`models.duo`). Build gates from
+      retrieval scores with :func:`models.cache_policies.gates_from_scores` or learn them with
+      :func:`models.duo_gates.learn_duo_gates`.
     """
 
     kind: str = "full"
@@ -208,7 +215,19 @@ def init(batch: int, max_len: int, policy: CachePolicy, kv_heads: int, head_dim:
 
     Per-head policies (``"snapkv"``, ``"h2o"``, ``"l2norm"``) hold different tokens in each
     (batch row, KV head): ``pos`` is ``[B, Hkv, L]``; H2O adds the accumulated attention
-    ``"score": zeros [B, Hkv, L]`` (fp32)."""
+    ``"score": zeros [B, Hkv, L]`` (fp32). ``"duo"`` (one layer's gates, see
+    :meth:`CachePolicy.for_layer`): ``"k", "v" [B, max_len, Hf, Dh]`` and ``"pos" [max_len]``
+    for its ``Hf`` full heads, ``"stream_k", "stream_v" [B, Ls, Hs, Dh]`` and
+    ``"stream_pos" [Ls]`` for its ``Hs`` streaming heads, ``Ls = min(S + W, max_len)``."""
+    if policy.kind == "duo":
+        gates = policy.layer_gates(kv_heads)
+        n_full, ring = sum(gates), min(policy.sink_tokens + policy.window, max_len)
+        full = (batch, max_len, n_full, head_dim)
+        stream = (batch, ring, kv_heads - n_full, head_dim)
+        return {"k": jnp.zeros(full, dtype), "v": jnp.zeros(full, dtype),
+                "pos": jnp.full((max_len,), -1, jnp.int32),
+                "stream_k": jnp.zeros(stream, dtype), "stream_v": jnp.zeros(stream, dtype),
+                "stream_pos": jnp.full((ring,), -1, jnp.int32)}
     size = policy.slots(max_len)
     shape = (batch, size, kv_heads, head_dim)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -244,27 +263,26 @@ def update(cache: dict, k: jax.Array, v: jax.Array, index: jax.Array,
                 "k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
                 "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start),
                 "pos": jax.lax.dynamic_update_slice(cache["pos"], p[None], (slot,))}
-    if policy.kind not in ABSOLUTE_SLOT_POLICIES:
-        raise ValueError(f"kv_cache.update handles {ABSOLUTE_SLOT_POLICIES + ('streaming',)}; "
-                         f"policy {policy.kind!r} decodes through models.cache_policies")
+    if policy.kind != "full":
+        raise ValueError(f"kv_cache.update handles 'full' and 'streaming'; policy "
+                         f"{policy.kind!r} decodes through models.cache_policies / models.duo")
     if tq > size:  # static: raise even under jit
         raise ValueError(f"{tq} new tokens do not fit the KV cache of {size} slots")
     check_cache_index(index, tq, size)
     index = jnp.asarray(index, jnp.int32)
-    skip = _overflow(index, tq, size)
+    skip = overflow(index, tq, size)
     zero = jnp.zeros((), jnp.int32)
     start = (zero, index, zero, zero)
     q_pos = index + jnp.arange(tq, dtype=jnp.int32)
-    return {**cache, "k": _write_unless(skip, cache["k"], k, start),
-            "v": _write_unless(skip, cache["v"], v, start),
-            "pos": _write_unless(skip, cache["pos"], q_pos, (index,))}
+    return {**cache, "k": write_unless(skip, cache["k"], k, start),
+            "v": write_unless(skip, cache["v"], v, start),
+            "pos": write_unless(skip, cache["pos"], q_pos, (index,))}
 
 
 def visible(cache: dict, index: jax.Array, tq: int, policy: CachePolicy) -> CacheView:
     """Positions and slot visibility for the ``tq`` tokens at ``index ..`` (after
     :func:`update`). ``"full"``: slot ``j`` is visible to query position ``i`` iff it is filled
-    and ``j <= i`` (``"duo"`` too; its streaming heads are masked by
-    :func:`models.cache_policies.duo_visibility`); ``"streaming"``: every filled slot."""
+    and ``j <= i``; ``"streaming"``: every filled slot."""
     size = cache["k"].shape[1]
     p = jnp.asarray(index, jnp.int32)
     pos = cache["pos"]
@@ -277,7 +295,7 @@ def visible(cache: dict, index: jax.Array, tq: int, policy: CachePolicy) -> Cach
     q_pos = p + jnp.arange(tq, dtype=jnp.int32)
     k_pos = jnp.arange(size, dtype=jnp.int32)
     vis = (k_pos[None, :] <= q_pos[:, None]) & (pos[None, :] >= 0)
-    return CacheView(q_pos, k_pos, vis[None, None], _overflow(p, tq, size))
+    return CacheView(q_pos, k_pos, vis[None, None], overflow(p, tq, size))
 
 
 def check_cache_index(index: Any, tq: int, size: int, what: str | None = None) -> None:
@@ -296,7 +314,7 @@ def check_cache_index(index: Any, tq: int, size: int, what: str | None = None) -
                          f"init_cache(batch, max_len >= {i + tq})")
 
 
-def _overflow(index: jax.Array, tq: int, size: int) -> jax.Array:
+def overflow(index: jax.Array, tq: int, size: int) -> jax.Array:
     return (index < 0) | (index + tq > size)
 
 
@@ -305,7 +323,7 @@ def _streaming_slot(p: jax.Array, policy: CachePolicy) -> jax.Array:
     return jnp.where(p < n_sink, p, n_sink + (p - n_sink) % policy.window)
 
 
-def _write_unless(skip: jax.Array, buf: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
+def write_unless(skip: jax.Array, buf: jax.Array, new: jax.Array, start: tuple) -> jax.Array:
     """``dynamic_update_slice(buf, new, start)``, or ``buf`` unchanged when ``skip`` (a traced
     out-of-range start, which the update would clamp). Only the ``new``-sized slice is read."""
     new = new.astype(buf.dtype)

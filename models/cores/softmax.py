@@ -35,7 +35,7 @@ from flax import nnx
 
 import jattn
 from jattn import masks
-from models import cache_policies, kv_cache
+from models import cache_policies, duo, kv_cache
 from models.config import AttentionConfig
 from models.cores.base import AuxLoss, Core, CoreInputs
 from models.intermediates import record
@@ -145,11 +145,14 @@ class SoftmaxCore(Core):
         traced one the cache stays unchanged and the outputs are NaN (so are the logits), see
         :func:`models.kv_cache.update`. Streaming policy (StreamingLLM): keys are cached before
         RoPE and rotated at their position within the cache; every kept token is visible.
-        DuoAttention: the full cache, streaming heads masked to sinks + recent window;
-        SnapKV / H2O / L2 norm: per-head slots, see :mod:`models.cache_policies`.
+        DuoAttention: full heads keep every token, streaming heads a ring buffer of sinks +
+        recent window (:mod:`models.duo`); SnapKV / H2O / L2 norm: per-head slots, see
+        :mod:`models.cache_policies`.
         """
         if policy.kind in kv_cache.PER_HEAD_POLICIES:
             return cache_policies.decode(self, inp, cache, index, policy)
+        if policy.kind == "duo":
+            return duo.decode(self, inp, cache, index, policy)
         tq = inp.q.shape[1]
         k_new = inp.k
         absolute = policy.kind in kv_cache.ABSOLUTE_SLOT_POLICIES
@@ -161,9 +164,6 @@ class SoftmaxCore(Core):
         q = self.rope(inp.q, view.q_pos)
         if absolute:
             k, vis = cache["k"], view.mask & self._pattern(view.q_pos, view.k_pos)
-            if policy.kind == "duo":
-                vis = vis & cache_policies.duo_visibility(policy, view.q_pos, view.k_pos,
-                                                          self.cfg.num_heads, self.cfg.kv_heads)
         else:
             k, vis = self.rope(cache["k"], view.k_pos), view.mask
         o = self.attend(q, k, cache["v"], mask=vis, bias=self.alibi(view.q_pos, view.k_pos))
