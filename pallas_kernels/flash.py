@@ -96,6 +96,13 @@ import numpy as np
 from pallas_kernels import _flash_kernels as fk
 from pallas_kernels import _flash_mosaic_gpu as mgpu
 from pallas_kernels import block_map as bsp
+from pallas_kernels._flash_operands import (
+    check_mod_operands,
+    gpu_dim,
+    pad_axis,
+    pad_mod_operand,
+    pl_next_pow2,
+)
 
 __all__ = ["flash_attention", "resolve_backend", "block_sizes", "NORMALIZERS"]
 
@@ -136,10 +143,6 @@ def block_sizes(q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128
     bq = min(bq, max(floor, pl_next_pow2(q_len)))
     bk = min(bk, max(floor, pl_next_pow2(kv_len)))
     return bq, bk
-
-
-def pl_next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def flash_attention(
@@ -274,7 +277,7 @@ def flash_attention(
                 raise TypeError(f"segment_ids must be integer, got {s.dtype}")
         seg_q, seg_k = seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)
 
-    mod_ops, mod_axes, mod_lens = _check_mod_operands(
+    mod_ops, mod_axes, mod_lens = check_mod_operands(
         score_mod, score_mod_operands, score_mod_axes, b, hq, tq, tk, backend)
     if 0 in (b, tq, tk):  # an empty grid launches nothing; the result is known in closed form
         return _without_keys(q, v, sinks if has_sinks else None, return_lse, normalizer)
@@ -303,55 +306,10 @@ def flash_attention(
         has_segments=seg_q is not None, score_mod=score_mod, mod_axes=mod_axes,
         mod_lens=mod_lens, normalizer=normalizer,
     )
-    mod_ops = tuple(_pad_mod_operand(x, a, cfg, backend) for x, a in zip(mod_ops, mod_axes,
+    mod_ops = tuple(pad_mod_operand(x, a, cfg, backend) for x, a in zip(mod_ops, mod_axes,
                                                                         strict=True))
     o, lse = _flash(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, ents_t, cnts_t, mod_ops)
     return (o, lse) if return_lse else o
-
-
-_MOD_AXES = ("q", "kv", "whole", "const")
-
-
-def _check_mod_operands(score_mod, operands, axes, b: int, hq: int, tq: int, tk: int,
-                        backend: str):
-    """Validate the score_mod operands; ``(operands, axes, lens)`` with float ones in fp32."""
-    operands, axes = tuple(operands), tuple(axes)
-    if len(operands) != len(axes) or any(a not in _MOD_AXES for a in axes):
-        raise ValueError(f"score_mod_axes must name one of {_MOD_AXES} per score_mod operand; "
-                         f"got {len(operands)} operands and axes {axes}")
-    if operands and score_mod is None:
-        raise ValueError("score_mod_operands need a score_mod that reads them")
-    out, lens = [], []
-    for n, (x, a) in enumerate(zip(operands, axes, strict=True)):
-        x = jnp.asarray(x)
-        if a == "const":
-            out.append(x)
-            lens.append(0)
-            continue
-        length = {"q": tq, "kv": tk}.get(a)
-        want = f"[B|1={b}, Hq|1={hq}, {'L' if length is None else length}]"
-        if (x.ndim != 3 or x.shape[0] not in (1, b) or x.shape[1] not in (1, hq)
-                or (length is not None and x.shape[2] != length)
-                or not jnp.issubdtype(x.dtype, jnp.floating)):
-            raise ValueError(f"score_mod_operands[{n}] (axis {a!r}) must be a float array "
-                             f"{want}, got {x.dtype}{tuple(x.shape)}")
-        out.append(x.astype(jnp.float32))
-        lens.append(x.shape[2])
-    return tuple(out), axes, tuple(lens)
-
-
-def _pad_mod_operand(x, axis: str, cfg, backend: str):
-    """Pad a score_mod operand's position axis to whole blocks (a ``whole`` table to a lane
-    multiple on TPU, a power of two on GPU); outside the custom VJP, so autodiff slices the
-    gradient back."""
-    if axis == "q":
-        return _pad_axis(x, 2, cfg.q_pad)
-    if axis == "kv":
-        return _pad_axis(x, 2, cfg.kv_pad)
-    if axis == "whole":
-        n = x.shape[2]
-        return _pad_axis(x, 2, -(-n // fk.LANES) * fk.LANES if backend == "tpu" else _gpu_dim(n))
-    return x
 
 
 def _normalize_batched_map(block_map, b: int, hq: int, nq: int, nk: int, kv_len: int,
@@ -431,40 +389,27 @@ def _public_lse(m, log_l):
     return jnp.where(m == jnp.inf, -jnp.inf, m + log_l)
 
 
-def _pad_axis(x, axis, size, value=0):
-    pad = size - x.shape[axis]
-    if pad == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, pad)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _gpu_dim(n):
-    return max(16, pl_next_pow2(n))
-
-
 def _forward(cfg, q, k, v, sinks, seg_q, seg_k, ents, cnts, mod_ops=()):
     """o ``[B, Tq, Hq, Dv]`` and the row stats ``m``, ``log_l`` ``[B, Hq, Tq]`` (``m = +inf``,
     ``log_l = 0`` where nothing is seen)."""
     tq, dv = cfg.q_len, v.shape[-1]
     if seg_q is not None:
-        seg_q = _pad_axis(seg_q, 1, cfg.q_pad)
-        seg_k = _pad_axis(seg_k, 1, cfg.kv_pad)
+        seg_q = pad_axis(seg_q, 1, cfg.q_pad)
+        seg_k = pad_axis(seg_k, 1, cfg.kv_pad)
     if cfg.backend == "tpu":
-        qt = _pad_axis(q, 1, cfg.q_pad).transpose(0, 2, 1, 3)
-        kt = _pad_axis(k, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
-        vt = _pad_axis(v, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
+        qt = pad_axis(q, 1, cfg.q_pad).transpose(0, 2, 1, 3)
+        kt = pad_axis(k, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
+        vt = pad_axis(v, 1, cfg.kv_pad).transpose(0, 2, 1, 3)
         o, m, log_l = fk.tpu_forward(cfg, ents, qt, kt, vt, sinks, seg_q, seg_k, mod_ops)
         return o.transpose(0, 2, 1, 3)[:, :tq], m[:, :, :tq, 0], log_l[:, :, :tq, 0]
     if mgpu.applies(cfg, q, v):  # Hopper: warp-specialised wgmma/TMA forward (same stats)
         out = mgpu.padded_forward(cfg, ents, cnts, q, k, v, sinks)
         if out is not None:  # None: it failed to trace (warned); the Triton kernel follows
             return out
-    dp, dvp = _gpu_dim(q.shape[-1]), _gpu_dim(dv)
-    qp = _pad_axis(_pad_axis(q, 1, cfg.q_pad), 3, dp)
-    kp = _pad_axis(_pad_axis(k, 1, cfg.kv_pad), 3, dp)
-    vp = _pad_axis(_pad_axis(v, 1, cfg.kv_pad), 3, dvp)
+    dp, dvp = gpu_dim(q.shape[-1]), gpu_dim(dv)
+    qp = pad_axis(pad_axis(q, 1, cfg.q_pad), 3, dp)
+    kp = pad_axis(pad_axis(k, 1, cfg.kv_pad), 3, dp)
+    vp = pad_axis(pad_axis(v, 1, cfg.kv_pad), 3, dvp)
     o, m, log_l = fk.gpu_forward(cfg, ents, cnts, qp, kp, vp, sinks, seg_q, seg_k, mod_ops)
     return o[:, :tq, :, :dv], m[:, :, :tq], log_l[:, :, :tq]
 
@@ -473,21 +418,21 @@ def _backward(cfg, q, k, v, do, m, log_l, di, seg_q, seg_k, ents, cnts, ents_t, 
               mod_ops=()):
     tq, tk, d, dv = cfg.q_len, cfg.kv_len, q.shape[-1], v.shape[-1]
     if seg_q is not None:
-        seg_q = _pad_axis(seg_q, 1, cfg.q_pad)
-        seg_k = _pad_axis(seg_k, 1, cfg.kv_pad)
-    m = _pad_axis(m, 2, cfg.q_pad, jnp.inf)  # padded rows: p = 0
-    log_l = _pad_axis(log_l, 2, cfg.q_pad)
-    di = _pad_axis(di, 2, cfg.q_pad)
+        seg_q = pad_axis(seg_q, 1, cfg.q_pad)
+        seg_k = pad_axis(seg_k, 1, cfg.kv_pad)
+    m = pad_axis(m, 2, cfg.q_pad, jnp.inf)  # padded rows: p = 0
+    log_l = pad_axis(log_l, 2, cfg.q_pad)
+    di = pad_axis(di, 2, cfg.q_pad)
     if cfg.backend == "tpu":
-        tr = lambda x, n: _pad_axis(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731
+        tr = lambda x, n: pad_axis(x, 1, n).transpose(0, 2, 1, 3)  # noqa: E731
         lanes = lambda x: jax.lax.broadcast_in_dim(x, x.shape + (fk.LANES,), (0, 1, 2))  # noqa: E731
         dq, dk, dv_, dmods = fk.tpu_backward(
             cfg, ents, ents_t, tr(q, cfg.q_pad), tr(k, cfg.kv_pad), tr(v, cfg.kv_pad),
             tr(do, cfg.q_pad), lanes(m), lanes(log_l), lanes(di), seg_q, seg_k, mod_ops)
         back = lambda x, n: x.transpose(0, 2, 1, 3)[:, :n]  # noqa: E731
         return back(dq, tq), back(dk, tk), back(dv_, tk), dmods
-    dp, dvp = _gpu_dim(d), _gpu_dim(dv)
-    pad = lambda x, n, dd: _pad_axis(_pad_axis(x, 1, n), 3, dd)  # noqa: E731
+    dp, dvp = gpu_dim(d), gpu_dim(dv)
+    pad = lambda x, n, dd: pad_axis(pad_axis(x, 1, n), 3, dd)  # noqa: E731
     dq, dk, dv_, dmods = fk.gpu_backward(
         cfg, ents, cnts, ents_t, cnts_t, pad(q, cfg.q_pad, dp), pad(k, cfg.kv_pad, dp),
         pad(v, cfg.kv_pad, dvp), pad(do, cfg.q_pad, dvp), m, log_l, di, seg_q, seg_k, mod_ops)

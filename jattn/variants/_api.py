@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import jax
 
+from jattn._attention_inputs import _prepare
 from jattn._common import Spec
-from jattn.attention import _prepare
 
 IMPLEMENTATIONS = ("reference", "xla")
 
