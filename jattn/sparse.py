@@ -448,7 +448,10 @@ def nsa(q, k, v, *, gates, block_size: int, compress_stride: int, select_blocks:
     q5 = q.astype(F32).reshape(b, t, hkv, g, d)
     s_cmp = scale * jnp.einsum("bthgd,bchd->bhgtc", q5, k_cmp)
     vis_cmp = (jnp.arange(nc) * d_ + l_ - 1)[None, :] <= pos[:, None]  # [T, nc]
-    p_cmp = _masked_softmax(s_cmp, vis_cmp).reshape(b, hq, t, nc)
+    if nc:
+        p_cmp = _masked_softmax(s_cmp, vis_cmp).reshape(b, hq, t, nc)
+    else:  # T < l: no complete block, the compressed branch is 0 (max over nothing fails)
+        p_cmp = jnp.zeros((b, hq, t, 0), F32)
     o_cmp = jnp.einsum("bhtc,bchd->bthd", p_cmp, jnp.repeat(v_cmp, g, axis=2))
 
     selected = nsa_selection(p_cmp, t, num_kv_heads=hkv, block_size=l_, compress_stride=d_,

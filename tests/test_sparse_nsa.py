@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jattn
 from jattn import sparse
 
 B, HQ, HKV, D = 2, 4, 2, 8
@@ -75,6 +76,20 @@ def test_learned_compression_and_compressed_branch_match_numpy():
                     p = _softmax(k_cmp[bb, vis, h // g] @ qn[bb, ti, h] / np.sqrt(D))
                     want[bb, ti, h] = p @ v_cmp[bb, vis, h // g]
     np.testing.assert_allclose(np.asarray(br["cmp"]), want, atol=2e-5, rtol=2e-5)
+
+
+def test_nsa_shorter_than_one_block_has_no_compressed_branch():
+    # T < block_size: no compressed block is complete; the selected branch is the query's own
+    # block (causal attention) and cmp is 0, in both forms
+    q, k, v, gates = _qkv(6, 6)
+    cfg = dict(block_size=8, compress_stride=4, select_blocks=2, window=3)
+    for impl in ("reference", "xla"):
+        out, br = sparse.nsa(q, k, v, gates=gates, implementation=impl, return_branches=True,
+                             **cfg)
+        np.testing.assert_array_equal(np.asarray(br["cmp"]), 0.0)
+        causal = jattn.attention(q, k, v, is_causal=True, implementation="reference")
+        np.testing.assert_allclose(np.asarray(br["slc"]), np.asarray(causal), atol=1e-5)
+        assert np.isfinite(np.asarray(out)).all()
 
 
 def test_compress_blocks_rejects_bad_mlp_shapes():
