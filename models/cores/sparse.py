@@ -156,9 +156,11 @@ class NSA(SoftmaxCore):
     (``nsa_compress="mlp"``, the paper's) or by the mean (``"mean"``); the query's own block
     plus the ``nsa_select`` blocks of highest compressed attention (shared by a GQA group); a
     sliding window of ``nsa_window`` keys. The gates come from the paper's gate MLP on the
-    block input, ``g_t = sigmoid(x_t W_g + b_g) in [0, 1]^{Hq x 3}``. Queries and keys are
-    rotated (RoPE) before all three branches. Full-sequence only: decoding would need a cache
-    of compressed keys (NotImplementedError); no extra mask pattern, no ALiBi.
+    block input, ``g_t = sigmoid(x_t W_g + b_g) in [0, 1]^{Hq x 3}`` (the paper's "MLP and
+    sigmoid activation" at its smallest, one linear layer, as public reimplementations do).
+    Queries and keys are rotated (RoPE) before all three branches. Full-sequence only:
+    decoding would need a cache of compressed keys (NotImplementedError); no extra mask
+    pattern, no ALiBi.
     """
 
     context_parallel = False
