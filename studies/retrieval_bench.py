@@ -240,7 +240,7 @@ def plot_heads(rows: list[dict], path: str) -> str | None:
         ax.set_ylabel("layer")
         ax.set_title(r["mechanism"])
     fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="retrieval score (Wu et al. 2024)")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     return path
 
 
