@@ -18,7 +18,8 @@ Contents, with the paper each implements:
 - :func:`head_ablation_importance`: Michel et al. 2019, "Are Sixteen Heads Really Better
   than One?" (ablation and gradient proxy).
 - :func:`retrieval_score`: copy-paste retrieval heads (Wu et al. 2024, "Retrieval Head
-  Mechanistically Explains Long-Context Factuality").
+  Mechanistically Explains Long-Context Factuality"); :func:`retrieval_head_scores` /
+  :func:`retrieval_heads` per (layer, head) from a teacher-forced forward pass.
 - :func:`kq_diagonal_ratio`, :func:`kq_homogeneity`, :func:`ov_last_entry_ratio`,
   :func:`ov_zero_sum_ratio`, :func:`head_omega`, :func:`head_mu`, :func:`icl_patterns`:
   KQ/OV patterns of multi-head softmax attention trained on in-context linear regression
@@ -36,6 +37,7 @@ from jattn.analysis.icl import (
     ov_zero_sum_ratio,
 )
 from jattn.analysis.maps import attention_entropy, attention_rollout, mean_attention_distance
+from jattn.analysis.retrieval import retrieval_head_scores, retrieval_heads
 from jattn.analysis.sinks import (
     massive_activations,
     sink_importance,
@@ -53,6 +55,8 @@ __all__ = [
     "token_norm_ratio",
     "head_ablation_importance",
     "retrieval_score",
+    "retrieval_head_scores",
+    "retrieval_heads",
     "kq_diagonal_ratio",
     "kq_homogeneity",
     "ov_last_entry_ratio",

@@ -3,14 +3,17 @@
 =================  ===============================================================================
 moba               MoBA (Lu et al. 2025): per token, its own key block plus the top-k earlier
                    blocks by ``q . mean(K_block)``
+nsa                Native Sparse Attention (Yuan et al. 2025): compressed, selected and
+                   sliding-window branches mixed by learned gates; learned block compression
 dsa                DeepSeek Sparse Attention (DeepSeek-V3.2-Exp 2025): lightning indexer
                    ``I_ts = sum_j w_tj relu(q_tj . k_s)``, top-k tokens per query
 =================  ===============================================================================
 
-Both run ``jattn.attention`` with the routed support as a bool mask (``[B, Hq, T, T]``: a
+MoBA and DSA run ``jattn.attention`` with the routed support as a bool mask (``[B, Hq, T, T]``: a
 research-scale form whose cost is dense; the blocked path skips key blocks no query selects).
 The choice is discrete; gradients reach the attention through the chosen support. DSA's indexer
-learns from its own loss (an :class:`AuxLoss`, see :class:`DSA`).
+learns from its own loss (an :class:`AuxLoss`, see :class:`DSA`). NSA runs
+:func:`jattn.sparse.nsa` (its blocked form unless ``implementation="reference"``).
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ from flax import nnx
 
 import jattn
 from jattn import masks
+from jattn import sparse as sparse_lib
 from models.cores.base import AuxLoss
 from models.cores.softmax import SoftmaxCore
 from models.intermediates import record
 from models.layers import Dense
 from models.registry import register_mechanism
+from models.sharding import param
 
-__all__ = ["MoBA", "DSA", "moba_support"]
+__all__ = ["MoBA", "NSA", "DSA", "moba_support"]
 
 F32 = jnp.float32
 
@@ -122,6 +127,94 @@ class MoBA(_Routed):
 
     def support(self, q, k, vis):
         return moba_support(q, k, vis, self.opts.moba_block_size, self.opts.moba_top_k)
+
+
+class _CompressMLP(nnx.Module):
+    """NSA's learnable compression ``phi`` for one of keys / values: an intra-block position
+    encoding ``pos [l, Dh]`` and a 2-layer MLP ``[l Dh] -> [M] -> [Dh]`` shared by all heads
+    (:func:`jattn.sparse.compress_blocks`)."""
+
+    def __init__(self, block_size: int, dh: int, hidden: int, *, rngs: nnx.Rngs):
+        zeros, normal = nnx.initializers.zeros_init(), nnx.initializers.lecun_normal()
+        self.pos = param(rngs, nnx.initializers.normal(0.02), (block_size, dh), (None, "kv"))
+        self.w1 = param(rngs, normal, (block_size * dh, hidden), (None, "mlp"))
+        self.b1 = param(rngs, zeros, (hidden,), ("mlp",))
+        self.w2 = param(rngs, normal, (hidden, dh), ("mlp", "kv"))
+        self.b2 = param(rngs, zeros, (dh,), ("kv",))
+
+    def params(self) -> dict:
+        return {name: getattr(self, name)[...] for name in sparse_lib.COMPRESS_MLP_KEYS}
+
+
+@register_mechanism("nsa")
+class NSA(SoftmaxCore):
+    """Native Sparse Attention (Yuan et al. 2025, "Native Sparse Attention: Hardware-Aligned
+    and Natively Trainable Sparse Attention"), causal.
+
+    ``o_t = sum_{c in {cmp, slc, win}} g_t^c Attn(q_t, K~c_t, V~c_t)``
+    (:func:`jattn.sparse.nsa`): blocks of ``nsa_block_size`` keys/values at stride
+    ``nsa_stride`` compressed by a learnable MLP with intra-block position encoding
+    (``nsa_compress="mlp"``, the paper's) or by the mean (``"mean"``); the query's own block
+    plus the ``nsa_select`` blocks of highest compressed attention (shared by a GQA group); a
+    sliding window of ``nsa_window`` keys. The gates come from the paper's gate MLP on the
+    block input, ``g_t = sigmoid(x_t W_g + b_g) in [0, 1]^{Hq x 3}`` (the paper's "MLP and
+    sigmoid activation" at its smallest, one linear layer, as public reimplementations do).
+    Queries and keys are rotated (RoPE) before all three branches. Full-sequence only:
+    decoding would need a cache of compressed keys (NotImplementedError); no extra mask
+    pattern, no ALiBi.
+    """
+
+    context_parallel = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        nsa_block_size: int = 32  # l: compression and selection block
+        nsa_stride: int = 16  # d: compression stride (divides l)
+        nsa_select: int = 4  # blocks kept per query besides its own
+        nsa_window: int = 64  # sliding-window keys
+        nsa_compress: str = "mlp"  # "mlp" (learned phi) or "mean"
+        nsa_compress_hidden: int = 64  # M, the compression MLP's hidden width
+
+    def __init__(self, cfg, mask, arg=None, *, rngs: nnx.Rngs):
+        if arg is not None:
+            raise ValueError(f"mechanism {cfg.mechanism_name!r} takes no argument, got {arg!r}")
+        super().__init__(cfg, mask)
+        o = self.opts
+        if cfg.mask is not None or not cfg.causal or cfg.position == "alibi":
+            raise ValueError("mechanism 'nsa' is causal self-attention with its own support: "
+                             f"needs mask=None, causal=True and no ALiBi, got mask={cfg.mask!r}, "
+                             f"causal={cfg.causal}, position={cfg.position!r}")
+        if o.nsa_compress not in ("mlp", "mean"):
+            raise ValueError(f"nsa_compress must be 'mlp' or 'mean', got {o.nsa_compress!r}")
+        if o.nsa_block_size % o.nsa_stride:
+            raise ValueError(f"nsa_stride={o.nsa_stride} must divide "
+                             f"nsa_block_size={o.nsa_block_size}")
+        self.gate = Dense((cfg.d_model,), (cfg.num_heads, 3), ("embed",), ("heads", None),
+                          use_bias=True, rngs=rngs)
+        if o.nsa_compress == "mlp":
+            mlp = (o.nsa_block_size, cfg.dh, o.nsa_compress_hidden)
+            self.k_compress = _CompressMLP(*mlp, rngs=rngs)
+            self.v_compress = _CompressMLP(*mlp, rngs=rngs)
+        else:
+            self.k_compress = self.v_compress = None
+
+    def __call__(self, inp):
+        cfg, o = self.cfg, self.opts
+        q, k = self.rope(inp.q, inp.positions), self.rope(inp.k, inp.positions)
+        gates = jax.nn.sigmoid(self.gate(inp.x).astype(F32))  # [B, T, Hq, 3]
+        impl = "reference" if cfg.implementation == "reference" else "xla"
+        out = jattn.sparse.nsa(
+            q, k, inp.v, gates=gates, block_size=o.nsa_block_size, compress_stride=o.nsa_stride,
+            select_blocks=o.nsa_select, window=o.nsa_window, scale=cfg.scale,
+            k_compress=None if self.k_compress is None else self.k_compress.params(),
+            v_compress=None if self.v_compress is None else self.v_compress.params(),
+            implementation=impl)
+        record(self, "gates", gates)
+        return self.finish(inp, out)
+
+    def decode(self, inp, cache, index, policy):
+        raise NotImplementedError("nsa decoding needs a cache of compressed keys (not "
+                                  "implemented yet); use the full-sequence forward")
 
 
 @register_mechanism("dsa")
