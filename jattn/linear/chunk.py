@@ -50,21 +50,15 @@ do): one reset per chunk costs ~1e-6 relative error; 22 resets in one 32-step ch
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jattn.linear.chunk_scores import gated_scores, sub_chunk_size  # noqa: F401
+
 _NEG_INF = -jnp.inf
 # Log-decays are clamped here (see the module docstring): exp(-110) == 0 in fp32.
 LOG_DECAY_FLOOR = -110.0
-
-
-def sub_chunk_size(chunk_size: int) -> int:
-    """Largest divisor of ``chunk_size`` not above ``sqrt(chunk_size)`` (at least 1)."""
-    limit = max(1, math.isqrt(chunk_size))
-    return max(d for d in range(1, limit + 1) if chunk_size % d == 0)
 
 
 def _to_chunks(x: jax.Array, n: int, c: int) -> jax.Array:
@@ -89,51 +83,37 @@ def _masked_exp(d: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(mask, d, _NEG_INF))
 
 
+def stacked_scores(rows: jax.Array, cols: jax.Array, G: jax.Array | None) -> jax.Array:
+    """``A[r, s, ..., i, j] = sum_c rows[r, ..., i, c] cols[s, ..., j, c] exp(G_ic - G_jc)`` for
+    ``j <= i``, else 0: several score matrices of one chunk sharing one gate.
+
+    ``rows [R, ..., C, K]``, ``cols [S, ..., C, K]``; ``G`` None (no decay), ``[..., C]``
+    (scalar) or ``[..., C, K]`` (per channel: :func:`jattn.linear.chunk_scores.gated_scores`,
+    sub-chunked, with its own gradient). Returns ``[R, S, ..., C, C]``.
+    """
+    if G is not None and G.ndim == rows.ndim - 1:
+        return gated_scores(rows, cols, G)
+    C = rows.shape[-2]
+    idx = jnp.arange(C)
+    mask = idx[:, None] >= idx[None, :]
+    s = jnp.einsum("r...ik,s...jk->rs...ij", rows, cols)
+    if G is None:
+        return jnp.where(mask, s, 0.0)
+    return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
+
+
 def intra_chunk_scores(
     a: jax.Array, b: jax.Array, G: jax.Array | None, *, strict: bool
 ) -> jax.Array:
     """``A_ij = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
 
     ``a, b [..., C, K]``; ``G`` None (no decay), ``[..., C]`` (scalar) or ``[..., C, K]``.
-    Returns ``[..., C, C]``.
+    Returns ``[..., C, C]`` (see :func:`stacked_scores`).
     """
-    C = a.shape[-2]
-    idx = jnp.arange(C)
-    mask = idx[:, None] > idx[None, :] if strict else idx[:, None] >= idx[None, :]
-    if G is None or G.ndim == a.ndim - 1:
-        s = jnp.einsum("...ik,...jk->...ij", a, b)
-        if G is None:
-            return jnp.where(mask, s, 0.0)
-        return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
-
-    # Per-channel gate: secondary chunking into n sub-chunks of c steps.
-    K = a.shape[-1]
-    c = sub_chunk_size(C)
-    n = C // c
-    lead = a.shape[:-2]
-    a_s = a.reshape(lead + (n, c, K))
-    b_s = b.reshape(lead + (n, c, K))
-    G_s = G.reshape(lead + (n, c, K))
-
-    # Pairs inside one sub-chunk: per-entry relative decay [..., n, c, c, K].
-    sub = jnp.arange(c)
-    sub_mask = sub[:, None] > sub[None, :] if strict else sub[:, None] >= sub[None, :]
-    rel = _masked_exp(G_s[..., :, None, :] - G_s[..., None, :, :], sub_mask[:, :, None])
-    diag = jnp.einsum("...aik,...ajk,...aijk->...aij", a_s, b_s, rel)  # [..., n, c, c]
-
-    # Pairs across sub-chunks (j before sub-chunk a starts): factor through R_a, the cumulative
-    # gate at the last step of sub-chunk a-1 (R_0 = 0; sub-chunk 0 has no such pairs).
-    R = jnp.concatenate([jnp.zeros_like(G_s[..., :1, 0, :]), G_s[..., :-1, -1, :]], axis=-2)
-    a_r = a_s * jnp.exp(G_s - R[..., :, None, :])  # G_i - R_a <= 0
-    before = idx[None, :] < (jnp.arange(n) * c)[:, None]  # [n, C]: j < start of sub-chunk a
-    b_r = b[..., None, :, :] * _masked_exp(
-        R[..., :, None, :] - G[..., None, :, :], before[:, :, None]
-    )  # [..., n, C, K], R_a - G_j <= 0
-    off = jnp.einsum("...aik,...ajk->...aij", a_r, b_r)  # [..., n, c, C]
-
-    eye = jnp.eye(n, dtype=diag.dtype)
-    diag_full = (diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(lead + (n, c, C))
-    return (off + diag_full).reshape(lead + (C, C))
+    A = stacked_scores(a[None], b[None], G)[0, 0]
+    if strict:
+        A = A * (1.0 - jnp.eye(a.shape[-2], dtype=A.dtype))
+    return A
 
 
 def _block_size(C: int, limit: int = 16) -> int:
@@ -313,7 +293,7 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     ``S_out = exp(G_C) S_0 + (K * exp(G_C - G))^T V + (A * exp(G_C - G))^T W``.
     The ``b`` rows' scores use the exclusive gate ``G_{t-1}``: they are computed as the
     inclusive scores of the shifted rows ``b_{t+1}``, moved down one row, so that all four
-    score matrices share one gate and batch in pairs.
+    score matrices share one gate and one set of decay factors (:func:`stacked_scores`).
     """
     vc, ac, bc = x["v"], x["a"], x["b"]
     V = vc.shape[-1]
@@ -330,16 +310,12 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     # t - 1 of the inclusive scores of the shifted rows b_{i+1} (j <= i). So all four score
     # matrices share one gate and one set of decay factors.
     b_next = jnp.concatenate([bc[:, :, 1:], jnp.zeros_like(bc[:, :, :1])], axis=2)
-    rows = jnp.stack([x["q"], b_next])
-    G2 = None if G is None else jnp.broadcast_to(G, (2,) + G.shape)
-    # Two calls with the row pair batched (cheaper to differentiate than one 2 x 2 product).
-    A_same = intra_chunk_scores(rows, jnp.stack([x["k"], ac]), G2, strict=False)  # qk, b'a
-    A_swap = intra_chunk_scores(rows, jnp.stack([ac, x["k"]]), G2, strict=False)  # qa, b'k
+    A = stacked_scores(jnp.stack([x["q"], b_next]), jnp.stack([x["k"], ac]), G)
 
     def shift_down(M):  # row t <- row t - 1 of the shifted-row scores; row 0 reads nothing
         return jnp.concatenate([jnp.zeros_like(M[..., :1, :]), M[..., :-1, :]], axis=-2)
 
-    A_qk, A_qa, A_bk, A_ba = A_same[0], A_swap[0], shift_down(A_swap[1]), shift_down(A_same[1])
+    A_qk, A_qa, A_bk, A_ba = A[0, 0], A[0, 1], shift_down(A[1, 0]), shift_down(A[1, 1])
     if same is not None:
         A_qk, A_qa, A_bk, A_ba = (M * same for M in (A_qk, A_qa, A_bk, A_ba))
     A_qk, A_qa = A_qk * scale, A_qa * scale
