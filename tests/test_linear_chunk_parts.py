@@ -56,3 +56,25 @@ def test_gated_scores_match_the_per_entry_product(C, g_low):
     for name, got, exp in zip(("dx", "dy", "dG"), grads(x, y, G), want(x, y, G), strict=True):
         assert np.all(np.isfinite(np.asarray(got))), name
         assert_close(got, exp, rtol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("C, D, scale", [(64, 5, 0.3), (48, 3, 1.0), (7, 2, 0.5)])
+def test_unit_lower_solve_matches_numpy(C, D, scale):
+    """Blockwise solve (16 x 16 diagonal blocks, then matmuls; 7: one 7 x 7 block) against
+    numpy's dense solves in float64, values and both gradients; upper entries are ignored."""
+    from jattn.linear.solve_tril import unit_lower_solve
+
+    rng = np.random.default_rng(C)
+    N = (scale * rng.standard_normal((2, C, C))).astype(np.float32)
+    R = rng.standard_normal((2, C, D)).astype(np.float32)
+    L = np.eye(C) + np.tril(np.asarray(N, np.float64), -1)
+    assert_close(jax.jit(unit_lower_solve)(N, R), np.linalg.solve(L, R), rtol=1e-5)
+
+    W = rng.standard_normal((2, C, D)).astype(np.float32)
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(unit_lower_solve(*a) * W), argnums=(0, 1)))(N, R)
+    # float64: X = L^{-1} R, so dR = L^{-T} W and dN = -(dR X^T) below the diagonal.
+    X = np.linalg.solve(L, R)
+    dR = np.linalg.solve(L.transpose(0, 2, 1), W)
+    dN = -np.tril(dR @ X.transpose(0, 2, 1), -1)
+    for name, g, w in zip(("dN", "dR"), got, (dN, dR), strict=True):
+        assert_close(g, w, rtol=1e-4, name=name)

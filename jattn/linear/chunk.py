@@ -55,6 +55,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn.linear.chunk_scores import gated_scores, sub_chunk_size  # noqa: F401
+from jattn.linear.solve_tril import unit_lower_solve
 
 _NEG_INF = -jnp.inf
 # Log-decays are clamped here (see the module docstring): exp(-110) == 0 in fp32.
@@ -114,44 +115,6 @@ def intra_chunk_scores(
     if strict:
         A = A * (1.0 - jnp.eye(a.shape[-2], dtype=A.dtype))
     return A
-
-
-def _block_size(C: int, limit: int = 16) -> int:
-    return max(d for d in range(1, min(C, limit) + 1) if C % d == 0)
-
-
-def unit_lower_inverse(N: jax.Array) -> jax.Array:
-    """``(I + N)^{-1}`` for strictly lower-triangular ``N [..., C, C]`` (exact, no division).
-
-    Blocked forward substitution: the ``b x b`` diagonal blocks (``b <= 16``) are inverted row
-    by row, all blocks at once, then block row ``r`` of the inverse is
-    ``D_r^{-1} (E_r - N_{r,<r} X_{<r})``. About ``b + C/b`` sequential steps of small matmuls;
-    ``lax.linalg.triangular_solve`` is ~100x slower than this for small batched systems on CPU.
-    """
-    C = N.shape[-1]
-    b = _block_size(C)
-    nb = C // b
-    lead = N.shape[:-2]
-    idx = jnp.arange(C)
-    blocks = N.reshape(lead + (nb, b, nb, b))
-    Nd = jnp.stack([blocks[..., r, :, r, :] for r in range(nb)], axis=-3)  # [..., nb, b, b]
-    eye = jnp.eye(b, dtype=N.dtype)
-
-    def substitute_row(i, Dinv):  # row i of (I + Nd)^{-1} = e_i - Nd[i, :i] @ rows[:i]
-        n_i = lax.dynamic_index_in_dim(Nd, i, axis=-2, keepdims=False)
-        row = lax.dynamic_index_in_dim(eye, i, axis=0, keepdims=False)
-        row = row - jnp.einsum("...j,...jk->...k", n_i, Dinv)
-        return lax.dynamic_update_index_in_dim(Dinv, row, i, axis=Dinv.ndim - 2)
-
-    Dinv = lax.fori_loop(1, b, substitute_row, jnp.broadcast_to(eye, Nd.shape))
-    rows = []
-    for r in range(nb):
-        E = (idx[None, :] == (r * b + jnp.arange(b))[:, None]).astype(N.dtype)  # [b, C]
-        if r:
-            prev = jnp.concatenate(rows, axis=-2)  # [..., r b, C]
-            E = E - jnp.einsum("...ij,...jk->...ik", N[..., r * b : (r + 1) * b, : r * b], prev)
-        rows.append(jnp.einsum("...ij,...jk->...ik", Dinv[..., r, :, :], E))
-    return jnp.concatenate(rows, axis=-2)
 
 
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
@@ -262,17 +225,20 @@ def chunk_recurrence(
         if "a" in x:
             return _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same,
                                scale)
-        A_qk = scores(qc, kc, False) * scale  # [B, H, C, C]
         if "beta" in x:
+            # A_qk and A_kk share the gate: one stacked call (one set of decay factors).
+            A = stacked_scores(jnp.stack([qc, kc]), kc[None], G)[:, 0]
+            if same is not None:
+                A = A * same
+            A_qk, A_kk = A[0] * scale, A[1] * (1.0 - jnp.eye(A.shape[-1], dtype=A.dtype))
             bc = x["beta"][..., None]  # [B, H, C, 1]
-            A_kk = scores(kc, kc, True)
             k_fwd = kc if Ge is None else kc * jnp.exp(Ge)
             if first is not None:
                 k_fwd = k_fwd * first
-            rhs = jnp.concatenate([bc * vc, bc * k_fwd], axis=-1)
-            W = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(bc * A_kk), rhs)
-            U = W[..., :V] - jnp.einsum("bhck,bhkv->bhcv", W[..., V:], S)
+            # The UT transform, solved blockwise with this chunk's entering state in the rhs.
+            U = unit_lower_solve(bc * A_kk, bc * (vc - jnp.einsum("bhck,bhkv->bhcv", k_fwd, S)))
         else:
+            A_qk = scores(qc, kc, False) * scale  # [B, H, C, C]
             U = vc
         o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
         o = o + jnp.einsum("bhij,bhjv->bhiv", A_qk, U)
@@ -296,7 +262,6 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     score matrices share one gate and one set of decay factors (:func:`stacked_scores`).
     """
     vc, ac, bc = x["v"], x["a"], x["b"]
-    V = vc.shape[-1]
     if G is None:
         b_dec, a_dec = bc, ac
     else:
@@ -319,9 +284,8 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     if same is not None:
         A_qk, A_qa, A_bk, A_ba = (M * same for M in (A_qk, A_qa, A_bk, A_ba))
     A_qk, A_qa = A_qk * scale, A_qa * scale
-    rhs = jnp.concatenate([jnp.einsum("bhij,bhjv->bhiv", A_bk, vc), b_dec], axis=-1)
-    Wf = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(-A_ba), rhs)
-    W = Wf[..., :V] + jnp.einsum("bhck,bhkv->bhcv", Wf[..., V:], S)
+    rhs = jnp.einsum("bhij,bhjv->bhiv", A_bk, vc) + jnp.einsum("bhck,bhkv->bhcv", b_dec, S)
+    W = unit_lower_solve(-A_ba, rhs)
     o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
     o = o + jnp.einsum("bhij,bhjv->bhiv", A_qk, vc) + jnp.einsum("bhij,bhjv->bhiv", A_qa, W)
     S_out = gamma * S + jnp.einsum("bhck,bhcv->bhkv", k_dec, vc)
