@@ -24,10 +24,15 @@ GLA (or Mamba-2's SSD). The paper's ``lambda`` is data-dependent, per token, hea
 Chunk form (the paper's Sec. 3.2 "chunkwise" algorithm, on a power-of-two chunk ``C``): keys
 in the query's own chunk form the masked intra-chunk part (levels ``0..log2 C``); a key in an
 earlier chunk has ``level = log2 C + bit_length(n_t XOR n_s)`` with ``n`` the chunk index, a
-Fenwick tree over chunks. A scan over chunks carries ``ceil(log2 N)`` chunk-level states, each
-decayed to the current chunk's start; after chunk ``n`` the levels below ``p + 1`` (``p`` the
-number of trailing one bits of ``n``) merge, with chunk ``n``'s own summary, into level
-``p + 1``. Work ``O(T C K + T log(T / C) K V)``, state memory ``O(log(T / C) K V)``.
+Fenwick tree over chunks: chunk ``n`` reads, at chunk level ``m``, the summed state of the
+first half of its aligned block of ``2^(m+1)`` chunks when it lies in the second half. A
+scan over chunks does the intra-chunk part and each chunk's summary; then each chunk level is
+one batched op: a tree of pairwise merges builds all blocks' states (``O(N K V)``), and the
+reading half of the chunks does one ``[C, K] x [K, V]`` product per level (see
+:func:`loglinear_chunk`). Work ``O(T C K + T log(T / C) K V)``, memory
+``O(T (K + V) + (T / C) K V)``. (Decoding's Fenwick stack, below, is the same tree read one
+token at a time: after token ``n`` the levels below ``p + 1``, ``p`` the trailing one bits
+of ``n``, merge with the token into level ``p + 1``.)
 
 Decoding: :func:`loglinear_gla_step` advances an explicit Fenwick stack of states
 ``[L - 1, B, H, K, V]`` (level ``l >= 1`` at index ``l - 1``; level 0 is the current token)
