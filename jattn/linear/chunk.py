@@ -101,10 +101,15 @@ def stacked_scores(rows: jax.Array, cols: jax.Array, G: jax.Array | None) -> jax
     C = rows.shape[-2]
     idx = jnp.arange(C)
     mask = idx[:, None] >= idx[None, :]
-    s = jnp.einsum("r...ik,s...jk->rs...ij", rows, cols)
-    if G is None:
-        return jnp.where(mask, s, 0.0)
-    return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
+    decay = None if G is None else _masked_exp(G[..., :, None] - G[..., None, :], mask)
+    # One plain matmul per pair (an einsum with the stack axes leading was ~1.5x slower to
+    # differentiate on CPU).
+    out = []
+    for r in range(rows.shape[0]):
+        for c in range(cols.shape[0]):
+            A = jnp.einsum("...ik,...jk->...ij", rows[r], cols[c])
+            out.append(jnp.where(mask, A, 0.0) if decay is None else A * decay)
+    return jnp.stack(out).reshape((rows.shape[0], cols.shape[0]) + out[0].shape)
 
 
 def intra_chunk_scores(
