@@ -1,8 +1,9 @@
 """The chunk backbone's building blocks against plain formulas: the sub-chunked per-channel
 score matrices (``jattn.linear.chunk_scores.gated_scores``, hand-written gradient) against the
-per-entry masked ``exp(G_i - G_j)`` product (values in float64, gradients by autodiff of
-the per-entry form), including strong
-gates where any ``exp(-G)`` factoring overflows."""
+per-entry masked ``exp(G_i - G_j)`` product (values in float64, gradients by autodiff of the
+per-entry form), including strong gates where any ``exp(-G)`` factoring overflows; the
+blockwise triangular solve (``jattn.linear.solve_tril``) against numpy; gradients of the
+per-channel chunk forms under strong gates; log-linear attention over many chunk levels."""
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +115,8 @@ def test_chunk_gradients_stay_finite_under_strong_gates(form):
 
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_loglinear_chunk_levels_match_the_reference(per_channel):
-    """Seven chunk levels over 75 chunks (padded to 128 for the level pass), values and every
-    gradient, against the quadratic masked reference."""
+    """Seven chunk levels over 75 chunks (not a power of two), values and every gradient,
+    against the quadratic masked reference."""
     import jattn.linear as jl
 
     rng = np.random.default_rng(5)

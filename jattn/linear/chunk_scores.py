@@ -96,12 +96,25 @@ def _scores(x, y, G, c):
     a, b = _pairs(n)
     rel, row, col = _factors(G, c)
     xs, ys = x.reshape(R, L, n, c, K), y.reshape(S, L, n, c, K)
-    x_rel = xs[:, :, :, :, None, :] * rel  # [R, L, n, c, c, K]
-    diag = jnp.stack([jnp.sum(x_rel * ys[s][:, :, None], axis=-1) for s in range(S)], axis=1)
     x_row = (xs * row)[:, :, a]  # [R, L, P, c, K]
     y_col = ys[:, :, b] * col  # [S, L, P, c, K]
-    off = jnp.einsum("rlpik,slpjk->rslpij", x_row, y_col)
-    return _blocks_to_matrix(diag, off, n)
+    # One (row, column) stack pair at a time: batch axes (L, blocks) lead every product.
+    diag, off = [], []
+    for r in range(R):
+        x_rel = xs[r][:, :, :, None, :] * rel  # [L, n, c, c, K]
+        for s in range(S):
+            diag.append(jnp.sum(x_rel * ys[s][:, :, None], axis=-1))
+            off.append(jnp.einsum("lpik,lpjk->lpij", x_row[r], y_col[s]))
+    shape = (R, S) + diag[0].shape
+    return _blocks_to_matrix(jnp.stack(diag).reshape(shape),
+                             jnp.stack(off).reshape((R, S) + off[0].shape), n)
+
+
+def _sum_pairs(x: jax.Array, index: np.ndarray, n: int) -> jax.Array:
+    """``[L, P, ...]`` -> ``[L, n, ...]``: pairs summed by their sub-chunk ``index[p]``."""
+    zero = jnp.zeros_like(x[:, 0])
+    parts = [sum((x[:, p] for p in np.flatnonzero(index == i)), zero) for i in range(n)]
+    return jnp.stack(parts, axis=1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -123,18 +136,20 @@ def _gated_scores_bwd(c, res, dA):
     xs, ys = x.reshape(R, L, n, c, K), y.reshape(S, L, n, c, K)
     d_diag, d_off = _matrix_to_blocks(dA, n)  # [R, S, L, n, c, c], [R, S, L, P, c, c]
     # Within sub-chunks: dx_i = sum_j dA_ij (y_j * rel_ij), dy_j = sum_i dA_ij (x_i * rel_ij).
-    dx_diag = jnp.einsum("rslaij,slajk,laijk->rlaik", d_diag, ys, rel)
-    dy_diag = jnp.einsum("rslaij,rlaik,laijk->slajk", d_diag, xs, rel)
     # Across sub-chunks (pair p = (a, b)): dx_a += row_a * dA_p y_col_p,
     # dy_b += col_p * dA_p^T x_row_p; pairs sharing a row (column) sub-chunk are summed.
     y_col = ys[:, :, b] * col
     x_row = (xs * row)[:, :, a]
-    dx_pair = jnp.einsum("rslpij,slpjk->rlpik", d_off, y_col)
-    dy_pair = jnp.einsum("rslpij,rlpik->slpjk", d_off, x_row) * col
-    to_row = jax.nn.one_hot(a, n, dtype=dA.dtype)  # [P, n]
-    to_col = jax.nn.one_hot(b, n, dtype=dA.dtype)
-    dx = dx_diag + row * jnp.einsum("rlpik,pa->rlaik", dx_pair, to_row)
-    dy = dy_diag + jnp.einsum("slpjk,pb->slbjk", dy_pair, to_col)
+    dx, dy = [], []
+    for r in range(R):
+        t = sum(d_diag[r, s][..., None] * ys[s][:, :, None] for s in range(S))
+        pair = sum(jnp.einsum("lpij,lpjk->lpik", d_off[r, s], y_col[s]) for s in range(S))
+        dx.append(jnp.sum(t * rel, axis=-2) + row * _sum_pairs(pair, a, n))
+    for s in range(S):
+        t = sum(d_diag[r, s][..., None] * xs[r][:, :, :, None] for r in range(R))
+        pair = sum(jnp.einsum("lpij,lpik->lpjk", d_off[r, s], x_row[r]) for r in range(R))
+        dy.append(jnp.sum(t * rel, axis=-3) + _sum_pairs(pair * col, b, n))
+    dx, dy = jnp.stack(dx), jnp.stack(dy)
     dx, dy = dx.reshape(x.shape), dy.reshape(y.shape)
     dG = jnp.sum(x * dx, axis=0) - jnp.sum(y * dy, axis=0)
     return dx, dy, dG

@@ -24,15 +24,10 @@ GLA (or Mamba-2's SSD). The paper's ``lambda`` is data-dependent, per token, hea
 Chunk form (the paper's Sec. 3.2 "chunkwise" algorithm, on a power-of-two chunk ``C``): keys
 in the query's own chunk form the masked intra-chunk part (levels ``0..log2 C``); a key in an
 earlier chunk has ``level = log2 C + bit_length(n_t XOR n_s)`` with ``n`` the chunk index, a
-Fenwick tree over chunks: chunk ``n`` reads, at chunk level ``m``, the summed state of the
-first half of its aligned block of ``2^(m+1)`` chunks when it lies in the second half. A
-scan over chunks does the intra-chunk part and each chunk's summary; then each chunk level is
-one batched op: a tree of pairwise merges builds all blocks' states (``O(N K V)``), and the
-reading half of the chunks does one ``[C, K] x [K, V]`` product per level (see
-:func:`loglinear_chunk`). Work ``O(T C K + T log(T / C) K V)``, memory
-``O(T (K + V) + (T / C) K V)``. (Decoding's Fenwick stack, below, is the same tree read one
-token at a time: after token ``n`` the levels below ``p + 1``, ``p`` the trailing one bits
-of ``n``, merge with the token into level ``p + 1``.)
+Fenwick tree over chunks. A scan over chunks carries ``ceil(log2 N)`` chunk-level states, each
+decayed to the current chunk's start; after chunk ``n`` the levels below ``p + 1`` (``p`` the
+number of trailing one bits of ``n``) merge, with chunk ``n``'s own summary, into level
+``p + 1``. Work ``O(T C K + T log(T / C) K V)``, state memory ``O(log(T / C) K V)``.
 
 Decoding: :func:`loglinear_gla_step` advances an explicit Fenwick stack of states
 ``[L - 1, B, H, K, V]`` (level ``l >= 1`` at index ``l - 1``; level 0 is the current token)
@@ -93,102 +88,51 @@ def loglinear_reference(q, k, v, g, lam, *, scale: float) -> jax.Array:
 
 
 def loglinear_chunk(q, k, v, g, lam, *, scale: float, chunk_size: int) -> jax.Array:
-    """The chunkwise form (module docstring), fp32; ``[B, T, H, V]``.
-
-    Two passes. (1) A scan over chunks (rematerialized) does the intra-chunk part (levels
-    ``0..log2 C``, masked scores) and returns each chunk's summary ``k^T v`` decayed to the
-    chunk's end and its total log-decay. (2) The chunk levels, each in one batched op: the
-    ``N`` chunks (zero-padded to a power of two) are cut into aligned blocks of ``2^(m+1)``;
-    chunks in a block's second half read, at chunk level ``m``, the state of its first half,
-    built for all blocks of all levels by a tree of pairwise merges
-    (``B_{m+1} = exp(Gamma) B_m(left) + B_m(right)``, ``O(N K V)`` in all). Only those
-    readers do the ``[C, K] x [K, V]`` product (half the chunks per level), so the level
-    work is ``(T / 2) K V`` per level and nothing is carried through the scan. Every decay
-    factor is the ``exp`` of a single sum of log-gates (no difference of large cumulative
-    sums), ``<= 1``.
-    """
+    """The chunkwise form (module docstring), fp32; ``[B, T, H, V]``."""
     B, T, H, K = q.shape
     C = min(chunk_size, 1 << max(0, math.ceil(math.log2(max(T, 1)))))
     N = -(-T // C)
     log_c = C.bit_length() - 1
-    M = max(0, math.ceil(math.log2(N))) if N > 1 else 0  # chunk levels used
+    M = max(1, math.ceil(math.log2(N))) if N > 1 else 1  # chunk-level states carried
     need = log_c + 1 + M
     lam = lam.astype(jnp.float32)
     if lam.shape[-1] < need:  # levels beyond ceil(log2 T) never occur: weight 0
         lam = jnp.pad(lam, [(0, 0)] * 3 + [(0, need - lam.shape[-1])])
     lam = lam[..., :need]
-    f32 = jnp.float32
     xs = {
-        "q": _to_chunks(q.astype(f32) * scale, N, C),
-        "k": _to_chunks(k.astype(f32), N, C),
-        "v": _to_chunks(v.astype(f32), N, C),
-        "g": _to_chunks(jnp.maximum(g.astype(f32), LOG_DECAY_FLOOR), N, C),
-        "lam": _to_chunks(lam[..., : log_c + 1], N, C),
+        "q": _to_chunks(q.astype(jnp.float32) * scale, N, C),
+        "k": _to_chunks(k.astype(jnp.float32), N, C),
+        "v": _to_chunks(v.astype(jnp.float32), N, C),
+        "g": _to_chunks(jnp.maximum(g.astype(jnp.float32), LOG_DECAY_FLOOR), N, C),
+        "lam": _to_chunks(lam, N, C),
+        "n": jnp.arange(N, dtype=jnp.int32),
     }
     local = jnp.arange(C)
     intra_onehot = jax.nn.one_hot(fenwick_levels(local[:, None], local[None, :]), log_c + 1)
     scalar = g.ndim == 3
+    V = v.shape[-1]
 
-    def intra(_, x):
+    def chunk_step(S, x):  # S [M, B, H, K, V]: chunk-level states at this chunk's start
         G = jnp.cumsum(x["g"], axis=2)  # [B, H, C(, K)]
         A = intra_chunk_scores(x["q"], x["k"], G, strict=False)  # [B, H, C, C]
-        W = jnp.einsum("bhtl,tsl->bhts", x["lam"], intra_onehot)
+        W = jnp.einsum("bhtl,tsl->bhts", x["lam"][..., : log_c + 1], intra_onehot)
         o = jnp.einsum("bhts,bhsv->bhtv", A * W, x["v"])
         Gk = G[..., None] if scalar else G
+        q_dec = x["q"] * jnp.exp(Gk)  # decay from the chunk start (<= 1)
+        o = o + jnp.einsum("bhtm,bhtk,mbhkv->bhtv", x["lam"][..., log_c + 1 :], q_dec, S)
+        # Advance: decay every state over this chunk, then merge levels < p+1 with the chunk.
         G_end = Gk[..., -1:, :]  # [B, H, 1, K or 1]
         own = jnp.einsum("bhtk,bhtv->bhkv", x["k"] * jnp.exp(G_end - Gk), x["v"])
-        return None, (o, own, G_end[:, :, 0], Gk)
+        S = S * jnp.exp(G_end[:, :, 0, :, None])[None]
+        p = _trailing_ones(x["n"])
+        lvl = jnp.arange(M)[:, None, None, None, None]
+        merged = own + jnp.sum(jnp.where(lvl < p, S, 0.0), axis=0)
+        S = jnp.where(lvl < p, 0.0, jnp.where(lvl == p, merged, S))
+        return S, o
 
-    _, (o, own, total, Gk) = lax.scan(jax.checkpoint(intra), None, xs)
-    # o [N, B, H, C, V]; own [N, B, H, K, V]; total [N, B, H, K|1]; Gk [N, B, H, C, K|1]
-    if M:
-        o = o + _chunk_levels(xs["q"], Gk, own, total,
-                              _to_chunks(lam[..., log_c + 1 :], N, C), M)
+    S0 = jnp.zeros((M, B, H, K, V), jnp.float32)
+    _, o = lax.scan(jax.checkpoint(chunk_step), S0, xs)
     return _from_chunks(o, T)
-
-
-def _chunk_levels(q, Gk, own, total, lam, M):
-    """Contributions of the chunk levels ``0..M-1`` (see :func:`loglinear_chunk`).
-
-    ``q [N, B, H, C, K]`` (scaled), ``Gk`` the within-chunk cumulative log-decay, ``own`` the
-    chunk summaries, ``total`` the chunks' log-decays, ``lam [N, B, H, C, M]``.
-    """
-    N = q.shape[0]
-    P = 1 << M  # chunks padded to a power of two: padded chunks have zero summaries
-    if P > N:
-        pad = lambda x: jnp.pad(x, [(0, P - N)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
-        q, Gk, own, total, lam = (pad(x) for x in (q, Gk, own, total, lam))
-    out = jnp.zeros(q.shape[:-1] + own.shape[-1:], jnp.float32)
-    state, decay = own, total  # level-m block states (decayed to the block's end), log-decays
-    for m in range(M):
-        n_blocks, half = P >> (m + 1), 1 << m
-        # Readers: the second half of each aligned 2^(m+1) block, state of the first half.
-        def read(x, n_blocks=n_blocks, half=half):
-            return x.reshape((n_blocks, 2, half) + x.shape[1:])[:, 1]
-
-        # Log-decay from the first half's end to each reader chunk's start: an exclusive
-        # cumulative sum (not cumsum - d: no cancellation against a huge d).
-        d = read(total)
-        d = jnp.concatenate([jnp.zeros_like(d[:, :1]), jnp.cumsum(d[:, :-1], axis=1)], axis=1)
-        contrib = _read_level(read(q), read(Gk), d, read(lam)[..., m],
-                              state.reshape((n_blocks, 2) + state.shape[1:])[:, 0])
-        out = out.reshape((n_blocks, 2, half) + out.shape[1:]).at[:, 1].add(contrib)
-        out = out.reshape((P,) + out.shape[3:])
-        if m + 1 < M:  # merge pairs of blocks: left decays over the right one
-            pair = state.reshape((n_blocks, 2) + state.shape[1:])
-            dpair = decay.reshape((n_blocks, 2) + decay.shape[1:])
-            state = pair[:, 0] * jnp.exp(dpair[:, 1])[..., None] + pair[:, 1]
-            decay = dpair[:, 0] + dpair[:, 1]
-    return out[:N]
-
-
-@jax.checkpoint
-def _read_level(q, Gk, d, lam, S):
-    """``lam_t (q_t * exp(G_t + d)) S`` for reader chunks ``[nb, half, B, H, C, K]`` of one
-    level; ``d [nb, half, B, H, K|1]``, ``S [nb, B, H, K, V]`` (rematerialized: only the
-    inputs are kept for the backward pass)."""
-    q_dec = q * jnp.exp(Gk + d[..., None, :]) * lam[..., None]
-    return jnp.einsum("njbhck,nbhkv->njbhcv", q_dec, S)
 
 
 def _trailing_ones(n: jax.Array) -> jax.Array:
