@@ -1,7 +1,7 @@
 """jattn.linear's chunk form vs its scan reference vs causal softmax attention (host platform).
 
     python -m benchmarks.linear [--lengths 1024 4096 16384] [--only dplr_chunk dplr_scan]
-        [--out benchmarks/linear.json]
+        [--rounds 5] [--base-rev REV] [--out benchmarks/linear.json]
 
 B=1, H=4, K=V=64, fp32. For each length: forward and forward+backward (gradients w.r.t. every
 input) time and compiled temp memory of
@@ -24,9 +24,14 @@ input) time and compiled temp memory of
   implementation="xla")`` (falls back to ``jax.nn.dot_product_attention(is_causal=True)`` when
   ``jattn.attention`` is missing; the JSON says which ran).
 
+``--base-rev REV`` adds ``{gdn,kda,dplr}_bb_{now,base}``: ``chunk_recurrence`` of this tree and of
+git revision ``REV`` (loaded from ``git show``), for before/after ratios in one process.
+
 Timings: one warm-up call, then the median of ``--repeats`` calls (``block_until_ready``);
 calls slower than ``--slow-s`` seconds are timed once. ``--skip-scan-above`` skips timing the
-scan reference above that length (its memory is still reported).
+scan reference above that length (its memory is still reported). ``--rounds R`` then measures
+the scan/chunk ratios and the log-linear growth interleaved (the two calls of a ratio back to
+back, R rounds, median ratio): the figures to quote on a shared, noisy machine.
 """
 
 from __future__ import annotations
@@ -103,6 +108,45 @@ def cases(softmax):
     }
 
 
+def load_chunk_module(rev):
+    """``jattn/linear/chunk.py`` as it was at git revision ``rev`` (a module of its own)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:jattn/linear/chunk.py"], check=True,
+                         capture_output=True, text=True).stdout
+    path = tempfile.NamedTemporaryFile("w", suffix="_chunk_base.py", delete=False)
+    path.write(src)
+    path.close()
+    spec = importlib.util.spec_from_file_location("chunk_base", path.name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def backbone_cases(base_rev):
+    """``chunk_recurrence`` itself, now and at ``base_rev``: ``{gdn,kda,dplr}_bb_{now,base}``
+    (Gated DeltaNet with L2-normalized q/k, KDA = the same with per-channel gates, RWKV-7's
+    DPLR), for before/after ratios in one process."""
+    mods = {"now": jl.chunk, "base": load_chunk_module(base_rev)}
+    out = {}
+    for tag, mod in mods.items():
+        def delta(q, k, v, g, beta, mod=mod):
+            q, k = jl.l2norm(q), jl.l2norm(k)
+            return mod.chunk_recurrence(q, k, v, g, beta, scale=q.shape[-1] ** -0.5)[0]
+
+        def dplr(q, k, v, g, mod=mod):
+            k_hat = jl.l2norm(k)
+            return mod.chunk_recurrence(q, k, v, g, scale=q.shape[-1] ** -0.5,
+                                        low_rank=(-0.5 * k_hat, k_hat))[0]
+
+        out[f"gdn_bb_{tag}"] = (delta, "qkvgb")
+        out[f"kda_bb_{tag}"] = (delta, "qkvGb")
+        out[f"dplr_bb_{tag}"] = (dplr, "qkvG")
+    return out
+
+
 def rwkv7_dplr(q, k, v, g, implementation, chunk_size=64):
     """RWKV-7's transition: ``a = -icl * k_hat``, ``b = k_hat`` (``icl`` here a constant 0.5)."""
     k_hat = jl.l2norm(k)
@@ -135,12 +179,17 @@ def time_it(compiled, args, repeats, slow_s):
     return statistics.median(times)
 
 
-def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backward, only=None):
+def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backward, only=None,
+        keep=None, base_rev=None):
+    """Time every case; ``keep`` (a dict) receives ``(name, T, pass) -> (compiled, args)``."""
     softmax_name, softmax = softmax_fn()
+    all_cases = cases(softmax)
+    if base_rev:
+        all_cases.update(backbone_cases(base_rev))
     rows = []
     for t in lengths:
         data = inputs(t, batch, heads, dim)
-        for name, (fn, spec) in cases(softmax).items():
+        for name, (fn, spec) in all_cases.items():
             if only and name not in only:
                 continue
             args = pick_args(spec, *data)
@@ -150,6 +199,8 @@ def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backw
                 passes.append(("fwd+bwd", fwd_bwd(fn, len(args))))
             for pname, f in passes:
                 compiled = harness.compile_fn(f, *args)
+                if keep is not None:
+                    keep[name, t, pname] = (compiled, args)
                 row[f"{pname} temp MiB"] = harness.temp_bytes(compiled) / 2**20
                 if name.endswith(("_scan", "_ref")) and t > skip_scan_above:
                     continue
@@ -157,6 +208,49 @@ def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backw
             rows.append(row)
             print(row, flush=True)
     return softmax_name, rows
+
+
+# (label, numerator, denominator): a ratio > 1 means the denominator is faster.
+RATIO_PAIRS = (("gla", "gla_scan", "gla_chunk"), ("gdn", "gdn_scan", "gdn_chunk"),
+               ("dplr", "dplr_scan", "dplr_chunk"), ("dplr16", "dplr_scan", "dplr_chunk16"),
+               ("gdn base/now", "gdn_bb_base", "gdn_bb_now"),
+               ("kda base/now", "kda_bb_base", "kda_bb_now"),
+               ("dplr base/now", "dplr_bb_base", "dplr_bb_now"))
+
+
+def interleaved_ratios(keep, lengths, rounds):
+    """Ratios measured side by side: each round times the two calls of a ratio back to back
+    (one call each) and the median over ``rounds`` rounds is reported, so load changes on a
+    shared machine hit both sides alike. ``scan/chunk`` per mechanism and length, and the
+    log-linear chunk forms' growth ``time(T) / time(lengths[0])``."""
+    specs = []
+    for t in lengths:
+        for pname in ("fwd", "fwd+bwd"):
+            for label, num, den in RATIO_PAIRS:
+                what = "" if "/" in label else " scan/chunk"
+                specs.append((f"{label} {pname}{what} T={t}", (num, t, pname),
+                              (den, t, pname)))
+            for name in ("loglinear_chunk", "loglinear_gla_chunk"):
+                if t != lengths[0]:
+                    specs.append((f"{name} {pname} growth {lengths[0]}->{t}", (name, t, pname),
+                                  (name, lengths[0], pname)))
+    out = {}
+    for label, num, den in specs:
+        if num not in keep or den not in keep:
+            continue
+        ratios = []
+        for _ in range(rounds):
+            times = []
+            for key in (num, den):
+                compiled, args = keep[key]
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled(*args))
+                times.append(time.perf_counter() - t0)
+            ratios.append(times[0] / times[1])
+        out[label] = {"median": statistics.median(ratios), "rounds": ratios}
+        print(f"{label}: median {statistics.median(ratios):.2f} of "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}", flush=True)
+    return out
 
 
 def summarize(rows, lengths):
@@ -198,8 +292,13 @@ def main(argv=None):
         "--slow-s", type=float, default=2.0, help="a call slower than this (warm-up) is timed once"
     )
     p.add_argument("--only", nargs="+", default=None, help="run only these cases (by name)")
+    p.add_argument("--base-rev", default=None,
+                   help="also time chunk_recurrence from this git revision (before/after)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="also measure the ratios interleaved, median over this many rounds")
     a = p.parse_args(argv)
     lengths = sorted(a.lengths)
+    keep = {} if a.rounds else None
     softmax_name, rows = run(
         lengths,
         a.batch,
@@ -210,7 +309,10 @@ def main(argv=None):
         a.skip_scan_above,
         not a.no_backward,
         a.only,
+        keep,
+        a.base_rev,
     )
+    side_by_side = interleaved_ratios(keep, lengths, a.rounds) if a.rounds else {}
     ratios = summarize(rows, lengths)
     cols = ["impl", "T", "fwd ms", "fwd+bwd ms", "fwd temp MiB", "fwd+bwd temp MiB"]
     print(harness.table(rows, cols))
@@ -231,6 +333,7 @@ def main(argv=None):
             },
             "rows": rows,
             "ratios": ratios,
+            "interleaved_ratios": side_by_side,
         },
     )
     print(f"wrote {a.out}; softmax baseline: {softmax_name}")

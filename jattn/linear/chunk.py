@@ -19,13 +19,17 @@ unit-lower-triangular system (the UT / WY transform of Yang et al. 2024):
     (I + diag(beta) A^kk) U = diag(beta) (V - (K * exp(G)) S_0),
     A^kk_tj = sum_c k_tc k_jc exp(G_tc - G_jc)                           (j < t)
 
-solved once per chunk for ``W_v = L^{-1} diag(beta) V`` and ``W_k = L^{-1} diag(beta)
-(K * exp(G))`` so that ``U = W_v - W_k S_0``. Everything inside a chunk is parallel (matmuls
-and one triangular inverse); a ``lax.scan`` over the ``T / C`` chunks carries the state. Each
+solved per chunk, with the entering state already in the right-hand side, by the blockwise
+triangular solve of :mod:`jattn.linear.solve_tril` (16 x 16 diagonal blocks by forward
+substitution, the rest by matmuls; no ``[C, C]`` inverse, no ``C``-step loop). Everything
+inside a chunk is parallel (matmuls and that solve); a ``lax.scan`` over the ``T / C``
+chunks carries the state. Each
 chunk's work runs inside the scan body (rematerialized in the backward pass) rather than for
 all chunks at once: the per-chunk intermediates (``[C, C]`` scores, the ``[c, c, K]`` decay
 tensor) then stay in cache, and memory is ``O(T (K + V) + (T / C) K V)``. On a CPU this was
 ~10x faster for per-channel gates than materializing every chunk's intermediates together.
+The per-channel score matrices and the solve carry hand-written gradients
+(:mod:`jattn.linear.chunk_scores`, :mod:`jattn.linear.solve_tril`).
 
 Numerics: gates stay in log space and no ``exp`` of a positive number is formed. Relative
 decays ``exp(G_i - G_j)`` are only evaluated for ``i >= j`` (the exponent is masked to -inf
@@ -50,21 +54,16 @@ do): one reset per chunk costs ~1e-6 relative error; 22 resets in one 32-step ch
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jattn.linear.chunk_scores import gated_scores, sub_chunk_size  # noqa: F401
+from jattn.linear.solve_tril import unit_lower_solve
+
 _NEG_INF = -jnp.inf
 # Log-decays are clamped here (see the module docstring): exp(-110) == 0 in fp32.
 LOG_DECAY_FLOOR = -110.0
-
-
-def sub_chunk_size(chunk_size: int) -> int:
-    """Largest divisor of ``chunk_size`` not above ``sqrt(chunk_size)`` (at least 1)."""
-    limit = max(1, math.isqrt(chunk_size))
-    return max(d for d in range(1, limit + 1) if chunk_size % d == 0)
 
 
 def _to_chunks(x: jax.Array, n: int, c: int) -> jax.Array:
@@ -89,89 +88,42 @@ def _masked_exp(d: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.exp(jnp.where(mask, d, _NEG_INF))
 
 
+def stacked_scores(rows: jax.Array, cols: jax.Array, G: jax.Array | None) -> jax.Array:
+    """``A[r, s, ..., i, j] = sum_c rows[r, ..., i, c] cols[s, ..., j, c] exp(G_ic - G_jc)`` for
+    ``j <= i``, else 0: several score matrices of one chunk sharing one gate.
+
+    ``rows [R, ..., C, K]``, ``cols [S, ..., C, K]``; ``G`` None (no decay), ``[..., C]``
+    (scalar) or ``[..., C, K]`` (per channel: :func:`jattn.linear.chunk_scores.gated_scores`,
+    sub-chunked, with its own gradient). Returns ``[R, S, ..., C, C]``.
+    """
+    if G is not None and G.ndim == rows.ndim - 1:
+        return gated_scores(rows, cols, G)
+    C = rows.shape[-2]
+    idx = jnp.arange(C)
+    mask = idx[:, None] >= idx[None, :]
+    decay = None if G is None else _masked_exp(G[..., :, None] - G[..., None, :], mask)
+    # One plain matmul per pair (an einsum with the stack axes leading was ~1.5x slower to
+    # differentiate on CPU).
+    out = []
+    for r in range(rows.shape[0]):
+        for c in range(cols.shape[0]):
+            A = jnp.einsum("...ik,...jk->...ij", rows[r], cols[c])
+            out.append(jnp.where(mask, A, 0.0) if decay is None else A * decay)
+    return jnp.stack(out).reshape((rows.shape[0], cols.shape[0]) + out[0].shape)
+
+
 def intra_chunk_scores(
     a: jax.Array, b: jax.Array, G: jax.Array | None, *, strict: bool
 ) -> jax.Array:
     """``A_ij = sum_c a_ic b_jc exp(G_ic - G_jc)`` for ``j <= i`` (``j < i`` if strict), else 0.
 
     ``a, b [..., C, K]``; ``G`` None (no decay), ``[..., C]`` (scalar) or ``[..., C, K]``.
-    Returns ``[..., C, C]``.
+    Returns ``[..., C, C]`` (see :func:`stacked_scores`).
     """
-    C = a.shape[-2]
-    idx = jnp.arange(C)
-    mask = idx[:, None] > idx[None, :] if strict else idx[:, None] >= idx[None, :]
-    if G is None or G.ndim == a.ndim - 1:
-        s = jnp.einsum("...ik,...jk->...ij", a, b)
-        if G is None:
-            return jnp.where(mask, s, 0.0)
-        return s * _masked_exp(G[..., :, None] - G[..., None, :], mask)
-
-    # Per-channel gate: secondary chunking into n sub-chunks of c steps.
-    K = a.shape[-1]
-    c = sub_chunk_size(C)
-    n = C // c
-    lead = a.shape[:-2]
-    a_s = a.reshape(lead + (n, c, K))
-    b_s = b.reshape(lead + (n, c, K))
-    G_s = G.reshape(lead + (n, c, K))
-
-    # Pairs inside one sub-chunk: per-entry relative decay [..., n, c, c, K].
-    sub = jnp.arange(c)
-    sub_mask = sub[:, None] > sub[None, :] if strict else sub[:, None] >= sub[None, :]
-    rel = _masked_exp(G_s[..., :, None, :] - G_s[..., None, :, :], sub_mask[:, :, None])
-    diag = jnp.einsum("...aik,...ajk,...aijk->...aij", a_s, b_s, rel)  # [..., n, c, c]
-
-    # Pairs across sub-chunks (j before sub-chunk a starts): factor through R_a, the cumulative
-    # gate at the last step of sub-chunk a-1 (R_0 = 0; sub-chunk 0 has no such pairs).
-    R = jnp.concatenate([jnp.zeros_like(G_s[..., :1, 0, :]), G_s[..., :-1, -1, :]], axis=-2)
-    a_r = a_s * jnp.exp(G_s - R[..., :, None, :])  # G_i - R_a <= 0
-    before = idx[None, :] < (jnp.arange(n) * c)[:, None]  # [n, C]: j < start of sub-chunk a
-    b_r = b[..., None, :, :] * _masked_exp(
-        R[..., :, None, :] - G[..., None, :, :], before[:, :, None]
-    )  # [..., n, C, K], R_a - G_j <= 0
-    off = jnp.einsum("...aik,...ajk->...aij", a_r, b_r)  # [..., n, c, C]
-
-    eye = jnp.eye(n, dtype=diag.dtype)
-    diag_full = (diag[..., :, :, None, :] * eye[:, None, :, None]).reshape(lead + (n, c, C))
-    return (off + diag_full).reshape(lead + (C, C))
-
-
-def _block_size(C: int, limit: int = 16) -> int:
-    return max(d for d in range(1, min(C, limit) + 1) if C % d == 0)
-
-
-def unit_lower_inverse(N: jax.Array) -> jax.Array:
-    """``(I + N)^{-1}`` for strictly lower-triangular ``N [..., C, C]`` (exact, no division).
-
-    Blocked forward substitution: the ``b x b`` diagonal blocks (``b <= 16``) are inverted row
-    by row, all blocks at once, then block row ``r`` of the inverse is
-    ``D_r^{-1} (E_r - N_{r,<r} X_{<r})``. About ``b + C/b`` sequential steps of small matmuls;
-    ``lax.linalg.triangular_solve`` is ~100x slower than this for small batched systems on CPU.
-    """
-    C = N.shape[-1]
-    b = _block_size(C)
-    nb = C // b
-    lead = N.shape[:-2]
-    idx = jnp.arange(C)
-    blocks = N.reshape(lead + (nb, b, nb, b))
-    Nd = jnp.stack([blocks[..., r, :, r, :] for r in range(nb)], axis=-3)  # [..., nb, b, b]
-    eye = jnp.eye(b, dtype=N.dtype)
-
-    def substitute_row(i, Dinv):  # row i of (I + Nd)^{-1} = e_i - Nd[i, :i] @ rows[:i]
-        n_i = lax.dynamic_index_in_dim(Nd, i, axis=-2, keepdims=False)
-        row = lax.dynamic_index_in_dim(eye, i, axis=0, keepdims=False)
-        row = row - jnp.einsum("...j,...jk->...k", n_i, Dinv)
-        return lax.dynamic_update_index_in_dim(Dinv, row, i, axis=Dinv.ndim - 2)
-
-    Dinv = lax.fori_loop(1, b, substitute_row, jnp.broadcast_to(eye, Nd.shape))
-    rows = []
-    for r in range(nb):
-        E = (idx[None, :] == (r * b + jnp.arange(b))[:, None]).astype(N.dtype)  # [b, C]
-        if r:
-            prev = jnp.concatenate(rows, axis=-2)  # [..., r b, C]
-            E = E - jnp.einsum("...ij,...jk->...ik", N[..., r * b : (r + 1) * b, : r * b], prev)
-        rows.append(jnp.einsum("...ij,...jk->...ik", Dinv[..., r, :, :], E))
-    return jnp.concatenate(rows, axis=-2)
+    A = stacked_scores(a[None], b[None], G)[0, 0]
+    if strict:
+        A = A * (1.0 - jnp.eye(a.shape[-2], dtype=A.dtype))
+    return A
 
 
 def segment_starts(segment_ids: jax.Array) -> jax.Array:
@@ -282,17 +234,20 @@ def chunk_recurrence(
         if "a" in x:
             return _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same,
                                scale)
-        A_qk = scores(qc, kc, False) * scale  # [B, H, C, C]
         if "beta" in x:
+            # A_qk and A_kk share the gate: one stacked call (one set of decay factors).
+            A = stacked_scores(jnp.stack([qc, kc]), kc[None], G)[:, 0]
+            if same is not None:
+                A = A * same
+            A_qk, A_kk = A[0] * scale, A[1] * (1.0 - jnp.eye(A.shape[-1], dtype=A.dtype))
             bc = x["beta"][..., None]  # [B, H, C, 1]
-            A_kk = scores(kc, kc, True)
             k_fwd = kc if Ge is None else kc * jnp.exp(Ge)
             if first is not None:
                 k_fwd = k_fwd * first
-            rhs = jnp.concatenate([bc * vc, bc * k_fwd], axis=-1)
-            W = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(bc * A_kk), rhs)
-            U = W[..., :V] - jnp.einsum("bhck,bhkv->bhcv", W[..., V:], S)
+            # The UT transform, solved blockwise with this chunk's entering state in the rhs.
+            U = unit_lower_solve(bc * A_kk, bc * (vc - jnp.einsum("bhck,bhkv->bhcv", k_fwd, S)))
         else:
+            A_qk = scores(qc, kc, False) * scale  # [B, H, C, C]
             U = vc
         o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
         o = o + jnp.einsum("bhij,bhjv->bhiv", A_qk, U)
@@ -313,10 +268,9 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     ``S_out = exp(G_C) S_0 + (K * exp(G_C - G))^T V + (A * exp(G_C - G))^T W``.
     The ``b`` rows' scores use the exclusive gate ``G_{t-1}``: they are computed as the
     inclusive scores of the shifted rows ``b_{t+1}``, moved down one row, so that all four
-    score matrices share one gate and batch in pairs.
+    score matrices share one gate and one set of decay factors (:func:`stacked_scores`).
     """
     vc, ac, bc = x["v"], x["a"], x["b"]
-    V = vc.shape[-1]
     if G is None:
         b_dec, a_dec = bc, ac
     else:
@@ -330,22 +284,17 @@ def _dplr_chunk(S, x, G, Ge, G_last, q_dec, k_dec, gamma, first, last, same, sca
     # t - 1 of the inclusive scores of the shifted rows b_{i+1} (j <= i). So all four score
     # matrices share one gate and one set of decay factors.
     b_next = jnp.concatenate([bc[:, :, 1:], jnp.zeros_like(bc[:, :, :1])], axis=2)
-    rows = jnp.stack([x["q"], b_next])
-    G2 = None if G is None else jnp.broadcast_to(G, (2,) + G.shape)
-    # Two calls with the row pair batched (cheaper to differentiate than one 2 x 2 product).
-    A_same = intra_chunk_scores(rows, jnp.stack([x["k"], ac]), G2, strict=False)  # qk, b'a
-    A_swap = intra_chunk_scores(rows, jnp.stack([ac, x["k"]]), G2, strict=False)  # qa, b'k
+    A = stacked_scores(jnp.stack([x["q"], b_next]), jnp.stack([x["k"], ac]), G)
 
     def shift_down(M):  # row t <- row t - 1 of the shifted-row scores; row 0 reads nothing
         return jnp.concatenate([jnp.zeros_like(M[..., :1, :]), M[..., :-1, :]], axis=-2)
 
-    A_qk, A_qa, A_bk, A_ba = A_same[0], A_swap[0], shift_down(A_swap[1]), shift_down(A_same[1])
+    A_qk, A_qa, A_bk, A_ba = A[0, 0], A[0, 1], shift_down(A[1, 0]), shift_down(A[1, 1])
     if same is not None:
         A_qk, A_qa, A_bk, A_ba = (M * same for M in (A_qk, A_qa, A_bk, A_ba))
     A_qk, A_qa = A_qk * scale, A_qa * scale
-    rhs = jnp.concatenate([jnp.einsum("bhij,bhjv->bhiv", A_bk, vc), b_dec], axis=-1)
-    Wf = jnp.einsum("bhij,bhjd->bhid", unit_lower_inverse(-A_ba), rhs)
-    W = Wf[..., :V] + jnp.einsum("bhck,bhkv->bhcv", Wf[..., V:], S)
+    rhs = jnp.einsum("bhij,bhjv->bhiv", A_bk, vc) + jnp.einsum("bhck,bhkv->bhcv", b_dec, S)
+    W = unit_lower_solve(-A_ba, rhs)
     o = scale * jnp.einsum("bhck,bhkv->bhcv", q_dec, S)
     o = o + jnp.einsum("bhij,bhjv->bhiv", A_qk, vc) + jnp.einsum("bhij,bhjv->bhiv", A_qa, W)
     S_out = gamma * S + jnp.einsum("bhck,bhcv->bhkv", k_dec, vc)
