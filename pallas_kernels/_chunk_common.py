@@ -289,19 +289,33 @@ def _spec(block, index_map):
     return pl.BlockSpec(block, index_map)
 
 
-def _par_call(cfg, kernel, name, chunk_ins, state_ins, outs):
-    """Grid (BH, N): ``chunk_ins`` [BH, T, D] as [C, D] blocks, ``state_ins`` [BH, N, V, K]
-    as [V, K] blocks; ``outs`` ShapeDtypeStructs [BH, T, D]."""
+def _par_call(cfg, kernel, name, chunk_ins, state_ins, outs, bv=None, tiled=()):
+    """Grid (BH, N[, V/bv]): ``chunk_ins`` [BH, T, D] as [C, D] blocks, ``state_ins``
+    [BH, N, V, K] as [V, K] blocks; ``outs`` ShapeDtypeStructs [BH, T, D]. With ``bv``, a third
+    (parallel) grid axis tiles V: the chunk inputs and outputs at the indices in ``tiled``
+    (``("in", i)`` / ``("out", i)``) are read / written as [C, bv] and the states as [bv, K]
+    (fla's ``chunk_fwd_o`` grid (V/BV, N, B*H))."""
     c = cfg.chunk
     bh, t_len = chunk_ins[0].shape[:2]
     n = t_len // c
-    in_specs = [_spec((None, c, x.shape[-1]), lambda b, j: (b, j, 0)) for x in chunk_ins] + [
-        _spec((None, None) + x.shape[2:], lambda b, j: (b, j, 0, 0)) for x in state_ins
+    nv = 1 if bv is None else state_ins[0].shape[2] // bv
+
+    def chunk_spec(x, is_tiled):
+        if is_tiled and bv is not None:
+            return _spec((None, c, bv), lambda b, j, v: (b, j, v))
+        return _spec((None, c, x.shape[-1]), lambda b, j, v: (b, j, 0))
+
+    def state_spec(x):
+        rows = x.shape[2] if bv is None else bv
+        return _spec((None, None, rows, x.shape[3]), lambda b, j, v: (b, j, v, 0))
+
+    in_specs = [chunk_spec(x, ("in", i) in tiled) for i, x in enumerate(chunk_ins)] + [
+        state_spec(x) for x in state_ins
     ]
-    out_specs = [_spec((None, c, o.shape[-1]), lambda b, j: (b, j, 0)) for o in outs]
+    out_specs = [chunk_spec(o, ("out", i) in tiled) for i, o in enumerate(outs)]
     return pl.pallas_call(
         kernel,
-        grid=(bh, n),
+        grid=(bh, n, nv),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=outs,
@@ -309,7 +323,7 @@ def _par_call(cfg, kernel, name, chunk_ins, state_ins, outs):
         # are live, as JAX's Triton attention does for head_dim > 64.
         compiler_params=_params(
             cfg,
-            ("parallel", "parallel"),
+            ("parallel", "parallel", "parallel"),
             num_warps=8 if max(x.shape[-1] for x in chunk_ins) > 64 else 4,
         ),
         interpret=cfg.interpret,

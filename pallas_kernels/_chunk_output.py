@@ -42,7 +42,17 @@ def output_fwd(cfg, q, k, d, g, hs, seg=None):
             o_ref[_rows(i, s), :] = (scale * o).astype(o_ref.dtype)
 
     out = [jax.ShapeDtypeStruct(d.shape[:2] + (d.shape[-1],), dt)]
-    return _par_call(cfg, kernel, "chunk_output_fwd", with_seg([q, k, d, g], seg), [hs], out)[0]
+    # V tiles are parallel programs (fla's chunk_fwd_o grid): each recomputes the [C, C]
+    # Gram but holds a [bv, K] state tile instead of [V, K] (GPU registers).
+    return _par_call(cfg, kernel, "chunk_output_fwd", with_seg([q, k, d, g], seg), [hs], out,
+                     bv=output_tile(cfg, d.shape[-1]), tiled=(("in", 2), ("out", 0)))[0]
+
+
+def output_tile(cfg, vdim):
+    """V tile of the output pass: GPU 64 (a [64, K] fp32 state tile per program, as fla's
+    BV); TPU 128-lane multiples (the full V below 256); interpret mode 16 (tests tile)."""
+    size = {"tpu": 128, "gpu": 64}.get(cfg.target, 16)
+    return size if vdim % size == 0 and vdim > size else None
 
 
 def dlocal_bwd(cfg, q, k, g, do, seg=None):

@@ -1,7 +1,8 @@
 """Parallel structure of the Pallas chunk kernels: the grid of every pass (state pass over
-(B*H, V tiles[, K tiles]) with the chunk axis sequential inside; outputs and gradients over
-(B*H, chunk)), and exactness with the state tiled over both K and V (GLA), forward, final
-state and every gradient, plain and packed, on both sequential drivers (interpret mode).
+(B*H, V tiles[, K tiles]) with the chunk axis sequential inside; outputs over (B*H, chunk,
+V tiles), gradients over (B*H, chunk)), and exactness with the state tiled over both K and
+V (GLA), forward, final state and every gradient, plain and packed, on both sequential
+drivers (interpret mode).
 """
 
 import jax
@@ -61,12 +62,12 @@ def test_pass_grids(backend):
     for name in ("chunk_states_fwd", "chunk_states_bwd"):
         assert gla[name][0] == seq, (name, gla[name])
         assert kda[name][0] == seq_delta, (name, kda[name])
-    for grids in (gla, kda):
-        for name in ("chunk_output_fwd", "chunk_grads_bwd"):
-            assert grids[name][0] == (bh, t // c), (name, grids[name])
+    for grids in (gla, kda):  # outputs: V tiles of 64 (GPU) / 128 (TPU) as well
+        assert grids["chunk_output_fwd"][0] == (bh, t // c, 2), grids["chunk_output_fwd"]
+        assert grids["chunk_grads_bwd"][0] == (bh, t // c, 1), grids["chunk_grads_bwd"]
     if backend == "tpu":
         assert gla["chunk_states_fwd"][1] == ("parallel",) * 3 + ("arbitrary",)
-        assert gla["chunk_output_fwd"][1] == ("parallel", "parallel")
+        assert gla["chunk_output_fwd"][1] == ("parallel",) * 3
 
 
 def _gla(q, k, v, g, s0, seg=None, backend=None):
