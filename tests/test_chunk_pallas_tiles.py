@@ -12,7 +12,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import _chunk_state
-from tests.test_chunk_pallas import check, make, run_pair, scan_gla
+from tests.test_chunk_pallas import _export, check, make, run_pair, scan_gla
 
 F32 = jnp.float32
 
@@ -100,3 +100,19 @@ def test_gla_state_tiled_packed():
         q, k, v, jnp.where(starts[:, :, None, None], -jnp.inf, g), 32**-0.5, s0)
     res = run_pair(kern, orac, (q, k, v, g, s0), (0, 1, 2, 3, 4))
     check(res, "q k v g initial_state".split(), F32)
+
+
+def test_tpu_tiles_cross_lower():
+    """K = V = 256 on TPU: 128-lane state tiles (GLA: 2 x 2 per head) and output V tiles
+    lower through Mosaic TPU, forward and backward, GLA and KDA."""
+    t, d = 128, 256
+    q = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
+    g = jax.ShapeDtypeStruct((1, t, 2, d), F32)
+    beta = jax.ShapeDtypeStruct((1, t, 2), F32)
+    kw = dict(chunk_size=64, backend="tpu", interpret=False)
+    gla = _fwd_bwd(lambda q, k, v, g: pallas_kernels.chunk_gla(q, k, v, g, **kw))
+    kda = _fwd_bwd(lambda q, k, v, g, b: pallas_kernels.chunk_delta_rule(q, k, v, b, g=g, **kw))
+    for fn, args in ((gla, (q, q, q, g)), (kda, (q, q, q, g, beta))):
+        text = _export(fn, args, "tpu")
+        # the loss's gradient only: the forward's o is dead code, its other kernels are not
+        assert text.count("tpu_custom_call") >= 3
