@@ -23,21 +23,30 @@ pairs in different sub-blocks factor through a reference row between them (every
 <= 0 and masked (``_gram``). Scalar gates (or none) skip this: the decay factors out of
 the K sum, so ``A = (q k^T) * exp(min(G_i - G_j, 0))`` masked.
 
-Kernels (see ``_seq_call`` for the sequential drivers):
-* ``states_fwd``   sequential over chunks: boundary states ``h_c`` (and ``delta``).
-* ``output_fwd``   parallel over (bh, chunk): ``o``.
-* ``dlocal_bwd``   parallel: ``scale * A^T do`` (delta rule only).
-* ``states_bwd``   sequential, reverse: ``dh_{c+1}`` per chunk, ``dh_0`` (and full ``d delta``).
-* ``grads_bwd``    parallel: ``dq, dk, d delta, dG`` (and ``dw``).
+Kernels and grids (see ``_seq_call`` for the sequential drivers; N chunks):
+* ``states_fwd``   (BH, V/BV, K/BK), chunks sequential inside: boundary states ``h_c`` (and
+  ``delta``). GLA tiles K too (per-key decay, no contraction over K in the step); the delta
+  rule's ``w h_c`` contracts over K, so it tiles V only (BK = K).
+* ``output_fwd``   (BH, N, V/BV): ``o``, no carried state (reads ``h_c``).
+* ``dlocal_bwd``   (BH, N): ``scale * A^T do`` (delta rule only).
+* ``states_bwd``   as ``states_fwd``, reverse: ``dh_{c+1}`` per chunk, ``dh_0`` (and full
+  ``d delta``).
+* ``grads_bwd``    (BH, N): ``dq, dk, d delta, dG`` (and ``dw``).
 * ``wy_gram_fwd`` / ``wy_solve_fwd``: the delta rule's UT transform (``A^kk``; the inverse
   of ``I + diag(beta) A^kk`` by forward substitution; ``u``, ``w``); ``wy_solve_bwd`` /
-  ``wy_gram_bwd`` its backward.
+  ``wy_gram_bwd`` its backward; all (BH, N).
 
-Sequential kernels have two drivers from the same chunk body: on TPU the chunk index is an
-"arbitrary" grid axis and the state lives in VMEM scratch; on GPU (Triton) and in interpret
-mode one program per (b, h, V tile) runs a ``fori_loop`` over chunks carrying the state in
-registers. Only ``h_c`` (chunk-start states, fp32) and, for the delta rule, ``delta``,
-``A^kk`` and the inverse are saved for the backward; the reverse pass recomputes the rest.
+Tiles: GPU BV = 32, BK = 64 in the state passes (fla's chunk_h BV), BV = 64 in the output
+pass; TPU 128-lane multiples (a state dim is also the lane dim of a chunk input); interpret
+mode 16. At B=2, H=16, K=V=128, T=16K, C=64 on GPU: state pass 32 x 4 x 2 = 256 programs
+(GLA) / 128 (delta rule), output pass 32 x 256 x 2 = 16384, gradient passes 8192.
+
+Sequential kernels have two drivers from the same chunk body: on TPU the chunk index is the
+innermost "arbitrary" grid axis (the tiles "parallel") and the state lives in VMEM scratch; on
+GPU (Triton) and in interpret mode one program per (bh, V tile, K tile) runs a ``fori_loop``
+over chunks carrying the state tile in registers. Only ``h_c`` (chunk-start states, fp32) and,
+for the delta rule, ``delta``, ``A^kk`` and the inverse are saved for the backward; the reverse
+pass recomputes the rest.
 """
 
 from __future__ import annotations
