@@ -1,6 +1,6 @@
 """Parallel structure of the Pallas chunk kernels: the grid of every pass (state pass over
-(B*H, V tiles[, K tiles]) with the chunk axis sequential inside; outputs over (B*H, chunk,
-V tiles), gradients over (B*H, chunk)), and exactness with the state tiled over both K and
+(B*H, V tiles[, K tiles]) with the chunk axis sequential inside; outputs over (B*H, chunk[,
+V tiles]), gradients over (B*H, chunk)), and exactness with the state tiled over both K and
 V (GLA), forward, final state and every gradient, plain and packed, on both sequential
 drivers (interpret mode).
 """
@@ -62,9 +62,15 @@ def test_pass_grids(backend):
     for name in ("chunk_states_fwd", "chunk_states_bwd"):
         assert gla[name][0] == seq, (name, gla[name])
         assert kda[name][0] == seq_delta, (name, kda[name])
-    for grids in (gla, kda):  # outputs: V tiles of 64 (GPU) / 128 (TPU) as well
-        assert grids["chunk_output_fwd"][0] == (bh, t // c, 2), grids["chunk_output_fwd"]
+    gdn = _pallas_grids(lambda q, k, v, b: pallas_kernels.chunk_delta_rule(
+        q, k, v, b, g=b, **kw), q, q, q, beta)
+    # outputs: per-channel gates (and TPU) keep the full V; scalar gates on GPU tile V by 64
+    for grids in (gla, kda):
+        assert grids["chunk_output_fwd"][0] == (bh, t // c, 1), grids["chunk_output_fwd"]
         assert grids["chunk_grads_bwd"][0] == (bh, t // c, 1), grids["chunk_grads_bwd"]
+    tiles_o = 2 if backend == "cuda" else 1
+    assert gdn["chunk_output_fwd"][0] == (bh, t // c, tiles_o), gdn["chunk_output_fwd"]
+    assert gdn["chunk_states_fwd"][0] == seq_delta, gdn["chunk_states_fwd"]
     if backend == "tpu":
         assert gla["chunk_states_fwd"][1] == ("parallel",) * 3 + ("arbitrary",)
         assert gla["chunk_output_fwd"][1] == ("parallel",) * 3
@@ -103,7 +109,7 @@ def test_gla_state_tiled_packed():
 
 
 def test_tpu_tiles_cross_lower():
-    """K = V = 256 on TPU: 128-lane state tiles (GLA: 2 x 2 per head) and output V tiles
+    """K = V = 256 on TPU: 128-lane state tiles (GLA: 2 x 2 per head; KDA: 2 V tiles)
     lower through Mosaic TPU, forward and backward, GLA and KDA."""
     t, d = 128, 256
     q = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
