@@ -36,10 +36,12 @@ Kernels and grids (see ``_seq_call`` for the sequential drivers; N chunks):
   of ``I + diag(beta) A^kk`` by forward substitution; ``u``, ``w``); ``wy_solve_bwd`` /
   ``wy_gram_bwd`` its backward; all (BH, N).
 
-Tiles: GPU BV = 32, BK = 64 in the state passes (fla's chunk_h BV), BV = 64 in the output
-pass; TPU 128-lane multiples (a state dim is also the lane dim of a chunk input); interpret
-mode 16. At B=2, H=16, K=V=128, T=16K, C=64 on GPU: state pass 32 x 4 x 2 = 256 programs
-(GLA) / 128 (delta rule), output pass 32 x 256 x 2 = 16384, gradient passes 8192.
+Tiles: GPU BV = 32, BK = 64 in the state passes (fla's chunk_h BV); in the output pass
+BV = 64 for scalar or no gates only (``_chunk_output.output_tile``); TPU 128-lane multiples in
+the state passes (a state dim is also the lane dim of a chunk input), full V in the output
+pass; interpret mode 16. At B=2, H=16, K=V=128, T=16K, C=64 on GPU: state passes 32 x 4 x 2 =
+256 programs (GLA) / 32 x 4 = 128 (delta rule); output pass 32 x 256 = 8192 (GLA, KDA) or
+16384 (Gated DeltaNet, DeltaNet); gradient passes 8192.
 
 Sequential kernels have two drivers from the same chunk body: on TPU the chunk index is the
 innermost "arbitrary" grid axis (the tiles "parallel") and the state lives in VMEM scratch; on
