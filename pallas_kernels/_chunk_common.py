@@ -23,21 +23,32 @@ pairs in different sub-blocks factor through a reference row between them (every
 <= 0 and masked (``_gram``). Scalar gates (or none) skip this: the decay factors out of
 the K sum, so ``A = (q k^T) * exp(min(G_i - G_j, 0))`` masked.
 
-Kernels (see ``_seq_call`` for the sequential drivers):
-* ``states_fwd``   sequential over chunks: boundary states ``h_c`` (and ``delta``).
-* ``output_fwd``   parallel over (bh, chunk): ``o``.
-* ``dlocal_bwd``   parallel: ``scale * A^T do`` (delta rule only).
-* ``states_bwd``   sequential, reverse: ``dh_{c+1}`` per chunk, ``dh_0`` (and full ``d delta``).
-* ``grads_bwd``    parallel: ``dq, dk, d delta, dG`` (and ``dw``).
+Kernels and grids (see ``_seq_call`` for the sequential drivers; N chunks):
+* ``states_fwd``   (BH, V/BV, K/BK), chunks sequential inside: boundary states ``h_c`` (and
+  ``delta``). GLA tiles K too (per-key decay, no contraction over K in the step); the delta
+  rule's ``w h_c`` contracts over K, so it tiles V only (BK = K).
+* ``output_fwd``   (BH, N, V/BV): ``o``, no carried state (reads ``h_c``).
+* ``dlocal_bwd``   (BH, N): ``scale * A^T do`` (delta rule only).
+* ``states_bwd``   as ``states_fwd``, reverse: ``dh_{c+1}`` per chunk, ``dh_0`` (and full
+  ``d delta``).
+* ``grads_bwd``    (BH, N): ``dq, dk, d delta, dG`` (and ``dw``).
 * ``wy_gram_fwd`` / ``wy_solve_fwd``: the delta rule's UT transform (``A^kk``; the inverse
   of ``I + diag(beta) A^kk`` by forward substitution; ``u``, ``w``); ``wy_solve_bwd`` /
-  ``wy_gram_bwd`` its backward.
+  ``wy_gram_bwd`` its backward; all (BH, N).
 
-Sequential kernels have two drivers from the same chunk body: on TPU the chunk index is an
-"arbitrary" grid axis and the state lives in VMEM scratch; on GPU (Triton) and in interpret
-mode one program per (b, h, V tile) runs a ``fori_loop`` over chunks carrying the state in
-registers. Only ``h_c`` (chunk-start states, fp32) and, for the delta rule, ``delta``,
-``A^kk`` and the inverse are saved for the backward; the reverse pass recomputes the rest.
+Tiles: GPU BV = 32, BK = 64 in the state passes (fla's chunk_h BV); in the output pass
+BV = 64 for scalar or no gates only (``_chunk_output.output_tile``); TPU 128-lane multiples in
+the state passes (a state dim is also the lane dim of a chunk input), full V in the output
+pass; interpret mode 16. At B=2, H=16, K=V=128, T=16K, C=64 on GPU: state passes 32 x 4 x 2 =
+256 programs (GLA) / 32 x 4 = 128 (delta rule); output pass 32 x 256 = 8192 (GLA, KDA) or
+16384 (Gated DeltaNet, DeltaNet); gradient passes 8192.
+
+Sequential kernels have two drivers from the same chunk body: on TPU the chunk index is the
+innermost "arbitrary" grid axis (the tiles "parallel") and the state lives in VMEM scratch; on
+GPU (Triton) and in interpret mode one program per (bh, V tile, K tile) runs a ``fori_loop``
+over chunks carrying the state tile in registers. Only ``h_c`` (chunk-start states, fp32) and,
+for the delta rule, ``delta``, ``A^kk`` and the inverse are saved for the backward; the reverse
+pass recomputes the rest.
 """
 
 from __future__ import annotations
@@ -289,19 +300,33 @@ def _spec(block, index_map):
     return pl.BlockSpec(block, index_map)
 
 
-def _par_call(cfg, kernel, name, chunk_ins, state_ins, outs):
-    """Grid (BH, N): ``chunk_ins`` [BH, T, D] as [C, D] blocks, ``state_ins`` [BH, N, V, K]
-    as [V, K] blocks; ``outs`` ShapeDtypeStructs [BH, T, D]."""
+def _par_call(cfg, kernel, name, chunk_ins, state_ins, outs, bv=None, tiled=()):
+    """Grid (BH, N[, V/bv]): ``chunk_ins`` [BH, T, D] as [C, D] blocks, ``state_ins``
+    [BH, N, V, K] as [V, K] blocks; ``outs`` ShapeDtypeStructs [BH, T, D]. With ``bv``, a third
+    (parallel) grid axis tiles V: the chunk inputs and outputs at the indices in ``tiled``
+    (``("in", i)`` / ``("out", i)``) are read / written as [C, bv] and the states as [bv, K]
+    (fla's ``chunk_fwd_o`` grid (V/BV, N, B*H))."""
     c = cfg.chunk
     bh, t_len = chunk_ins[0].shape[:2]
     n = t_len // c
-    in_specs = [_spec((None, c, x.shape[-1]), lambda b, j: (b, j, 0)) for x in chunk_ins] + [
-        _spec((None, None) + x.shape[2:], lambda b, j: (b, j, 0, 0)) for x in state_ins
+    nv = 1 if bv is None else state_ins[0].shape[2] // bv
+
+    def chunk_spec(x, is_tiled):
+        if is_tiled and bv is not None:
+            return _spec((None, c, bv), lambda b, j, v: (b, j, v))
+        return _spec((None, c, x.shape[-1]), lambda b, j, v: (b, j, 0))
+
+    def state_spec(x):
+        rows = x.shape[2] if bv is None else bv
+        return _spec((None, None, rows, x.shape[3]), lambda b, j, v: (b, j, v, 0))
+
+    in_specs = [chunk_spec(x, ("in", i) in tiled) for i, x in enumerate(chunk_ins)] + [
+        state_spec(x) for x in state_ins
     ]
-    out_specs = [_spec((None, c, o.shape[-1]), lambda b, j: (b, j, 0)) for o in outs]
+    out_specs = [chunk_spec(o, ("out", i) in tiled) for i, o in enumerate(outs)]
     return pl.pallas_call(
         kernel,
-        grid=(bh, n),
+        grid=(bh, n, nv),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=outs,
@@ -309,7 +334,7 @@ def _par_call(cfg, kernel, name, chunk_ins, state_ins, outs):
         # are live, as JAX's Triton attention does for head_dim > 64.
         compiler_params=_params(
             cfg,
-            ("parallel", "parallel"),
+            ("parallel", "parallel", "parallel"),
             num_warps=8 if max(x.shape[-1] for x in chunk_ins) > 64 else 4,
         ),
         interpret=cfg.interpret,

@@ -42,7 +42,23 @@ def output_fwd(cfg, q, k, d, g, hs, seg=None):
             o_ref[_rows(i, s), :] = (scale * o).astype(o_ref.dtype)
 
     out = [jax.ShapeDtypeStruct(d.shape[:2] + (d.shape[-1],), dt)]
-    return _par_call(cfg, kernel, "chunk_output_fwd", with_seg([q, k, d, g], seg), [hs], out)[0]
+    # V tiles are parallel programs (fla's chunk_fwd_o grid): each recomputes the [C, C]
+    # Gram but holds a [bv, K] state tile instead of [V, K] (GPU registers); see output_tile.
+    return _par_call(cfg, kernel, "chunk_output_fwd", with_seg([q, k, d, g], seg), [hs], out,
+                     bv=output_tile(cfg, d.shape[-1]), tiled=(("in", 2), ("out", 0)))[0]
+
+
+def output_tile(cfg, vdim):
+    """V tile of the output pass, or None (full V). GPU: 64 (a [64, K] fp32 state tile per
+    program, fla's BV) for scalar or no gates, whose Gram is one masked matmul; per-channel
+    gates keep the full V, since every V tile would redo the sub-blocked Gram (fla instead
+    stores the intra-chunk matrix from a separate kernel). TPU: full V (the (BH, N) grid
+    already has ample programs for the cores; a V tile would redo the Gram). Interpret mode:
+    16, so that the tests exercise the tiling for every gate kind. Untuned: no GPU measured."""
+    if cfg.target == "tpu" or (cfg.target == "gpu" and cfg.gate == "channel"):
+        return None
+    size = 64 if cfg.target == "gpu" else 16
+    return size if vdim % size == 0 and vdim > size else None
 
 
 def dlocal_bwd(cfg, q, k, g, do, seg=None):

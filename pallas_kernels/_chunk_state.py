@@ -14,23 +14,30 @@ from pallas_kernels._chunk_common import F32, _mm, _params, _spec, keep_rows
 # ----------------------------------------------------------------------------- sequential
 
 
-def _block_v(cfg, vdim):
-    """V tile of the sequential kernels: state columns are independent, so tiles of V are
-    parallel programs (GPU occupancy: B*H alone is too few). TPU keeps the full V (lane dim);
-    interpret mode uses 16 so the tests exercise the tiling."""
-    if cfg.target == "tpu":
-        return vdim
-    bv = 32 if cfg.target == "gpu" else 16
-    return bv if vdim % bv == 0 and vdim > bv else vdim
+def _tile(cfg, dim, gpu):
+    """Tile of one state dimension. TPU: a state dim is also the lane (last) dim of a chunk
+    input (``k``/``g``/``q`` [C, K], ``u``/``do`` [C, V]), so tiles are 128-lane multiples
+    (the full dim below 256); GPU: ``gpu`` (fla's chunk_h uses BV 32/64); interpret mode: 16,
+    so that the tests exercise the tiling."""
+    size = {"tpu": 128, "gpu": gpu}.get(cfg.target, 16)
+    return size if dim % size == 0 and dim > size else dim
 
 
-def _seq_call(cfg, body, name, seq_ins, seq_v, h0, seq_outs, out_v, reverse):
-    """Run ``body`` once per chunk, carrying a [BV, K] fp32 state tile, for every (b, h, tile).
+def _seq_call(cfg, body, name, seq_ins, seq_tiles, h0, seq_outs, out_tiles, reverse,
+              split_k=False):
+    """Run ``body`` once per chunk, carrying a [BV, BK] fp32 state tile, for every program of
+    the grid (BH, V/BV, K/BK): the chunk axis is the only sequential one.
 
-    ``seq_ins``: arrays [BH, T, D] read chunk by chunk (``seq_v[i]``: D is V, tiled by BV);
-    ``h0``: [BH, V, K] initial state; ``seq_outs``: ShapeDtypeStructs [BH, T, D] written chunk
-    by chunk (``out_v`` as ``seq_v``). Returns ``(states [BH, N, V, K], *seq_outs, final)``
-    where ``states[:, n]`` is the carried state when chunk ``n`` starts (in processing order).
+    The recurrence ``h <- decay * h + d^T k`` is column-independent (V tiles are always
+    parallel) and, when the decay is per-key diagonal and nothing contracts over K inside the
+    chunk step (GLA; not the delta rule's ``w h``), row-independent too: ``split_k`` then
+    tiles K as well (fla's ``chunk_fwd_h`` grid (V/BV, B*H), plus K tiles for GLA).
+
+    ``seq_ins``: arrays [BH, T, D] read chunk by chunk, ``seq_tiles[i]`` says which state
+    dim D is (``"v"``/``"k"``: tiled like it; None: read whole); ``h0``: [BH, V, K] initial
+    state; ``seq_outs``: ShapeDtypeStructs [BH, T, D] written chunk by chunk (``out_tiles``
+    as ``seq_tiles``). Returns ``(states [BH, N, V, K], *seq_outs, final)`` where
+    ``states[:, n]`` is the carried state when chunk ``n`` starts (in processing order).
     ``body(chunk_refs, row0, h) -> (h_new, seq_values)``; chunk refs index rows
     ``row0 + [0, C)``.
     """
@@ -38,13 +45,17 @@ def _seq_call(cfg, body, name, seq_ins, seq_v, h0, seq_outs, out_v, reverse):
     bh, t_len = seq_ins[0].shape[:2]
     n = t_len // c
     vdim, kdim = h0.shape[1:]
-    bv = _block_v(cfg, vdim)
-    nv = vdim // bv
+    bv = _tile(cfg, vdim, 32)
+    bk = _tile(cfg, kdim, 64) if split_k else kdim
+    nv, nk = vdim // bv, kdim // bk
     n_in = len(seq_ins)
     order = (lambda j: n - 1 - j) if reverse else (lambda j: j)
     state_shape = jax.ShapeDtypeStruct((bh, n, vdim, kdim), F32)
     final_shape = jax.ShapeDtypeStruct((bh, vdim, kdim), F32)
-    width = lambda x, tiled: bv if tiled else x.shape[-1]
+    width = {"v": bv, "k": bk}
+
+    def col(tile, v, kk):  # block column index of a chunk input along its feature dim
+        return {"v": v, "k": kk}.get(tile, 0)
 
     if cfg.target == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -52,7 +63,7 @@ def _seq_call(cfg, body, name, seq_ins, seq_v, h0, seq_outs, out_v, reverse):
         def kernel(*refs):
             ins, h0_ref = refs[:n_in], refs[n_in]
             hs_ref, *seq_out_refs, fin_ref, scratch = refs[n_in + 1 :]
-            j = pl.program_id(2)
+            j = pl.program_id(3)
 
             @pl.when(j == 0)
             def _():
@@ -69,22 +80,24 @@ def _seq_call(cfg, body, name, seq_ins, seq_v, h0, seq_outs, out_v, reverse):
             def _():
                 fin_ref[...] = h_new
 
-        def seq_spec(x, tiled):
-            if tiled:
-                return _spec((None, c, bv), lambda b, v, j: (b, order(j), v))
-            return _spec((None, c, x.shape[-1]), lambda b, v, j: (b, order(j), 0))
+        def seq_spec(x, tile):
+            return _spec((None, c, width.get(tile, x.shape[-1])),
+                         lambda b, v, kk, j: (b, order(j), col(tile, v, kk)))
 
+        state_spec = _spec((None, bv, bk), lambda b, v, kk, j: (b, v, kk))
         return pl.pallas_call(
             kernel,
-            grid=(bh, nv, n),
-            in_specs=[seq_spec(x, t) for x, t in zip(seq_ins, seq_v, strict=True)]
-            + [_spec((None, bv, kdim), lambda b, v, j: (b, v, 0))],
-            out_specs=[_spec((None, None, bv, kdim), lambda b, v, j: (b, order(j), v, 0))]
-            + [seq_spec(x, t) for x, t in zip(seq_outs, out_v, strict=True)]
-            + [_spec((None, bv, kdim), lambda b, v, j: (b, v, 0))],
+            grid=(bh, nv, nk, n),
+            in_specs=[seq_spec(x, t) for x, t in zip(seq_ins, seq_tiles, strict=True)]
+            + [state_spec],
+            out_specs=[_spec((None, None, bv, bk), lambda b, v, kk, j: (b, order(j), v, kk))]
+            + [seq_spec(x, t) for x, t in zip(seq_outs, out_tiles, strict=True)]
+            + [state_spec],
             out_shape=[state_shape, *seq_outs, final_shape],
-            scratch_shapes=[pltpu.VMEM((bv, kdim), F32)],
-            compiler_params=_params(cfg, ("parallel", "parallel", "arbitrary")),
+            scratch_shapes=[pltpu.VMEM((bv, bk), F32)],
+            # Tiles are independent programs (megacore may split them); chunks carry the
+            # state in scratch, so their axis must stay sequential ("arbitrary", innermost).
+            compiler_params=_params(cfg, ("parallel", "parallel", "parallel", "arbitrary")),
             interpret=cfg.interpret,
             name=name,
         )(*seq_ins, h0)
@@ -104,17 +117,19 @@ def _seq_call(cfg, body, name, seq_ins, seq_v, h0, seq_outs, out_v, reverse):
 
         fin_ref[...] = lax.fori_loop(0, n, step, h0_ref[...].astype(F32))
 
-    def seq_spec(x, tiled):
-        return _spec((None, t_len, width(x, tiled)), lambda b, v: (b, 0, v if tiled else 0))
+    def seq_spec(x, tile):
+        return _spec((None, t_len, width.get(tile, x.shape[-1])),
+                     lambda b, v, kk: (b, 0, col(tile, v, kk)))
 
+    state_spec = _spec((None, bv, bk), lambda b, v, kk: (b, v, kk))
     return pl.pallas_call(
         kernel,
-        grid=(bh, nv),
-        in_specs=[seq_spec(x, t) for x, t in zip(seq_ins, seq_v, strict=True)]
-        + [_spec((None, bv, kdim), lambda b, v: (b, v, 0))],
-        out_specs=[_spec((None, n, bv, kdim), lambda b, v: (b, 0, v, 0))]
-        + [seq_spec(x, t) for x, t in zip(seq_outs, out_v, strict=True)]
-        + [_spec((None, bv, kdim), lambda b, v: (b, v, 0))],
+        grid=(bh, nv, nk),
+        in_specs=[seq_spec(x, t) for x, t in zip(seq_ins, seq_tiles, strict=True)]
+        + [state_spec],
+        out_specs=[_spec((None, n, bv, bk), lambda b, v, kk: (b, 0, v, kk))]
+        + [seq_spec(x, t) for x, t in zip(seq_outs, out_tiles, strict=True)]
+        + [state_spec],
         out_shape=[state_shape, *seq_outs, final_shape],
         compiler_params=_params(cfg, None),
         interpret=cfg.interpret,
@@ -132,8 +147,8 @@ def _seg_chunk(seg_ref, r0, c):
     return col == 0.0, col == last_val, last_val == 0.0
 
 
-def _with_seg(ins, flags, seg):
-    return (ins, flags) if seg is None else ([*ins, seg], [*flags, False])
+def _with_seg(ins, tiles, seg):
+    return (ins, tiles) if seg is None else ([*ins, seg], [*tiles, None])
 
 
 def states_fwd(cfg, k, u, w, g, h0, seg=None):
@@ -164,12 +179,12 @@ def states_fwd(cfg, k, u, w, g, h0, seg=None):
         return h_new, ((d,) if has_w else ())
 
     if has_w:
-        seq_ins, seq_v = _with_seg([k, u, w, g], [False, True, False, False], seg)
+        seq_ins, tiles = _with_seg([k, u, w, g], [None, "v", None, None], seg)
     else:
-        seq_ins, seq_v = _with_seg([k, u, g], [False, True, False], seg)
+        seq_ins, tiles = _with_seg([k, u, g], ["k", "v", "k"], seg)
     seq_outs = [jax.ShapeDtypeStruct(u.shape, dt)] if has_w else []
-    out = _seq_call(cfg, body, "chunk_states_fwd", seq_ins, seq_v, h0, seq_outs,
-                    [True] * len(seq_outs), reverse=False)
+    out = _seq_call(cfg, body, "chunk_states_fwd", seq_ins, tiles, h0, seq_outs,
+                    ["v"] * len(seq_outs), reverse=False, split_k=not has_w)
     if has_w:
         hs, d, h_t = out
     else:
@@ -208,17 +223,14 @@ def states_bwd(cfg, q, g, do, dh_t, k=None, w=None, dloc=None, seg=None):
         dh_new = dh_new - _mm(dd, w_ref[pl.ds(r0, c), :], ta=True, dtype=dt)
         return dh_new, (dd,)
 
-    seq_ins, seq_v = _with_seg(
-        *(
-            ([q, g, do, k, w, dloc], [False, False, True, False, False, True])
-            if has_w
-            else ([q, g, do], [False, False, True])
-        ),
-        seg,
-    )
+    if has_w:  # d delta contracts dh over K: V tiles only
+        seq_ins, tiles = _with_seg([q, g, do, k, w, dloc], [None, None, "v", None, None, "v"],
+                                   seg)
+    else:
+        seq_ins, tiles = _with_seg([q, g, do], ["k", "k", "v"], seg)
     seq_outs = [jax.ShapeDtypeStruct(do.shape, F32)] if has_w else []
-    out = _seq_call(cfg, body, "chunk_states_bwd", seq_ins, seq_v, dh_t, seq_outs,
-                    [True] * len(seq_outs), reverse=True)
+    out = _seq_call(cfg, body, "chunk_states_bwd", seq_ins, tiles, dh_t, seq_outs,
+                    ["v"] * len(seq_outs), reverse=True, split_k=not has_w)
     if has_w:
         dhs, dd, dh0 = out
         return dhs, dh0, dd

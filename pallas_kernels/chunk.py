@@ -61,21 +61,21 @@ sub-blocks, or elementwise (clamped, masked) inside a diagonal sub-block, so a d
 ``g = -30`` per step stays finite and exact. Matmul operands are in the input dtype (bf16
 inputs -> bf16 MXU / tensor-core matmuls) with fp32 accumulation; the state is fp32.
 
-Backends (``backend``): ``None`` = the platform the call runs on; ``"tpu"`` (Mosaic TPU:
-chunk index as an "arbitrary" grid axis, state in VMEM scratch); ``"cuda"``/``"gpu"`` (the
-Triton lowering, selected by passing ``jax.experimental.pallas.triton.CompilerParams``; one
-program per (b, h) loops over chunks). ``interpret=None`` interprets on CPU. A CPU host can
-export for either accelerator with ``jax.export``; the module then holds ``tpu_custom_call``
-or, for CUDA, ``__gpu$xla.gpu.triton`` custom calls (jax 0.10.2; older jax named it
-``triton_kernel_call``), whose safety check must be disabled
+Backends (``backend``): ``None`` = the platform the call runs on; ``"tpu"`` (Mosaic TPU: chunk
+index as an "arbitrary" grid axis, state in VMEM scratch); ``"cuda"``/``"gpu"`` (the Triton
+lowering, selected by passing ``jax.experimental.pallas.triton.CompilerParams``; one program
+per (b, h, V tile[, K tile]) loops over chunks; outputs and gradients run one program per
+chunk, see ``_chunk_common`` for every pass's grid). ``interpret=None`` interprets on CPU. A
+CPU host can export for either accelerator with ``jax.export``; the module then holds
+``tpu_custom_call`` or, for CUDA, ``__gpu$xla.gpu.triton`` custom calls (jax 0.10.2; older jax
+named it ``triton_kernel_call``), whose safety check must be disabled
 (``jax.export.DisabledSafetyCheck.custom_call(name)``). JAX versions: written against and
-tested with jax 0.10.2 (CPU interpret mode; TPU and CUDA cross-lowering), within the
-project's pinned range ``>=0.10.2,<0.12``; it uses only long-stable Pallas API
-(``pl.BlockSpec``, ``pl.ds``, ``pl.program_id``, ``pl.when``, ``pltpu.CompilerParams``,
-``pltpu.VMEM``, ``jax.experimental.pallas.triton.CompilerParams``).
-On GPU, K and V are zero-padded to powers of two >= 16 (Triton block shapes); ``chunk_size``
-must be a multiple of 16 (sub-blocks; on TPU also the bf16 sublane tiling) and, on GPU, a
-power of two.
+tested with jax 0.10.2 (CPU interpret mode; TPU and CUDA cross-lowering), within the project's
+pinned range ``>=0.10.2,<0.12``; it uses only long-stable Pallas API (``pl.BlockSpec``,
+``pl.ds``, ``pl.program_id``, ``pl.when``, ``pltpu.CompilerParams``, ``pltpu.VMEM``,
+``jax.experimental.pallas.triton.CompilerParams``). On GPU, K and V are zero-padded to powers
+of two >= 16 (Triton block shapes); ``chunk_size`` must be a multiple of 16 (sub-blocks; on TPU
+also the bf16 sublane tiling) and, on GPU, a power of two.
 
 Costs: scalar gates are broadcast to ``[.., K]`` arrays (one data layout), but the kernels
 know the gate kind statically: for scalar (or no) gates the intra-chunk products are single
