@@ -59,11 +59,18 @@ def _compiled(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=_FAST)(*args)
 
 
+def _assert_runs_the_kernel(fn, *args):
+    """The packed call really reaches a Pallas kernel: a silent fallback to the chunked XLA
+    form would also equal the separate runs."""
+    assert "pallas_call" in str(jax.make_jaxpr(fn)(*args)), "fell back to the XLA form"
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pallas_packed_equals_separate_runs(case):
     fn, gate = CASES[case]
     x, S0 = inputs(0, gate)
     seg = jnp.asarray(SEGMENTS)
+    _assert_runs_the_kernel(lambda x, S0, seg: fn(x, S0, seg, "pallas"), x, S0, seg)
     (o, S), (o_sep, S_sep) = _compiled(
         lambda x, S0, seg: (fn(x, S0, seg, "pallas"), run_separately(fn, x, S0, SEGMENTS)),
         x, S0, seg)
@@ -90,6 +97,7 @@ def test_pallas_packed_gradients_equal_separate_runs(case):
 
         return [jax.grad(loss, argnums=(0, 1))(vals, S0, packed) for packed in (True, False)]
 
+    _assert_runs_the_kernel(lambda x, S0: fn(x, S0, seg, "pallas"), x, S0)
     (got, dS0), (want, dS0_w) = _compiled(grads, [x[n] for n in names], S0)
     for name, a, b in zip(names, got, want, strict=True):
         assert_close(a, b, name=f"d{name}")
@@ -112,6 +120,7 @@ def test_pallas_delta_product_packed():
         return [L.delta_product(q, k, v, beta, implementation=impl, **kw)
                 for impl in ("pallas", "reference")]
 
+    _assert_runs_the_kernel(lambda *a: both(*a)[0], q, k, v, beta)
     (o, S), (ro, rS) = _compiled(both, q, k, v, beta)
     assert_close(o, ro, name="o")
     assert_close(S, rS, name="final_state")
@@ -120,6 +129,7 @@ def test_pallas_delta_product_packed():
 def test_moving_boundaries_does_not_recompile():
     x, S0 = inputs(4, "channel")
     f = jax.jit(lambda x, S0, seg: _delta(x, S0, seg, "pallas")[0])
+    _assert_runs_the_kernel(f, x, S0, jnp.asarray(SEGMENTS))
     o1 = f(x, S0, jnp.asarray(SEGMENTS))
     shifted = np.roll(SEGMENTS, 5, axis=1)
     o2 = f(x, S0, jnp.asarray(shifted))

@@ -4,6 +4,8 @@ folded and the tiled routes; errors name ``bias_factors`` and the expected shape
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,3 +157,25 @@ def test_errors_name_bias_factors_and_shapes(factors, err, match):
     with pytest.raises(err, match=match) as info:
         jattn.attention(q, k, v, bias_factors=factors)
     assert "bias_factors" in str(info.value) and "Tq=21" in str(info.value)
+
+
+@pytest.mark.parametrize("route", ["fold", "tiled"])
+def test_xla_path_never_materializes_the_bias(route, monkeypatch):
+    """The point of FlashBias: forward and backward of the xla path hold no [Tq, Tk] array
+    (the equality tests above also pass if the factors were multiplied out into a dense bias).
+    ``tiled``: the score_mod route of a normalizer the fold is not known to be exact for."""
+    if route == "tiled":
+        monkeypatch.setattr(_flash_bias, "foldable", lambda normalizer: False)
+    t = 1030  # > the 512 default tile, so a [T, T] (or padded [1536, 1536]) array is the tell
+    spec = jax.ShapeDtypeStruct
+
+    def loss(q, k, v, u, w):
+        o = jattn.attention(q, k, v, mask=M.causal(), bias_factors=(u, w), implementation="xla")
+        return jnp.sum(o)
+
+    args = (spec((1, t, 2, D), jnp.float32), spec((1, t, 1, D), jnp.float32),
+            spec((1, t, 1, D), jnp.float32), spec((1, 2, t, R), jnp.float32),
+            spec((1, 1, t, R), jnp.float32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).as_text()
+    square = re.findall(r"(?<![0-9])(?:1030|1536)x(?:1030|1536)x", text)
+    assert not square, f"a [T, T] array in the xla program ({square[:3]})"

@@ -8,6 +8,7 @@ products as register dots)."""
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -116,8 +117,10 @@ def _check_interpret(mask, t, hq, hkv, bk, sinks=None, grads=False):
         return jattn.attention(*f32, mask=mask, sinks=sinks, return_lse=True,
                                implementation="reference")
 
-    with mgpu.force(True):
+    # a spy: the Triton interpret path is correct too, so a silent fallback would pass
+    with mgpu.force(True), mock.patch.object(mgpu, "forward", wraps=mgpu.forward) as spy:
         (o, lse), ref = kernel(q, k, v), reference(q, k, v)
+        assert spy.call_count >= 1, "the Mosaic GPU forward did not run"
         rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b)  # noqa: E731
                                  / jnp.linalg.norm(b))
         assert rel(o, ref[0]) < 1e-2

@@ -81,3 +81,26 @@ def test_crossover_interpolates_where_the_ratio_crosses_one():
     assert math.isclose(got["GLA pallas"]["crossover_T"], 8192.0, rel_tol=1e-9)
     assert got["KDA pallas"]["crossover_T"] == "<= 4096"
     assert got["Gated DeltaNet pallas"]["status"] == "skipped"
+
+
+def test_a_wrong_kernel_fails_its_check(tmp_path, monkeypatch):
+    """The checks can fail: kernels whose outputs are 5% off are reported ``failed`` with
+    their errors (a check comparing a kernel with itself would pass them)."""
+    from benchmarks import gpu_suite_checks as checks
+
+    attend, chunk_call = checks._attend, checks.chunk_call
+
+    def off(call, impl):
+        if impl == "reference":
+            return call
+        return lambda **a: {n: x * 1.05 for n, x in call(**a).items()}
+
+    monkeypatch.setattr(checks, "_attend", lambda impl, kw: off(attend(impl, kw), impl))
+    monkeypatch.setattr(checks, "chunk_call", lambda kind, impl: off(chunk_call(kind, impl),
+                                                                      impl))
+    out = tmp_path / "broken.json"
+    gpu_suite.main(["--smoke", "--seed", "3", "--part", "check", "--out", str(out)])
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["part"] == "check"]
+    assert {r["family"] for r in rows} == {"flash", "chunk"}
+    for r in rows:
+        assert r["status"] == "failed" and r["max_rel_err"] > r["tol"], r

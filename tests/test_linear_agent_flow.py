@@ -194,3 +194,33 @@ def test_agent_and_flowformer_cores_in_tiny_models():
     with pytest.raises(ValueError, match="'agent' has no causal form"):
         Decoder(DecoderConfig(vocab_size=16, d_model=16, num_heads=2, num_layers=1,
                               mechanism="agent"), rngs=nnx.Rngs(0))
+
+
+def test_agent_core_adds_the_depthwise_conv_and_uses_its_biases():
+    """The model core: ``agent_attention`` with the learned agent biases plus the DWC term
+    ``sum_i w_i v_{t + i - 1}`` (width 3, zero padded), each KV head's conv repeated over its
+    query group, against the float64 formulas (a core dropping the conv or the biases runs
+    and has the right shape too)."""
+    from flax import nnx
+
+    from models import AttentionConfig, build_core
+    from models.cores.base import CoreInputs
+
+    t, hq, hkv, d = 5, 4, 2, 4
+    cfg = AttentionConfig(d_model=8, num_heads=hq, num_kv_heads=hkv, head_dim=d, causal=False,
+                          mechanism="agent", options=(("num_agents", 2), ("agent_bias_len", 6)))
+    core = build_core(cfg, rngs=nnx.Rngs(0))
+    r = np.random.default_rng(3)
+    core.bias_agg[...] = jnp.asarray(r.normal(size=core.bias_agg.shape), jnp.float32)
+    core.bias_bcast[...] = jnp.asarray(r.normal(size=core.bias_bcast.shape), jnp.float32)
+    q, k, v = _inputs(tq=t, tk=t, hq=hq, hkv=hkv, d=d, dv=d, seed=4)
+    got = core(CoreInputs(jnp.zeros((2, t, 8)), jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                          jnp.arange(t)))
+    b1 = np.asarray(core.bias_agg[...])[:, :2, :t]
+    b2 = np.asarray(core.bias_bcast[...])[:, :t, :2]
+    want = agent_np(q, k, v, 2, b1, b2)
+    w = np.asarray(core.dwc[...], np.float64)  # [3, Hkv, D]
+    vp = np.pad(np.asarray(v, np.float64), ((0, 0), (1, 1), (0, 0), (0, 0)))
+    conv = sum(vp[:, i:i + t] * w[i] for i in range(3))  # [B, T, Hkv, D]
+    want = want + np.repeat(conv, hq // hkv, axis=2)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-5)

@@ -120,6 +120,9 @@ def test_cu_seqlens_equals_separate_documents(case, impl):
 def test_cu_seqlens_through_the_pallas_kernels(case):
     fn, gate, _ = CASES[case]
     x, S0 = inputs(1, gate)
+    # a silent fallback to the chunked XLA form would equal the separate runs too
+    jaxpr = jax.make_jaxpr(lambda x, S0, cu: fn(x, S0, cu, "pallas"))(x, S0, jnp.asarray(CU))
+    assert "pallas_call" in str(jaxpr), "fell back to the XLA form"
     compiled = jax.jit(lambda x, S0, cu: (fn(x, S0, cu, "pallas"),
                                           run_separately(fn, x, S0, LENGTHS)))
     compiled = compiled.lower(x, S0, jnp.asarray(CU)).compile(

@@ -34,7 +34,7 @@ from models import (
     mechanism_names,
     vit_config,
 )
-from models.intermediates import group_by_layer
+from models.intermediates import group_by_layer, record
 from models.registry import MECHANISMS
 from tests.testing import forward_and_decoded
 
@@ -292,6 +292,17 @@ def test_capture_intermediates_of_one_block_and_name_clashes():
     assert_close(y, block(x), name="block output")
     assert set(inter) == {"attention_weights", "values", "value_norms"}
     assert inter["attention_weights"].shape == (1, 2, 5, 5)
+    # the values are the ones the block used: the recorded weights applied to the recorded
+    # values, through the output projection, give the block's output (weights of the wrong
+    # q/k, or norms of another tensor, have the right shapes too)
+    w, vals = inter["attention_weights"], inter["values"]
+    o = jnp.einsum("bhqk,bkhd->bqhd", w, jnp.repeat(vals, 2 // vals.shape[2], axis=2))
+    assert_close(block.o_proj(o), y, rtol=1e-5, name="o_proj(weights @ values)")
+    assert_close(inter["value_norms"], jnp.linalg.norm(vals, axis=-1), name="value_norms")
+    # a plain forward never evaluates a deferred record (dense weights cost [B, H, T, T])
+    calls = []
+    record(block, "probe", lambda: calls.append(1))
+    assert not calls
     with pytest.raises(ValueError, match="'w' recorded twice in one group"):
         group_by_layer({"layers": {0: {"a": {"w": 1}, "b": {"w": 2}}}}, num_layers=1)
 

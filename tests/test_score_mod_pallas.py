@@ -165,6 +165,10 @@ def test_through_jattn_attention_at_default_blocks():
     make, arr, _ = _case("forgetting")
     q, k, v = _qkv(7)
     got = jattn.attention(q, k, v, mask=M.causal(), score_mod=make(arr), implementation="pallas")
+    # the kernel runs (a silent fallback to the xla path would also equal the reference)
+    jaxpr = jax.make_jaxpr(lambda q: jattn.attention(
+        q, k, v, mask=M.causal(), score_mod=make(arr), implementation="pallas"))(q)
+    assert "pallas_call" in str(jaxpr)
     want = jattn.attention(q, k, v, mask=M.causal(), score_mod=make(arr),
                            implementation="reference")
     assert_close(got, want)
