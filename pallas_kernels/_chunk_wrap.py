@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _chunk_kernels as ck
+from pallas_kernels._input_checks import check_log_decay_values
 
 F32 = jnp.float32
 _SUB = 16
@@ -42,10 +43,6 @@ def _check_chunk_for(target, chunk_size):
         )
 
 
-def _addressable(x):
-    return getattr(x, "is_fully_addressable", True)
-
-
 def _check(q, k, v, g, initial_state, chunk_size):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -64,16 +61,8 @@ def _check(q, k, v, g, initial_state, chunk_size):
         raise ValueError(
             f"initial_state must be [B, H, K, V] = {(b, h, kd, vd)}; got {initial_state.shape}"
         )
-    # Traced (or spread over hosts): values unknown, not checked (documented as UB).
-    if g is not None and not isinstance(g, jax.core.Tracer) and _addressable(g):
-        with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
-            num_bad = int(jnp.sum(~(jnp.asarray(g) <= 0)))  # NaN fails `<= 0` too
-            if num_bad:
-                raise ValueError(
-                    f"g is a log-decay and must be <= 0 everywhere (-inf: full reset), got "
-                    f"{num_bad} {'entry' if num_bad == 1 else 'entries'} > 0 or NaN "
-                    f"(max {float(jnp.max(g))}); the kernels do not support decays exp(g) > 1"
-                )
+    if g is not None:
+        check_log_decay_values("g", g)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if chunk_size % _SUB:
