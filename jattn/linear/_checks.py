@@ -242,13 +242,22 @@ def check_run_options(
     implementation: Any,
     scale: float | None,
     context_axis: Any = None,
+    *,
+    cu_seqlens: Any = None,
 ) -> tuple[int, float]:
     """The checks every chunked public function runs after its own inputs' (``shape`` is
-    ``(B, T, H, K, V)``); returns ``(chunk_size, scale)`` as used."""
+    ``(B, T, H, K, V)``); returns ``(chunk_size, scale)`` as used. With ``cu_seqlens`` the
+    call packs documents: ``initial_state`` is per document, ``[N, H, K, V]``."""
     B, T, H, K, V = shape
-    check_state("initial_state", initial_state, B, H, K, V)
-    check_segment_ids(segment_ids, B, T)
-    no_segments_with_context(segment_ids, context_axis)
+    if cu_seqlens is not None:
+        from jattn.linear import _packing  # it imports this module
+
+        N = _packing.check_cu_seqlens(cu_seqlens, B, T, segment_ids, context_axis)
+        _packing.check_document_state("initial_state", initial_state, N, H, K, V)
+    else:
+        check_state("initial_state", initial_state, B, H, K, V)
+        check_segment_ids(segment_ids, B, T)
+        no_segments_with_context(segment_ids, context_axis)
     chunk_size = check_chunk_size(chunk_size)
     check_implementation(implementation)
     return chunk_size, float(default_scale(scale, K))
