@@ -5,6 +5,7 @@ within-chunk cumulative gates, feature padding for Triton and the packed-sequenc
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,42 @@ def _padded_inputs(q, k, v, g, t_pad, chunk, dt, kp, vp):
     return qb, kb, vb, gb
 
 
+
+
+class _Layout(NamedTuple):
+    """One call in the kernels' layout: ``[B*H, T_pad, D]`` rows (``q, k, g`` padded to ``kp``
+    features, ``v`` to ``vp``), the ``[B*H, vp, kp]`` fp32 initial state and the segment
+    starts (None without ``segment_ids``)."""
+
+    t_pad: int
+    kp: int
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array
+    h0: jax.Array
+    seg: jax.Array | None
+
+
+def _layout(q, k, v, g, initial_state, segment_ids, cfg, dt) -> _Layout:
+    """The inputs every chunk kernel reads, padded to whole chunks (and, on GPU, to Triton's
+    feature block shapes)."""
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    t_pad = -(-t // cfg.chunk) * cfg.chunk
+    kp, vp = _feature_pad(cfg.target, kd, vd)
+    qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, cfg.chunk, dt, kp, vp)
+    h0 = _pad_last(_pad_last(_state_in(initial_state, b, h, kd, vd), kp), vp, axis=1)
+    seg = _segments(segment_ids, h, t_pad, cfg.chunk)
+    return _Layout(t_pad, kp, qb, kb, vb, gb, h0, seg)
+
+
+def _outputs(o, h_t, shape_bthk, vd, output_final_state):
+    """The kernels' ``o [B*H, T_pad, vp]`` and ``h_t`` back to ``(o [B, T, H, V], S_T or
+    None)``."""
+    b, t, h, kd = shape_bthk
+    o = _from_bh(o[..., :vd], b, h, t)
+    return o, (_state_out(h_t, b, h, kd, vd) if output_final_state else None)
 
 
 def _gate_kind(g):
