@@ -298,6 +298,15 @@ def visible(cache: dict, index: jax.Array, tq: int, policy: CachePolicy) -> Cach
     return CacheView(q_pos, k_pos, vis[None, None], overflow(p, tq, size))
 
 
+def require_full(policy: CachePolicy, mechanism: str, why: str = "") -> None:
+    """Raise NotImplementedError unless ``policy`` is the full KV cache: ``mechanism`` reads
+    state that an evicting policy would lose (``why`` says which, for the message)."""
+    if policy.kind != "full":
+        reason = f" ({why})" if why else ""
+        raise NotImplementedError(f"{mechanism} decodes with the full KV cache only{reason}, got "
+                                  f"policy {policy.kind!r}")
+
+
 def check_cache_index(index: Any, tq: int, size: int, what: str | None = None) -> None:
     """For a concrete ``index``: raise unless the full KV cache of ``size`` slots holds the
     ``tq`` new tokens at ``index .. index + tq - 1``. ``what`` overrides the description of

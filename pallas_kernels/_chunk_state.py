@@ -151,6 +151,24 @@ def _with_seg(ins, tiles, seg):
     return (ins, tiles) if seg is None else ([*ins, seg], [*tiles, None])
 
 
+def _state_pass(cfg, body, name, ins, tiles, seg, state0, delta_like, delta_dtype, *, reverse):
+    """One pass of the chunk-state recurrence over the rows ``ins`` (``seg`` appended when
+    given), carrying the state from ``state0``. With ``delta_like`` (the delta rule) the body
+    also writes one ``delta_like``-shaped output row per step, and the pass tiles V only
+    (the delta contracts the state over K). Returns ``(per-chunk states, final state, that
+    output or None)``."""
+    ins, tiles = _with_seg(ins, tiles, seg)
+    has_delta = delta_like is not None
+    seq_outs = [jax.ShapeDtypeStruct(delta_like.shape, delta_dtype)] if has_delta else []
+    out = _seq_call(cfg, body, name, ins, tiles, state0, seq_outs, ["v"] * len(seq_outs),
+                    reverse=reverse, split_k=not has_delta)
+    if has_delta:
+        states, delta, final = out
+        return states, final, delta
+    states, final = out
+    return states, final, None
+
+
 def states_fwd(cfg, k, u, w, g, h0, seg=None):
     """Chunk-start states ``hs`` [BH, N, V, K], final state [BH, V, K] and (if ``w``) delta.
 
@@ -179,17 +197,12 @@ def states_fwd(cfg, k, u, w, g, h0, seg=None):
         return h_new, ((d,) if has_w else ())
 
     if has_w:
-        seq_ins, tiles = _with_seg([k, u, w, g], [None, "v", None, None], seg)
+        ins, tiles = [k, u, w, g], [None, "v", None, None]
     else:
-        seq_ins, tiles = _with_seg([k, u, g], ["k", "v", "k"], seg)
-    seq_outs = [jax.ShapeDtypeStruct(u.shape, dt)] if has_w else []
-    out = _seq_call(cfg, body, "chunk_states_fwd", seq_ins, tiles, h0, seq_outs,
-                    ["v"] * len(seq_outs), reverse=False, split_k=not has_w)
-    if has_w:
-        hs, d, h_t = out
-    else:
-        (hs, h_t), d = out, u
-    return hs, h_t, d
+        ins, tiles = [k, u, g], ["k", "v", "k"]
+    hs, h_t, d = _state_pass(cfg, body, "chunk_states_fwd", ins, tiles, seg, h0,
+                             u if has_w else None, dt, reverse=False)
+    return hs, h_t, (d if has_w else u)
 
 
 def states_bwd(cfg, q, g, do, dh_t, k=None, w=None, dloc=None, seg=None):
@@ -224,15 +237,8 @@ def states_bwd(cfg, q, g, do, dh_t, k=None, w=None, dloc=None, seg=None):
         return dh_new, (dd,)
 
     if has_w:  # d delta contracts dh over K: V tiles only
-        seq_ins, tiles = _with_seg([q, g, do, k, w, dloc], [None, None, "v", None, None, "v"],
-                                   seg)
+        ins, tiles = [q, g, do, k, w, dloc], [None, None, "v", None, None, "v"]
     else:
-        seq_ins, tiles = _with_seg([q, g, do], ["k", "k", "v"], seg)
-    seq_outs = [jax.ShapeDtypeStruct(do.shape, F32)] if has_w else []
-    out = _seq_call(cfg, body, "chunk_states_bwd", seq_ins, tiles, dh_t, seq_outs,
-                    ["v"] * len(seq_outs), reverse=True, split_k=not has_w)
-    if has_w:
-        dhs, dd, dh0 = out
-        return dhs, dh0, dd
-    dhs, dh0 = out
-    return dhs, dh0, None
+        ins, tiles = [q, g, do], ["k", "k", "v"]
+    return _state_pass(cfg, body, "chunk_states_bwd", ins, tiles, seg, dh_t,
+                       do if has_w else None, F32, reverse=True)

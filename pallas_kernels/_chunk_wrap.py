@@ -5,12 +5,14 @@ within-chunk cumulative gates, feature padding for Triton and the packed-sequenc
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import _chunk_kernels as ck
+from pallas_kernels._input_checks import check_log_decay_values
 
 F32 = jnp.float32
 _SUB = 16
@@ -42,10 +44,6 @@ def _check_chunk_for(target, chunk_size):
         )
 
 
-def _addressable(x):
-    return getattr(x, "is_fully_addressable", True)
-
-
 def _check(q, k, v, g, initial_state, chunk_size):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -64,16 +62,8 @@ def _check(q, k, v, g, initial_state, chunk_size):
         raise ValueError(
             f"initial_state must be [B, H, K, V] = {(b, h, kd, vd)}; got {initial_state.shape}"
         )
-    # Traced (or spread over hosts): values unknown, not checked (documented as UB).
-    if g is not None and not isinstance(g, jax.core.Tracer) and _addressable(g):
-        with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
-            num_bad = int(jnp.sum(~(jnp.asarray(g) <= 0)))  # NaN fails `<= 0` too
-            if num_bad:
-                raise ValueError(
-                    f"g is a log-decay and must be <= 0 everywhere (-inf: full reset), got "
-                    f"{num_bad} {'entry' if num_bad == 1 else 'entries'} > 0 or NaN "
-                    f"(max {float(jnp.max(g))}); the kernels do not support decays exp(g) > 1"
-                )
+    if g is not None:
+        check_log_decay_values("g", g)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
     if chunk_size % _SUB:
@@ -157,6 +147,42 @@ def _padded_inputs(q, k, v, g, t_pad, chunk, dt, kp, vp):
     return qb, kb, vb, gb
 
 
+
+
+class _Layout(NamedTuple):
+    """One call in the kernels' layout: ``[B*H, T_pad, D]`` rows (``q, k, g`` padded to ``kp``
+    features, ``v`` to ``vp``), the ``[B*H, vp, kp]`` fp32 initial state and the segment
+    starts (None without ``segment_ids``)."""
+
+    t_pad: int
+    kp: int
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array
+    h0: jax.Array
+    seg: jax.Array | None
+
+
+def _layout(q, k, v, g, initial_state, segment_ids, cfg, dt) -> _Layout:
+    """The inputs every chunk kernel reads, padded to whole chunks (and, on GPU, to Triton's
+    feature block shapes)."""
+    b, t, h, kd = q.shape
+    vd = v.shape[-1]
+    t_pad = -(-t // cfg.chunk) * cfg.chunk
+    kp, vp = _feature_pad(cfg.target, kd, vd)
+    qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, cfg.chunk, dt, kp, vp)
+    h0 = _pad_last(_pad_last(_state_in(initial_state, b, h, kd, vd), kp), vp, axis=1)
+    seg = _segments(segment_ids, h, t_pad, cfg.chunk)
+    return _Layout(t_pad, kp, qb, kb, vb, gb, h0, seg)
+
+
+def _outputs(o, h_t, shape_bthk, vd, output_final_state):
+    """The kernels' ``o [B*H, T_pad, vp]`` and ``h_t`` back to ``(o [B, T, H, V], S_T or
+    None)``."""
+    b, t, h, kd = shape_bthk
+    o = _from_bh(o[..., :vd], b, h, t)
+    return o, (_state_out(h_t, b, h, kd, vd) if output_final_state else None)
 
 
 def _gate_kind(g):

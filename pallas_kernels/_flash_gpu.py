@@ -42,18 +42,13 @@ def _mod_specs(cfg: Config, ops, held: str):
     ``(block, b, h)`` over ``held`` blocks ("q" or "kv"): the held axis's operands are sliced
     to the program's block, the other axis's come whole and the kernel slices its loop's
     block."""
-    specs = []
-    for x, a in zip(ops, cfg.mod_axes, strict=True):
-        if a == "const":
-            specs.append(pl.BlockSpec(x.shape, lambda *_, nd=x.ndim: (0,) * nd))
-            continue
-        bx, hx = x.shape[0], x.shape[1]
+    def spec(x, a, bx, hx):
         size = {"q": cfg.block_q, "kv": cfg.block_kv}.get(a) if a == held else x.shape[-1]
-        specs.append(pl.BlockSpec(
+        return pl.BlockSpec(
             (_SQ, _SQ, size),
-            lambda blk, b, h, bx=bx, hx=hx, a=a: (tiles._sel(b, bx), tiles._sel(h, hx),
-                                                   blk if a == held else 0)))
-    return specs
+            lambda blk, b, h: (tiles._sel(b, bx), tiles._sel(h, hx), blk if a == held else 0))
+
+    return tiles.mod_specs(cfg, ops, spec)
 
 
 def _mod_blocks(cfg: Config, refs, held: str, sl):

@@ -132,6 +132,15 @@ def _row(entries, width: int):
     return row
 
 
+def mod_specs(cfg: Config, ops, spec: Callable) -> list:
+    """BlockSpecs of the score_mod operands, for either backend's grid: a ``const`` operand
+    comes whole to every program; any other, ``x [Bx, Hx, L]`` (``Bx``, ``Hx`` 1 when shared
+    over batch / heads), gets the backend's ``spec(x, axis, Bx, Hx)``."""
+    return [pl.BlockSpec(x.shape, lambda *_, nd=x.ndim: (0,) * nd) if a == "const"
+            else spec(x, a, x.shape[0], x.shape[1])
+            for x, a in zip(ops, cfg.mod_axes, strict=True)]
+
+
 def split_blocks(cfg: Config, loaded):
     """The score_mod's blocks from the loaded operand values (``q``: ``[bq, 1]``, ``kv``:
     ``[1, bk]``, ``whole``: a ``[1, L_pad]`` row, ``const``: the array)."""

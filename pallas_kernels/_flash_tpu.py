@@ -23,6 +23,7 @@ from pallas_kernels._flash_tiles import (
     f32,
     grad_value,
     initial_max,
+    mod_specs,
     split_blocks,
     wanted,
 )
@@ -108,21 +109,17 @@ def _tpu_mod_inputs(cfg: Config, ops):
 def _tpu_mod_specs(cfg: Config, ops, where):
     """BlockSpecs of the operands; ``where(*grid, ents) -> (b, h, q_block, kv_block)``."""
     bq, bk = cfg.block_q, cfg.block_kv
-    specs = []
-    for x, a in zip(ops, cfg.mod_axes, strict=True):
-        if a == "const":
-            specs.append(pl.BlockSpec(x.shape, lambda *g, nd=x.ndim: (0,) * nd))
-            continue
-        bx, hx = x.shape[0], x.shape[1]
 
-        def index(*g, a=a, bx=bx, hx=hx):
+    def spec(x, a, bx, hx):
+        def index(*g):
             b, h, qb, kb = where(*g)
             b, h = _sel(b, bx), _sel(h, hx)
             return {"q": (b, h, qb, 0), "kv": (b, h, 0, kb), "whole": (b, h, 0, 0)}[a]
 
         block = {"q": (bq, LANES), "kv": (SUBLANES, bk), "whole": (SUBLANES, x.shape[-1])}[a]
-        specs.append(pl.BlockSpec((_SQ, _SQ) + block, index))
-    return specs
+        return pl.BlockSpec((_SQ, _SQ) + block, index)
+
+    return mod_specs(cfg, ops, spec)
 
 
 def _tpu_mod_blocks(cfg: Config, refs):

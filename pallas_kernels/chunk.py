@@ -98,14 +98,10 @@ from pallas_kernels._chunk_wrap import (
     _check_segments,
     _config,
     _empty_result,
-    _feature_pad,
-    _from_bh,
     _l2norm,
+    _layout,
+    _outputs,
     _pad_last,
-    _padded_inputs,
-    _segments,
-    _state_in,
-    _state_out,
     _to_bh,
 )
 
@@ -155,18 +151,12 @@ def chunk_gla(
     _check_segments(segment_ids, b, t)
     vd = v.shape[-1]
     cfg = _config(t, kd, g, scale, chunk_size, interpret, backend)
-    target = cfg.target
-    t_pad = -(-t // chunk_size) * chunk_size
     dt = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if 0 in (b, t, h, vd):
         return _empty_result(initial_state, q.shape, vd, dt, output_final_state)
-    kp, vp = _feature_pad(target, kd, vd)
-    qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
-    h0 = _pad_last(_pad_last(_state_in(initial_state, b, h, kd, vd), kp), vp, axis=1)
-    seg = _segments(segment_ids, h, t_pad, chunk_size)
-    o, h_t = ck.backbone(qb, kb, vb, None, gb, h0, seg, cfg)
-    o = _from_bh(o[..., :vd], b, h, t)
-    return o, (_state_out(h_t, b, h, kd, vd) if output_final_state else None)
+    x = _layout(q, k, v, g, initial_state, segment_ids, cfg, dt)
+    o, h_t = ck.backbone(x.q, x.k, x.v, None, x.g, x.h0, x.seg, cfg)
+    return _outputs(o, h_t, q.shape, vd, output_final_state)
 
 
 def chunk_delta_rule(
@@ -207,22 +197,16 @@ def chunk_delta_rule(
         raise ValueError(f"beta must be [B, T, H] = {(b, t, h)}; got {beta.shape}")
     _check_segments(segment_ids, b, t)
     cfg = _config(t, kd, g, scale, chunk_size, interpret, backend)
-    target = cfg.target
     dt = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if 0 in (b, t, h, vd):
         return _empty_result(initial_state, q.shape, vd, dt, output_final_state)
     if use_qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
-    t_pad = -(-t // chunk_size) * chunk_size
-    kp, vp = _feature_pad(target, kd, vd)
-    qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
-    h0 = _pad_last(_pad_last(_state_in(initial_state, b, h, kd, vd), kp), vp, axis=1)
-    betab = _to_bh(beta.astype(F32)[..., None], t_pad)  # [BH, T, 1]; 0 on padded steps
-    seg = _segments(segment_ids, h, t_pad, chunk_size)
-    u, w = ck.wy(kb, vb, betab, gb, seg, cfg)
-    o, h_t = ck.backbone(qb, kb, u, w, gb, h0, seg, cfg)
-    o = _from_bh(o[..., :vd], b, h, t)
-    return o, (_state_out(h_t, b, h, kd, vd) if output_final_state else None)
+    x = _layout(q, k, v, g, initial_state, segment_ids, cfg, dt)
+    betab = _to_bh(beta.astype(F32)[..., None], x.t_pad)  # [BH, T, 1]; 0 on padded steps
+    u, w = ck.wy(x.k, x.v, betab, x.g, x.seg, cfg)
+    o, h_t = ck.backbone(x.q, x.k, u, w, x.g, x.h0, x.seg, cfg)
+    return _outputs(o, h_t, q.shape, vd, output_final_state)
 
 
 def chunk_dplr_delta_rule(
@@ -277,17 +261,13 @@ def chunk_dplr_delta_rule(
     dt = jnp.result_type(q.dtype, k.dtype, v.dtype, a.dtype, b.dtype)
     if 0 in (bsz, t, h, vd):
         return _empty_result(initial_state, q.shape, vd, dt, output_final_state)
-    t_pad = -(-t // chunk_size) * chunk_size
-    kp, vp = _feature_pad(cfg.target, kd, vd)
-    qb, kb, vb, gb = _padded_inputs(q, k, v, g, t_pad, chunk_size, dt, kp, vp)
+    t_pad, kp, qb, kb, vb, gb, h0, seg = _layout(q, k, v, g, initial_state, segment_ids, cfg, dt)
     ab = _pad_last(_to_bh(a.astype(dt), t_pad), kp)
     bb = _pad_last(_to_bh(b.astype(dt), t_pad), kp)
     # Exclusive cumulative gate G_{t-1} (0 on each chunk's first row): layout glue.
     gc = gb.reshape(bsz * h, t_pad // chunk_size, chunk_size, kp)
     gx = jnp.concatenate([jnp.zeros_like(gc[:, :, :1]), gc[:, :, :-1]], axis=2)
     gx = gx.reshape(gb.shape)
-    h0 = _pad_last(_pad_last(_state_in(initial_state, bsz, h, kd, vd), kp), vp, axis=1)
-    seg = _segments(segment_ids, h, t_pad, chunk_size)
     u, w = dplr_wy(ab, bb, kb, vb, gb, gx, seg, cfg)
 
     def interleave(x, y):  # [BH, T, D] x2 -> [BH, 2T, D]: x on even, y on odd steps
@@ -304,5 +284,4 @@ def chunk_dplr_delta_rule(
         None if seg is None else interleave(seg, seg),
         cfg2,
     )
-    o = _from_bh(o[:, 1::2, :vd], bsz, h, t)
-    return o, (_state_out(h_t, bsz, h, kd, vd) if output_final_state else None)
+    return _outputs(o[:, 1::2], h_t, q.shape, vd, output_final_state)

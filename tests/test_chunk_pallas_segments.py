@@ -15,6 +15,7 @@ import pytest
 import jattn.linear as L
 import pallas_kernels
 from jattn.testing import assert_close
+from tests.linear_runners import runners
 from tests.test_chunk_pallas import _custom_calls, _export, _loss
 from tests.test_linear_packing import SEGMENTS, B, T, inputs, run_separately
 
@@ -22,28 +23,7 @@ _FAST = {"xla_backend_optimization_level": 0}
 CHUNK = 16  # the kernels' minimum: T = 40 spans 3 chunks, boundaries inside and on edges
 
 
-def _gla(x, S0, seg, impl):
-    return L.gla(x["q"], x["k"], x["v"], x["g"], initial_state=S0, output_final_state=True,
-                 segment_ids=seg, implementation=impl, chunk_size=CHUNK)
-
-
-def _delta(x, S0, seg, impl):
-    return L.delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"], initial_state=S0,
-                        output_final_state=True, segment_ids=seg, implementation=impl,
-                        chunk_size=CHUNK)
-
-
-def _dplr(x, S0, seg, impl):
-    return L.dplr_delta_rule(x["q"], x["k"], x["v"], x["a"], x["b"], g=x["g"], initial_state=S0,
-                             output_final_state=True, segment_ids=seg, implementation=impl,
-                             chunk_size=CHUNK)
-
-
-def _linear(x, S0, seg, impl):
-    state = None if S0 is None else L.LinearAttentionState(S0, jnp.abs(S0[..., 0]))
-    return L.linear_attention(x["q"], x["k"], x["v"], feature_map="relu", initial_state=state,
-                              output_final_state=True, segment_ids=seg, implementation=impl,
-                              chunk_size=CHUNK)
+_gla, _delta, _dplr, _linear = runners(CHUNK)
 
 
 CASES = {  # name -> (function, gate kind)

@@ -46,6 +46,16 @@ def _grads(fn, q, k, v, u, w, cot):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, u, w)
 
 
+def _assert_same_loss_and_grads(ours, dense, q, k, v, u, w, cot):
+    """``ours`` (run with small kernel tiles) matches ``dense`` in the loss and all five grads."""
+    with small_blocks():
+        got, g_got = _grads(ours, q, k, v, u, w, cot)
+    want, g_want = _grads(dense, q, k, v, u, w, cot)
+    assert_close(got, want, rtol=1e-5, name="loss")
+    for a, e, n in zip(g_got, g_want, ("dq", "dk", "dv", "du", "dw"), strict=True):
+        assert_close(a, e, rtol=1e-4, name=n)
+
+
 @pytest.fixture
 def small_pallas_blocks(monkeypatch):
     """Several kernel tiles at T = 21 (the kernel's default blocks would cover it in one)."""
@@ -73,12 +83,7 @@ def test_bias_factors_equal_dense_bias(impl, u_shape, w_shape):
         return jattn.attention(q, k, v, mask=mask, bias=_dense_bias(u, w),
                                implementation="reference")
 
-    with small_blocks():
-        got, g_got = _grads(ours, q, k, v, u, w, cot)
-    want, g_want = _grads(dense, q, k, v, u, w, cot)
-    assert_close(got, want, rtol=1e-5, name="loss")
-    for a, e, n in zip(g_got, g_want, ("dq", "dk", "dv", "du", "dw"), strict=True):
-        assert_close(a, e, rtol=1e-4, name=n)
+    _assert_same_loss_and_grads(ours, dense, q, k, v, u, w, cot)
 
 
 @pytest.mark.parametrize("normalizer", ["sigmoid", "relu", "softpick", "stick_breaking"])
@@ -99,12 +104,7 @@ def test_other_normalizers_fold(normalizer, impl="xla"):
                                normalizer=normalizer, score_mod=shift, logits_soft_cap=4.0,
                                implementation="reference")
 
-    with small_blocks():
-        got, g_got = _grads(ours, q, k, v, u, w, cot)
-    want, g_want = _grads(dense, q, k, v, u, w, cot)
-    assert_close(got, want, rtol=1e-5, name="loss")
-    for a, e, n in zip(g_got, g_want, ("dq", "dk", "dv", "du", "dw"), strict=True):
-        assert_close(a, e, rtol=1e-4, name=n)
+    _assert_same_loss_and_grads(ours, dense, q, k, v, u, w, cot)
 
 
 def test_tiled_route_for_an_unknown_rowwise_normalizer(monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 
 import jattn.linear as L
 from jattn.testing import assert_close
+from tests.linear_runners import runners
 
 B, T, H, K, V, CHUNK = 2, 40, 2, 8, 6, 8
 # Row 0: boundaries at chunk edges (8, 16), several inside one chunk (11, 13, 14) and near the
@@ -38,29 +39,7 @@ def inputs(seed, gate):
 
 
 # name -> (function of (token inputs, initial_state, segment_ids, implementation), gate kind)
-def _gla(x, S0, seg, impl):
-    return L.gla(x["q"], x["k"], x["v"], x["g"], initial_state=S0, output_final_state=True,
-                 segment_ids=seg, implementation=impl, chunk_size=CHUNK)
-
-
-def _delta(x, S0, seg, impl):
-    return L.delta_rule(x["q"], x["k"], x["v"], x["beta"], g=x["g"], initial_state=S0,
-                        output_final_state=True, segment_ids=seg, implementation=impl,
-                        chunk_size=CHUNK)
-
-
-def _dplr(x, S0, seg, impl):
-    return L.dplr_delta_rule(x["q"], x["k"], x["v"], x["a"], x["b"], g=x["g"], initial_state=S0,
-                             output_final_state=True, segment_ids=seg, implementation=impl,
-                             chunk_size=CHUNK)
-
-
-def _linear(x, S0, seg, impl):
-    state = None if S0 is None else L.LinearAttentionState(S0, jnp.abs(S0[..., 0]))
-    o, st = L.linear_attention(x["q"], x["k"], x["v"], feature_map="relu", initial_state=state,
-                               output_final_state=True, segment_ids=seg, implementation=impl,
-                               chunk_size=CHUNK)
-    return o, st
+_gla, _delta, _dplr, _linear = runners(CHUNK)
 
 
 CASES = {

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._input_checks import check_log_decay_values, is_traced
+
 IMPLEMENTATIONS = ("reference", "recurrent", "chunk", "xla", "pallas")
 
 
@@ -75,28 +77,6 @@ def check_gate(name: str, g: Any, B: int, T: int, H: int, K: int) -> bool:
         )
     check_log_decay_values(name, g)
     return g.shape == (B, T, H, K)
-
-
-def is_traced(x: Any) -> bool:
-    """True when the values of ``x`` cannot be read here: a JAX tracer (under jit / grad /
-    vmap), or an array spread over several hosts (not fully addressable)."""
-    return isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True)
-
-
-def check_log_decay_values(name: str, g: Any) -> None:
-    """Reject a concrete log-decay gate with an entry > 0 or NaN (``-inf``, a full reset, is
-    valid). Traced gates cannot be inspected without a host sync inside the trace, so they are
-    not checked: positive values there are undefined behaviour (implementations disagree)."""
-    if is_traced(g):
-        return
-    with jax.ensure_compile_time_eval():  # concrete values inside a jit trace too
-        num_bad = int(jnp.sum(~(jnp.asarray(g) <= 0)))  # NaN fails `<= 0` too
-        if num_bad:
-            raise ValueError(
-                f"{name} is a log-decay and must be <= 0 everywhere (-inf: full reset), got "
-                f"{num_bad} {'entry' if num_bad == 1 else 'entries'} > 0 or NaN "
-                f"(max {float(jnp.max(g))}); a decay exp({name}) > 1 would grow the state"
-            )
 
 
 def check_beta(beta: Any, B: int, T: int, H: int) -> None:
@@ -262,13 +242,22 @@ def check_run_options(
     implementation: Any,
     scale: float | None,
     context_axis: Any = None,
+    *,
+    cu_seqlens: Any = None,
 ) -> tuple[int, float]:
     """The checks every chunked public function runs after its own inputs' (``shape`` is
-    ``(B, T, H, K, V)``); returns ``(chunk_size, scale)`` as used."""
+    ``(B, T, H, K, V)``); returns ``(chunk_size, scale)`` as used. With ``cu_seqlens`` the
+    call packs documents: ``initial_state`` is per document, ``[N, H, K, V]``."""
     B, T, H, K, V = shape
-    check_state("initial_state", initial_state, B, H, K, V)
-    check_segment_ids(segment_ids, B, T)
-    no_segments_with_context(segment_ids, context_axis)
+    if cu_seqlens is not None:
+        from jattn.linear import _packing  # it imports this module
+
+        N = _packing.check_cu_seqlens(cu_seqlens, B, T, segment_ids, context_axis)
+        _packing.check_document_state("initial_state", initial_state, N, H, K, V)
+    else:
+        check_state("initial_state", initial_state, B, H, K, V)
+        check_segment_ids(segment_ids, B, T)
+        no_segments_with_context(segment_ids, context_axis)
     chunk_size = check_chunk_size(chunk_size)
     check_implementation(implementation)
     return chunk_size, float(default_scale(scale, K))

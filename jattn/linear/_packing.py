@@ -95,28 +95,6 @@ def check_document_state(name: str, state: Any, N: int, H: int, K: int, V: int) 
         )
 
 
-def check_packed_run(
-    cu_seqlens: Any,
-    shape: tuple[int, int, int, int, int],
-    initial_state: Any,
-    segment_ids: Any,
-    chunk_size: Any,
-    implementation: Any,
-    scale: float | None,
-    context_axis: Any = None,
-) -> tuple[int, float]:
-    """``check_run_options`` for a call with ``cu_seqlens``: the per-document
-    ``initial_state [N, H, K, V]``; returns ``(chunk_size, scale)``."""
-    from jattn.linear import _checks
-
-    B, T, H, K, V = shape
-    N = check_cu_seqlens(cu_seqlens, B, T, segment_ids, context_axis)
-    check_document_state("initial_state", initial_state, N, H, K, V)
-    chunk_size = _checks.check_chunk_size(chunk_size)
-    _checks.check_implementation(implementation)
-    return chunk_size, float(_checks.default_scale(scale, K))
-
-
 def document_ids(cu_seqlens: jax.Array, T: int) -> jax.Array:
     """``[T]`` int32: the document index of each token (empty documents own no token)."""
     cu = cu_seqlens.astype(jnp.int32)

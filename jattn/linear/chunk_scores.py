@@ -89,15 +89,24 @@ def _matrix_to_blocks(M: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     return diag, off
 
 
-def _scores(x, y, G, c):
+def _sub_chunk_operands(x, y, G, c):
+    """What the forward and the backward both read: the ``n`` sub-chunks, their pairs
+    ``(a, b)``, the gate factors, ``xs [R, L, n, c, K]``, ``ys [S, L, n, c, K]`` and the
+    pairs' scaled rows ``x_row [R, L, P, c, K]`` and columns ``y_col [S, L, P, c, K]``."""
     R, S = x.shape[0], y.shape[0]
     L, C, K = G.shape
     n = C // c
     a, b = _pairs(n)
     rel, row, col = _factors(G, c)
     xs, ys = x.reshape(R, L, n, c, K), y.reshape(S, L, n, c, K)
-    x_row = (xs * row)[:, :, a]  # [R, L, P, c, K]
-    y_col = ys[:, :, b] * col  # [S, L, P, c, K]
+    x_row = (xs * row)[:, :, a]
+    y_col = ys[:, :, b] * col
+    return n, a, b, rel, row, col, xs, ys, x_row, y_col
+
+
+def _scores(x, y, G, c):
+    R, S = x.shape[0], y.shape[0]
+    n, a, b, rel, row, col, xs, ys, x_row, y_col = _sub_chunk_operands(x, y, G, c)
     # One (row, column) stack pair at a time: batch axes (L, blocks) lead every product.
     diag, off = [], []
     for r in range(R):
@@ -129,17 +138,11 @@ def _gated_scores_fwd(x, y, G, c):
 def _gated_scores_bwd(c, res, dA):
     x, y, G = res
     R, S = x.shape[0], y.shape[0]
-    L, C, K = G.shape
-    n = C // c
-    a, b = _pairs(n)
-    rel, row, col = _factors(G, c)
-    xs, ys = x.reshape(R, L, n, c, K), y.reshape(S, L, n, c, K)
+    n, a, b, rel, row, col, xs, ys, x_row, y_col = _sub_chunk_operands(x, y, G, c)
     d_diag, d_off = _matrix_to_blocks(dA, n)  # [R, S, L, n, c, c], [R, S, L, P, c, c]
     # Within sub-chunks: dx_i = sum_j dA_ij (y_j * rel_ij), dy_j = sum_i dA_ij (x_i * rel_ij).
     # Across sub-chunks (pair p = (a, b)): dx_a += row_a * dA_p y_col_p,
     # dy_b += col_p * dA_p^T x_row_p; pairs sharing a row (column) sub-chunk are summed.
-    y_col = ys[:, :, b] * col
-    x_row = (xs * row)[:, :, a]
     dx, dy = [], []
     for r in range(R):
         t = sum(d_diag[r, s][..., None] * ys[s][:, :, None] for s in range(S))

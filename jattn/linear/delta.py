@@ -104,10 +104,10 @@ def delta_rule(
         _checks.check_gate("g", g, B, T, H, K)
     dtype = _checks.out_dtype(q, k, v)
     use_qk_l2norm = bool(use_qk_l2norm)
+    chunk_size, scale = _checks.check_run_options(
+        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
+        context_axis, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
-        chunk_size, scale = _packing.check_packed_run(
-            cu_seqlens, (B, T, H, K, V), initial_state, segment_ids, chunk_size,
-            implementation, scale, context_axis)
         if use_qk_l2norm:  # before the inserted state tokens (exact unit keys / queries)
             q, k = l2norm(q).astype(q.dtype), l2norm(k).astype(k.dtype)
 
@@ -122,9 +122,6 @@ def delta_rule(
             key_dim=K, initial_state=initial_state, output_final_state=output_final_state,
             scale=scale)
         return o.astype(dtype), S
-    chunk_size, scale = _checks.check_run_options(
-        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
-        context_axis)
     if context_axis is not None:
         from jattn.linear.context_parallel import delta_rule_context_parallel
 

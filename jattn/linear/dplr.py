@@ -112,11 +112,10 @@ def dplr_delta_rule(
     if g is not None:
         _checks.check_gate("g", g, B, T, H, K)
     dtype = _checks.out_dtype(q, k, v, a, b)
+    chunk_size, scale = _checks.check_run_options(
+        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
+        cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
-        chunk_size, scale = _packing.check_packed_run(
-            cu_seqlens, (B, T, H, K, V), initial_state, segment_ids, chunk_size,
-            implementation, scale)
-
         def call(xs, seg):
             return dplr_delta_rule(xs["q"], xs["k"], xs["v"], xs["a"], xs["b"], g=xs["g"],
                                    scale=scale, chunk_size=chunk_size, segment_ids=seg,
@@ -128,8 +127,6 @@ def dplr_delta_rule(
             key_dim=K, initial_state=initial_state, output_final_state=output_final_state,
             scale=scale)
         return o.astype(dtype), S
-    chunk_size, scale = _checks.check_run_options(
-        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale)
     o, S = _checks.dispatch(
         implementation,
         lambda explicit: _checks.call_pallas(

@@ -94,11 +94,10 @@ def gla(
     B, T, H, K, V = _checks.check_qkv(q, k, v)
     _checks.check_gate("g", g, B, T, H, K)
     dtype = _checks.out_dtype(q, k, v)
+    chunk_size, scale = _checks.check_run_options(
+        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
+        context_axis, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
-        chunk_size, scale = _packing.check_packed_run(
-            cu_seqlens, (B, T, H, K, V), initial_state, segment_ids, chunk_size,
-            implementation, scale, context_axis)
-
         def call(xs, seg):
             return gla(xs["q"], xs["k"], xs["v"], xs["g"], scale=scale, chunk_size=chunk_size,
                        implementation=implementation, segment_ids=seg)[0]
@@ -108,9 +107,6 @@ def gla(
             cu_seqlens, key_dim=K, initial_state=initial_state,
             output_final_state=output_final_state, scale=scale)
         return o.astype(dtype), S
-    chunk_size, scale = _checks.check_run_options(
-        (B, T, H, K, V), initial_state, segment_ids, chunk_size, implementation, scale,
-        context_axis)
     if context_axis is not None:
         from jattn.linear.context_parallel import gla_context_parallel
 

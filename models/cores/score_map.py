@@ -94,10 +94,7 @@ class MTA(_SoftmaxBase):
 
     # --- decoding: the KV cache plus the rotated queries -----------------------------------
     def init_cache(self, batch, max_len, policy):
-        if policy.kind != "full":
-            raise NotImplementedError(f"mta decodes with the full KV cache only (the conv reads "
-                                      f"earlier queries' scores of every key), got policy "
-                                      f"{policy.kind!r}")
+        kv_cache.require_full(policy, "mta", "the conv reads earlier queries' scores of every key")
         cache = super().init_cache(batch, max_len, policy)
         cache["mta_q"] = jnp.zeros((batch, max_len, self.cfg.num_heads, self.cfg.dh),
                                    self.cfg.dtype)
@@ -108,9 +105,7 @@ class MTA(_SoftmaxBase):
         return super().state_size(seq_len) + seq_len * self.cfg.num_heads * self.cfg.dh
 
     def decode(self, inp, cache, index, policy):
-        if policy.kind != "full":
-            raise NotImplementedError(f"mta decodes with the full KV cache only, got policy "
-                                      f"{policy.kind!r}")
+        kv_cache.require_full(policy, "mta")
         tq, cq = inp.q.shape[1], self.opts.mta_query_kernel
         index = jnp.asarray(index, jnp.int32)
         new_pos = index + jnp.arange(tq, dtype=jnp.int32)

@@ -83,10 +83,7 @@ class FoX(_SoftmaxBase):
         return (o.astype(jnp.float32) * g).astype(o.dtype)
 
     def init_cache(self, batch, max_len, policy):
-        if policy.kind != "full":
-            raise NotImplementedError(f"fox decodes with the full KV cache only (the forget-gate "
-                                      f"cumsums of evicted tokens are lost), got "
-                                      f"policy {policy.kind!r}")
+        kv_cache.require_full(policy, "fox", "the forget-gate cumsums of evicted tokens are lost")
         cache = super().init_cache(batch, max_len, policy)
         cache["fox_c"] = jnp.zeros((batch, max_len, self.cfg.num_heads), jnp.float32)
         return cache
@@ -96,9 +93,7 @@ class FoX(_SoftmaxBase):
         return super().state_size(seq_len) + seq_len * self.cfg.num_heads
 
     def decode(self, inp, cache, index, policy):
-        if policy.kind != "full":
-            raise NotImplementedError(f"fox decodes with the full KV cache only, got "
-                                      f"policy {policy.kind!r}")
+        kv_cache.require_full(policy, "fox")
         tq = inp.q.shape[1]
         index = jnp.asarray(index, jnp.int32)
         new_pos = index + jnp.arange(tq, dtype=jnp.int32)
@@ -332,9 +327,7 @@ class TopTheta(_SoftmaxBase):
     def decode(self, inp, cache, index, policy):
         """Full KV cache only: a new query's own key (always kept) is its slot ``index + t``,
         which the end-aligned default would misplace in a partly filled cache."""
-        if policy.kind != "full":
-            raise NotImplementedError(f"top_theta decodes with the full KV cache only (its own "
-                                      f"key is located by slot), got policy {policy.kind!r}")
+        kv_cache.require_full(policy, "top_theta", "its own key is located by slot")
         tq = inp.q.shape[1]
         index = jnp.asarray(index, jnp.int32)
         new_pos = index + jnp.arange(tq, dtype=jnp.int32)
