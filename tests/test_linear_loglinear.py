@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jattn.linear
-from jattn.linear.loglinear import fenwick_levels, num_levels
+from jattn.linear.loglinear import _inter_chunk, fenwick_levels, num_levels
 from jattn.testing import assert_close
 
 
@@ -52,13 +52,33 @@ def test_fenwick_levels_partition_the_prefix_into_power_of_two_buckets():
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("impl,chunk_size", [("reference", 64), ("chunk", 4), ("chunk", 64)])
+@pytest.mark.parametrize(
+    "impl,chunk_size", [("reference", 64), ("chunk", 1), ("chunk", 4), ("chunk", 8), ("chunk", 64)]
+)
 def test_matches_float64_numpy_loop(per_channel, impl, chunk_size):
     q, k, v, g, lam = _inputs(T=21, per_channel=per_channel, extra_levels=2)
     o = jattn.linear.loglinear_gla(q, k, v, g, lam, scale=0.5, chunk_size=chunk_size,
                                    implementation=impl)
     assert_close(o, _numpy_loop(q, k, v, g, lam[..., : num_levels(21)], 0.5), atol=1e-5,
                  rtol=1e-5, name="o")
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_inter_chunk_multiplies_each_query_only_by_its_occupied_levels(per_channel):
+    # Query chunk n has a chunk-level-j state only when bit j-1 of n is set, so each level
+    # costs N/2 chunks of [C, K] x [K, V] products; multiplying every chunk by all M states
+    # (empty ones masked or zero) costs twice that: O(T log T) with twice the log factor. XLA's
+    # count adds the chunk summaries and elementwise work (~0.4x products here) on top.
+    N, C, K, V = 64, 4, 32, 32
+    M = 6
+    x = jnp.ones((N, 1, 1, C, K))
+    Gk = -0.1 * jnp.cumsum(jnp.ones((N, 1, 1, C, K if per_channel else 1)), axis=3)
+    lam = jnp.ones((N, 1, 1, C, M))
+    cost = jax.jit(_inter_chunk).lower(x, x, jnp.ones((N, 1, 1, C, V)), Gk, lam).compile()
+    cost = cost.cost_analysis()
+    flops = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+    products = 2 * N * C * K * V * M  # every query times every state
+    assert products / 2 <= flops < products, (flops, products)
 
 
 def test_unit_level_weights_give_gla():
@@ -136,3 +156,37 @@ def test_decoding_steps_match_the_sequence_form(per_channel):
 
     want = jattn.linear.loglinear_gla(q, k, v, g, lam, scale=0.5, implementation="reference")
     assert_close(run_steps(q, k, v, g, lam), want, atol=1e-5, rtol=1e-5, name="decoded o")
+
+
+def _numpy_masked(q, k, v, g, lam, scale):
+    """float64 masked form, vectorised over (t, s): for sequences too long for the loop."""
+    from jattn.linear.chunk import LOG_DECAY_FLOOR
+
+    q, k, v, g, lam = (np.asarray(x, np.float64) for x in (q, k, v, g, lam))
+    T, K = q.shape[1], q.shape[-1]
+    if g.ndim == 3:
+        g = np.repeat(g[..., None], K, axis=-1)
+    G = np.cumsum(np.maximum(g, LOG_DECAY_FLOOR), axis=1)  # [B, T, H, K]
+    t, s = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    level = np.where(s <= t, np.bitwise_xor(t, s), 0)
+    level = np.array([int(x).bit_length() for x in level.ravel()]).reshape(T, T)
+    d = np.where((s <= t)[None, :, :, None, None], G[:, :, None] - G[:, None, :], -np.inf)
+    scores = np.einsum("bthk,bshk,btshk->bhts", q, k, np.exp(d))
+    weight = np.take_along_axis(lam.transpose(0, 2, 1, 3), np.broadcast_to(level, (1, 1, T, T)),
+                                axis=-1)
+    return scale * np.einsum("bhts,bshv->bthv", scores * weight, v)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_chunk_form_under_extreme_gates_matches_float64(per_channel):
+    # Many chunk levels (T = 203, chunk 4: 51 chunks padded to 64) with gates that are ~0,
+    # huge, or -inf resets mixed token by token: every span decay (chunk, half, merged block)
+    # must stay finite and exact; no differences of long cumulative sums.
+    T = 203
+    q, k, v, g, lam = _inputs(T=T, per_channel=per_channel, K=8, V=4, seed=3)
+    rng = np.random.default_rng(3)
+    choices = np.array([0.0, -1e-6, -0.05, -30.0, -1e4, -np.inf], np.float32)
+    g = jnp.asarray(rng.choice(choices, g.shape, p=[.3, .3, .25, .06, .05, .04]), jnp.float32)
+    o = jattn.linear.loglinear_gla(q, k, v, g, lam, scale=0.5, chunk_size=4)
+    assert bool(jnp.all(jnp.isfinite(o)))
+    assert_close(o, _numpy_masked(q, k, v, g, lam, 0.5), atol=2e-5, rtol=2e-5, name="o")
