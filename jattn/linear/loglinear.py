@@ -22,12 +22,12 @@ GLA (or Mamba-2's SSD). The paper's ``lambda`` is data-dependent, per token, hea
 ``L`` are unused, so a model can project to a fixed maximum).
 
 Chunk form (the paper's Sec. 3.2 "chunkwise" algorithm, on a power-of-two chunk ``C``): keys
-in the query's own chunk form the masked intra-chunk part (levels ``0..log2 C``, a scan over
-chunks); a key in an earlier chunk has ``level = log2 C + bit_length(n_t XOR n_s)`` with ``n``
-the chunk index, a Fenwick tree over chunks. Chunk level ``j`` is one level-parallel pass: in
-blocks of ``2^j`` chunks the second half reads the decayed summary of the first half (built
-by pairwise merges), so each query is multiplied only by the states it has (half the levels
-on average). Work ``O(T C K + T log(T / C) K V / 2)``, memory ``O(T (K + V) + T K V / C)``.
+in the query's own chunk form the masked intra-chunk part (levels ``0..log2 C``); a key in an
+earlier chunk has ``level = log2 C + bit_length(n_t XOR n_s)`` with ``n`` the chunk index, a
+Fenwick tree over chunks. A scan over chunks carries ``ceil(log2 N)`` chunk-level states, each
+decayed to the current chunk's start; after chunk ``n`` the levels below ``p + 1`` (``p`` the
+number of trailing one bits of ``n``) merge, with chunk ``n``'s own summary, into level
+``p + 1``. Work ``O(T C K + T log(T / C) K V)``, state memory ``O(log(T / C) K V)``.
 
 Decoding: :func:`loglinear_gla_step` advances an explicit Fenwick stack of states
 ``[L - 1, B, H, K, V]`` (level ``l >= 1`` at index ``l - 1``; level 0 is the current token)
@@ -88,88 +88,51 @@ def loglinear_reference(q, k, v, g, lam, *, scale: float) -> jax.Array:
 
 
 def loglinear_chunk(q, k, v, g, lam, *, scale: float, chunk_size: int) -> jax.Array:
-    """The chunkwise form (module docstring), fp32; ``[B, T, H, V]``: the intra-chunk part
-    (:func:`_intra_chunk`) plus one level-parallel pass per chunk level (:func:`_inter_chunk`)."""
+    """The chunkwise form (module docstring), fp32; ``[B, T, H, V]``."""
     B, T, H, K = q.shape
     C = min(chunk_size, 1 << max(0, math.ceil(math.log2(max(T, 1)))))
     N = -(-T // C)
     log_c = C.bit_length() - 1
-    M = max(0, math.ceil(math.log2(N)))  # chunk levels
+    M = max(1, math.ceil(math.log2(N))) if N > 1 else 1  # chunk-level states carried
     need = log_c + 1 + M
     lam = lam.astype(jnp.float32)
     if lam.shape[-1] < need:  # levels beyond ceil(log2 T) never occur: weight 0
         lam = jnp.pad(lam, [(0, 0)] * 3 + [(0, need - lam.shape[-1])])
-    lam = _to_chunks(lam[..., :need], N, C)  # [N, B, H, C, need]
-    q = _to_chunks(q.astype(jnp.float32) * scale, N, C)
-    k = _to_chunks(k.astype(jnp.float32), N, C)
-    v = _to_chunks(v.astype(jnp.float32), N, C)
-    g = _to_chunks(jnp.maximum(g.astype(jnp.float32), LOG_DECAY_FLOOR), N, C)
-    Gk = jnp.cumsum(g, axis=3)  # [N, B, H, C(, K)]: in-chunk cumulative log decay, inclusive
-    if g.ndim == 4:
-        Gk = Gk[..., None]
-    # The intra-chunk part one chunk at a time: all chunks at once is the same math but
-    # materialises the per-channel gated scores of every chunk (~4x slower for GLA on CPU).
-    intra = jax.checkpoint(partial(_intra_chunk, scalar=g.ndim == 4))
-    o = lax.map(lambda x: intra(*x), (q, k, v, Gk, lam[..., : log_c + 1]))
-    if M:
-        o = o + _inter_chunk(q, k, v, Gk, lam[..., log_c + 1 :])
-    return _from_chunks(o, T)
-
-
-def _intra_chunk(q, k, v, Gk, lam, *, scalar: bool) -> jax.Array:
-    """Keys in the query's own chunk: ``[..., B, H, C, V]`` (one chunk, or a stack of chunks
-    with the leading axis ``N``: the same math, for measuring its cost). The Fenwick
-    level of a pair in one chunk depends only on the two in-chunk offsets (chunks start at
-    multiples of ``C``), levels ``0..log2 C``. ``O(T C (K + V + log C))`` work."""
-    C = q.shape[-2]
+    lam = lam[..., :need]
+    xs = {
+        "q": _to_chunks(q.astype(jnp.float32) * scale, N, C),
+        "k": _to_chunks(k.astype(jnp.float32), N, C),
+        "v": _to_chunks(v.astype(jnp.float32), N, C),
+        "g": _to_chunks(jnp.maximum(g.astype(jnp.float32), LOG_DECAY_FLOOR), N, C),
+        "lam": _to_chunks(lam, N, C),
+        "n": jnp.arange(N, dtype=jnp.int32),
+    }
     local = jnp.arange(C)
-    onehot = jax.nn.one_hot(fenwick_levels(local[:, None], local[None, :]), lam.shape[-1])
-    A = intra_chunk_scores(q, k, Gk[..., 0] if scalar else Gk, strict=False)  # [..., C, C]
-    W = jnp.einsum("...tl,tsl->...ts", lam, onehot)  # lambda_t^{level(t, s)}
-    return jnp.einsum("...ts,...sv->...tv", A * W, v)
+    intra_onehot = jax.nn.one_hot(fenwick_levels(local[:, None], local[None, :]), log_c + 1)
+    scalar = g.ndim == 3
+    V = v.shape[-1]
 
+    def chunk_step(S, x):  # S [M, B, H, K, V]: chunk-level states at this chunk's start
+        G = jnp.cumsum(x["g"], axis=2)  # [B, H, C(, K)]
+        A = intra_chunk_scores(x["q"], x["k"], G, strict=False)  # [B, H, C, C]
+        W = jnp.einsum("bhtl,tsl->bhts", x["lam"][..., : log_c + 1], intra_onehot)
+        o = jnp.einsum("bhts,bhsv->bhtv", A * W, x["v"])
+        Gk = G[..., None] if scalar else G
+        q_dec = x["q"] * jnp.exp(Gk)  # decay from the chunk start (<= 1)
+        o = o + jnp.einsum("bhtm,bhtk,mbhkv->bhtv", x["lam"][..., log_c + 1 :], q_dec, S)
+        # Advance: decay every state over this chunk, then merge levels < p+1 with the chunk.
+        G_end = Gk[..., -1:, :]  # [B, H, 1, K or 1]
+        own = jnp.einsum("bhtk,bhtv->bhkv", x["k"] * jnp.exp(G_end - Gk), x["v"])
+        S = S * jnp.exp(G_end[:, :, 0, :, None])[None]
+        p = _trailing_ones(x["n"])
+        lvl = jnp.arange(M)[:, None, None, None, None]
+        merged = own + jnp.sum(jnp.where(lvl < p, S, 0.0), axis=0)
+        S = jnp.where(lvl < p, 0.0, jnp.where(lvl == p, merged, S))
+        return S, o
 
-def _inter_chunk(q, k, v, Gk, lam) -> jax.Array:
-    """Keys in earlier chunks, one pass per chunk level ``j = 1..M``: ``[N, B, H, C, V]``.
-
-    Chunk level ``j`` of query chunk ``n`` holds the ``2^(j-1)`` chunks sharing ``n``'s bits
-    above ``j - 1`` with bit ``j - 1`` cleared, and is empty unless bit ``j - 1`` of ``n`` is
-    set. With the chunks grouped in blocks of ``2^j`` (padded to ``2^M`` chunks), that is:
-    the second half of every block reads the summary of the block's first half. So level
-    ``j`` multiplies only half the queries by one ``[K, V]`` state (a scan over chunks that
-    carries all ``M`` states would multiply every query by all of them: twice the work), and
-    the half summaries build bottom-up by pairwise merges, ``O(N K V)`` per level. Decays stay
-    local (sums of log-gates over one span, only ever exponentiated): no differences of
-    global cumulative sums, which lose fp32 precision on long or strongly gated sequences.
-    """
-    N = q.shape[0]
-    M = max(0, math.ceil(math.log2(N)))
-    pad = [(0, (1 << M) - N)] + [(0, 0)] * 4
-    G_end = Gk[:, :, :, -1]  # [N, B, H, K or 1]: log decay over each chunk
-    own = jnp.einsum("nbhtk,nbhtv->nbhkv", k * jnp.exp(G_end[:, :, :, None] - Gk), v)
-    q_dec = jnp.pad(q * jnp.exp(Gk), pad)  # decayed from the chunk start (<= 1)
-    lam = jnp.pad(lam, pad)
-    chunk_span = jnp.pad(G_end, pad[:4])
-    summary, span = jnp.pad(own, pad), chunk_span  # level-0 summaries: one chunk each
-    o = jnp.zeros(q_dec.shape[:4] + (v.shape[-1],), jnp.float32)
-    for j in range(1, M + 1):
-        half = 1 << (j - 1)
-        first = summary.reshape((-1, 2) + summary.shape[1:])[:, 0]  # [blocks, B, H, K, V]
-        # Decay from the second half's start to each of its chunks' starts: exclusive cumsum.
-        # (not cumsum - span: that difference would cancel on strongly gated chunks)
-        span2 = chunk_span.reshape((-1, 2, half) + chunk_span.shape[1:])[:, 1, :-1]
-        before = jnp.pad(jnp.cumsum(span2, axis=1), [(0, 0), (1, 0)] + [(0, 0)] * 3)
-        qj = q_dec.reshape((-1, 2, half) + q_dec.shape[1:])[:, 1] * jnp.exp(before)[..., None, :]
-        lj = lam.reshape((-1, 2, half) + lam.shape[1:])[:, 1, ..., j - 1]  # [blocks,half,B,H,C]
-        contrib = jnp.einsum("nrbhck,nbhkv->nrbhcv", lj[..., None] * qj, first)
-        # Zeros for the first halves: a pad fuses into the add (``.at[:, 1].add`` is a scatter).
-        o = o + jnp.pad(contrib[:, None], [(0, 0), (1, 0)] + [(0, 0)] * 5).reshape(o.shape)
-        if j < M:  # merge pairs of spans: the later one's decay applies to the earlier summary
-            pairs = summary.reshape((-1, 2) + summary.shape[1:])
-            spans = span.reshape((-1, 2) + span.shape[1:])
-            summary = pairs[:, 0] * jnp.exp(spans[:, 1])[..., None] + pairs[:, 1]
-            span = spans[:, 0] + spans[:, 1]
-    return o[:N]
+    S0 = jnp.zeros((M, B, H, K, V), jnp.float32)
+    _, o = lax.scan(jax.checkpoint(chunk_step), S0, xs)
+    return _from_chunks(o, T)
 
 
 def _trailing_ones(n: jax.Array) -> jax.Array:
