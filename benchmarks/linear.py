@@ -27,6 +27,7 @@ input) time and compiled temp memory of
 ``--base-rev REV`` adds ``{gdn,kda,dplr}_bb_{now,base}``: ``chunk_recurrence`` of this tree and of
 git revision ``REV`` (loaded from ``git show``), for before/after ratios in one process.
 
+``GFLOP``: XLA's ``cost_analysis()`` count (a ``lax.scan`` body counted once: see ``flops``).
 Timings: one warm-up call, then the median of ``--repeats`` calls (``block_until_ready``);
 calls slower than ``--slow-s`` seconds are timed once. ``--skip-scan-above`` skips timing the
 scan reference above that length (its memory is still reported). ``--rounds R`` then measures
@@ -166,7 +167,10 @@ def fwd_bwd(fn, n_args):
 
 def flops(compiled) -> float:
     """XLA's FLOP count of a compiled call (``cost_analysis()``; NaN when unavailable): a
-    load-independent measure of how the work grows with ``T``."""
+    load-independent measure of the work, but XLA counts a loop body ONCE, so for programs with
+    a ``lax.scan`` (the scan references, every chunk form's scan over chunks) it is the count of
+    the code outside loops plus one iteration, not the total: compare growth only for loop-free
+    programs or per stage."""
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
