@@ -27,6 +27,7 @@ input) time and compiled temp memory of
 ``--base-rev REV`` adds ``{gdn,kda,dplr}_bb_{now,base}``: ``chunk_recurrence`` of this tree and of
 git revision ``REV`` (loaded from ``git show``), for before/after ratios in one process.
 
+``GFLOP``: XLA's ``cost_analysis()`` count (a ``lax.scan`` body counted once: see ``flops``).
 Timings: one warm-up call, then the median of ``--repeats`` calls (``block_until_ready``);
 calls slower than ``--slow-s`` seconds are timed once. ``--skip-scan-above`` skips timing the
 scan reference above that length (its memory is still reported). ``--rounds R`` then measures
@@ -164,6 +165,20 @@ def fwd_bwd(fn, n_args):
     return jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), argnums=tuple(range(n_args)))
 
 
+def flops(compiled) -> float:
+    """XLA's FLOP count of a compiled call (``cost_analysis()``; NaN when unavailable): a
+    load-independent measure of the work, but XLA counts a loop body ONCE, so for programs with
+    a ``lax.scan`` (the scan references, every chunk form's scan over chunks) it is the count of
+    the code outside loops plus one iteration, not the total: compare growth only for loop-free
+    programs or per stage."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", float("nan")))
+    except Exception:  # noqa: BLE001 - backends without a cost model
+        return float("nan")
+
+
 def time_it(compiled, args, repeats, slow_s):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))  # warm-up
@@ -202,6 +217,7 @@ def run(lengths, batch, heads, dim, repeats, slow_s, skip_scan_above, with_backw
                 if keep is not None:
                     keep[name, t, pname] = (compiled, args)
                 row[f"{pname} temp MiB"] = harness.temp_bytes(compiled) / 2**20
+                row[f"{pname} GFLOP"] = flops(compiled) / 1e9
                 if name.endswith(("_scan", "_ref")) and t > skip_scan_above:
                     continue
                 row[f"{pname} ms"] = 1e3 * time_it(compiled, args, repeats, slow_s)
@@ -314,7 +330,8 @@ def main(argv=None):
     )
     side_by_side = interleaved_ratios(keep, lengths, a.rounds) if a.rounds else {}
     ratios = summarize(rows, lengths)
-    cols = ["impl", "T", "fwd ms", "fwd+bwd ms", "fwd temp MiB", "fwd+bwd temp MiB"]
+    cols = ["impl", "T", "fwd ms", "fwd+bwd ms", "fwd GFLOP", "fwd+bwd GFLOP", "fwd temp MiB",
+            "fwd+bwd temp MiB"]
     print(harness.table(rows, cols))
     rcols = sorted({c for r in ratios for c in r if c != "T"})
     print(harness.table(ratios, ["T"] + rcols))

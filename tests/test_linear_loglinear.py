@@ -52,7 +52,9 @@ def test_fenwick_levels_partition_the_prefix_into_power_of_two_buckets():
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("impl,chunk_size", [("reference", 64), ("chunk", 4), ("chunk", 64)])
+@pytest.mark.parametrize(
+    "impl,chunk_size", [("reference", 64), ("chunk", 1), ("chunk", 4), ("chunk", 8), ("chunk", 64)]
+)
 def test_matches_float64_numpy_loop(per_channel, impl, chunk_size):
     q, k, v, g, lam = _inputs(T=21, per_channel=per_channel, extra_levels=2)
     o = jattn.linear.loglinear_gla(q, k, v, g, lam, scale=0.5, chunk_size=chunk_size,
@@ -136,3 +138,37 @@ def test_decoding_steps_match_the_sequence_form(per_channel):
 
     want = jattn.linear.loglinear_gla(q, k, v, g, lam, scale=0.5, implementation="reference")
     assert_close(run_steps(q, k, v, g, lam), want, atol=1e-5, rtol=1e-5, name="decoded o")
+
+
+def _numpy_masked(q, k, v, g, lam, scale):
+    """float64 masked form, vectorised over (t, s): for sequences too long for the loop."""
+    from jattn.linear.chunk import LOG_DECAY_FLOOR
+
+    q, k, v, g, lam = (np.asarray(x, np.float64) for x in (q, k, v, g, lam))
+    T, K = q.shape[1], q.shape[-1]
+    if g.ndim == 3:
+        g = np.repeat(g[..., None], K, axis=-1)
+    G = np.cumsum(np.maximum(g, LOG_DECAY_FLOOR), axis=1)  # [B, T, H, K]
+    t, s = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+    level = np.where(s <= t, np.bitwise_xor(t, s), 0)
+    level = np.array([int(x).bit_length() for x in level.ravel()]).reshape(T, T)
+    d = np.where((s <= t)[None, :, :, None, None], G[:, :, None] - G[:, None, :], -np.inf)
+    scores = np.einsum("bthk,bshk,btshk->bhts", q, k, np.exp(d))
+    weight = np.take_along_axis(lam.transpose(0, 2, 1, 3), np.broadcast_to(level, (1, 1, T, T)),
+                                axis=-1)
+    return scale * np.einsum("bhts,bshv->bthv", scores * weight, v)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_chunk_form_under_extreme_gates_matches_float64(per_channel):
+    # Many chunk levels (T = 203, chunk 4: 51 chunks, 6 chunk levels) with gates that are ~0,
+    # huge, or -inf resets mixed token by token: every decay of a carried or merged state must
+    # stay finite and exact (a rewrite with differences of long cumulative sums would not).
+    T = 203
+    q, k, v, g, lam = _inputs(T=T, per_channel=per_channel, K=8, V=4, seed=3)
+    rng = np.random.default_rng(3)
+    choices = np.array([0.0, -1e-6, -0.05, -30.0, -1e4, -np.inf], np.float32)
+    g = jnp.asarray(rng.choice(choices, g.shape, p=[.3, .3, .25, .06, .05, .04]), jnp.float32)
+    o = jattn.linear.loglinear_gla(q, k, v, g, lam, scale=0.5, chunk_size=4)
+    assert bool(jnp.all(jnp.isfinite(o)))
+    assert_close(o, _numpy_masked(q, k, v, g, lam, 0.5), atol=2e-5, rtol=2e-5, name="o")
