@@ -2,8 +2,8 @@
 heads (Wu et al. 2024) and accuracy vs KV-cache budget per cache policy.
 
     python -m studies.retrieval_bench --workdir /tmp/retrieval_bench [--preset cpu] \\
-        [--mechanisms softmax moba nsa dsa] [--policies full streaming] [--budgets 32 64 ...] \\
-        [--config.train_steps=600 ...]
+        [--mechanisms softmax moba nsa dsa] [--policies full streaming snapkv h2o l2norm duo] \\
+        [--budgets 32 64 ...] [--duo-full-fraction 0.5] [--config.train_steps=600 ...]
 
 1. Trains ``configs/retrieval.py:<preset>`` once per mechanism into ``WORKDIR/<mechanism>/``
    (the runner, one after the other; a finished run is reused). The sparse mechanisms' options
@@ -16,7 +16,8 @@ heads (Wu et al. 2024) and accuracy vs KV-cache budget per cache policy.
    every mechanism whose layers return attention weights; a heatmap per mechanism.
 4. For the first mechanism (full attention by default): exact recall of the last query, decoded
    with ``models.decode.generate`` under each KV-cache policy at each budget (tokens per head);
-   one line per policy.
+   one line per policy. ``duo`` keeps the full cache on the ``--duo-full-fraction`` best KV
+   heads by that mechanism's own retrieval-head scores (step 3) and streams the others.
 
 Writes ``WORKDIR/retrieval_bench.{json,md}``, ``retrieval_heads.png``, ``cache_budget.png``.
 """
