@@ -182,30 +182,54 @@ def evaluate(path: str, n_eval: int, n_heads_eval: int) -> dict:
     return row
 
 
+def recall_last_query(model, inputs, value_len: int, policy) -> np.ndarray:
+    """``[B, L]`` greedy answer to each row's last query ``Q k v_1 .. v_L`` with the cache
+    compressed *before* the query is read: ``inputs [B, T]`` up to the query are prefilled
+    under ``policy``, then ``Q`` and ``k`` are decoded one step each (teacher-forced) and the
+    ``L`` value tokens greedily. (Asking inside the prefill would be no test: the first answer
+    token comes from the prefill's own logits, which every policy computes over the whole
+    prompt before it evicts anything.)"""
+    import jax.numpy as jnp
+
+    from models.decode import decode_fns
+
+    b, t = inputs.shape
+    p = t - value_len - 2  # the last query starts here
+    state, prefill, step = decode_fns(model, policy)
+    cache = model.init_cache(b, t, policy)
+    _, cache = prefill(state, inputs[:, :p], cache)
+    _, cache = step(state, inputs[:, p:p + 1], cache, p)  # Q
+    logits, cache = step(state, inputs[:, p + 1:p + 2], cache, p + 1)  # the key
+    out = [jnp.argmax(logits[:, -1], -1)]
+    for j in range(1, value_len):
+        logits, cache = step(state, out[-1][:, None].astype(jnp.int32), cache, p + 1 + j)
+        out.append(jnp.argmax(logits[:, -1], -1))
+    return np.stack([np.asarray(o) for o in out], 1)
+
+
 def cache_sweep(path: str, policies, budgets, n_eval: int, head_gates=None) -> list[dict]:
-    """Exact recall of each example's last query decoded by ``generate`` under each
-    ``(policy, budget)``: the prompt ends with the query's key, ``value_len`` tokens are
-    generated greedily and compared with the fact's value. ``head_gates``: the ``duo``
-    policy's gates (:func:`duo_gates`)."""
+    """Exact recall of each example's last query under each ``(policy, budget)``
+    (:func:`recall_last_query`: the haystack and the earlier queries are prefilled and
+    compressed, then the last query is read and its ``value_len`` tokens decoded greedily and
+    compared with the fact's value). ``head_gates``: the ``duo`` policy's gates
+    (:func:`duo_gates`)."""
     import jax.numpy as jnp
 
     from experiments import load
     from experiments.tasks.base import get_task
-    from models.decode import generate
 
     model, config, _ = load(path)
     ex = get_task("retrieval")(config).eval_examples(n_eval)
     n_val = int(config.value_len)
-    prompt = jnp.asarray(ex["inputs"][:, :-n_val])
+    inputs = jnp.asarray(ex["inputs"])
     want = ex["inputs"][:, -n_val:]
     rows = []
     for kind in policies:
         for budget in budgets:
             t0 = time.perf_counter()
-            policy = make_policy(kind, budget, head_gates)
-            out = np.asarray(generate(model, prompt, n_val, policy=policy))
+            got = recall_last_query(model, inputs, n_val, make_policy(kind, budget, head_gates))
             rows.append({"policy": kind, "budget": int(budget),
-                         "exact": float((out[:, -n_val:] == want).all(-1).mean()),
+                         "exact": float((got == want).all(-1).mean()),
                          "wall_s": round(time.perf_counter() - t0, 1)})
             print(f"[retrieval_bench] cache {kind} budget {budget}: exact "
                   f"{rows[-1]['exact']:.3f}", flush=True)

@@ -158,6 +158,19 @@ def test_study_smoke(tmp_path):
         assert os.path.exists(tmp_path / name), name
     with open(tmp_path / "retrieval_bench.json") as f:
         assert json.load(f)["cache_mechanism"] == "softmax"
+    # the sweep's decoding under the full cache is the model's own forward answer
+    import jax.numpy as jnp
+
+    from experiments import load
+    from experiments.tasks.base import get_task
+    from studies.retrieval_bench import make_policy, recall_last_query
+
+    model, config, _ = load(str(tmp_path / "softmax"))
+    x = get_task("retrieval")(config).eval_examples(3)["inputs"]
+    n_val = int(config.value_len)
+    got = recall_last_query(model, jnp.asarray(x), n_val, make_policy("full", 16))
+    first = np.argmax(np.asarray(model(jnp.asarray(x))), -1)[:, -n_val - 1]
+    np.testing.assert_array_equal(got[:, 0], first)
 
 
 @pytest.mark.slow
