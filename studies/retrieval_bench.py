@@ -2,8 +2,8 @@
 heads (Wu et al. 2024) and accuracy vs KV-cache budget per cache policy.
 
     python -m studies.retrieval_bench --workdir /tmp/retrieval_bench [--preset cpu] \\
-        [--mechanisms softmax moba nsa dsa] [--policies full streaming] [--budgets 32 64 ...] \\
-        [--config.train_steps=600 ...]
+        [--mechanisms softmax moba nsa dsa] [--policies full streaming snapkv h2o l2norm duo] \\
+        [--budgets 32 64 ...] [--duo-full-fraction 0.5] [--config.train_steps=600 ...]
 
 1. Trains ``configs/retrieval.py:<preset>`` once per mechanism into ``WORKDIR/<mechanism>/``
    (the runner, one after the other; a finished run is reused). The sparse mechanisms' options
@@ -16,7 +16,8 @@ heads (Wu et al. 2024) and accuracy vs KV-cache budget per cache policy.
    every mechanism whose layers return attention weights; a heatmap per mechanism.
 4. For the first mechanism (full attention by default): exact recall of the last query, decoded
    with ``models.decode.generate`` under each KV-cache policy at each budget (tokens per head);
-   one line per policy.
+   one line per policy. ``duo`` keeps the full cache on the ``--duo-full-fraction`` best KV
+   heads by that mechanism's own retrieval-head scores (step 3) and streams the others.
 
 Writes ``WORKDIR/retrieval_bench.{json,md}``, ``retrieval_heads.png``, ``cache_budget.png``.
 """
@@ -33,26 +34,42 @@ import numpy as np
 from studies.cli import parse_args, train_unless_done
 
 MECHANISMS = ("softmax", "moba", "nsa", "dsa")
-#: The KV-cache policies swept by default. The budgeted kinds of `models.kv_cache` join with
-#: their names here ("snapkv", "h2o", "l2norm", "duo"); :func:`make_policy` already builds them.
-POLICIES = ("full", "streaming")
+#: The KV-cache policies swept by default: every kind of `models.kv_cache.CACHE_POLICIES`.
+POLICIES = ("full", "streaming", "snapkv", "h2o", "l2norm", "duo")
 SINK_TOKENS = 4  # StreamingLLM's attention sinks; its window is the rest of the budget
+DUO_FULL_FRACTION = 0.5  # DuoAttention: the share of (layer, KV head) pairs keeping every token
 
 
-def make_policy(kind: str, budget: int):
+def make_policy(kind: str, budget: int, head_gates=None):
     """The ``models.kv_cache.CachePolicy`` of ``kind`` keeping ``budget`` tokens per head.
 
     ``full`` ignores the budget; ``streaming`` keeps ``SINK_TOKENS`` sinks plus a window of
-    ``budget - SINK_TOKENS``; every other kind takes the budget as is.
+    ``budget - SINK_TOKENS``; ``duo`` gives its streaming heads that same sinks + window and
+    its retrieval heads (``head_gates[layer][kv_head]`` True, see :func:`duo_gates`) every
+    token; ``snapkv``, ``h2o`` and ``l2norm`` take the budget as is.
     """
     from models.kv_cache import CachePolicy
 
     if kind == "full":
         return CachePolicy()
+    window = max(budget - SINK_TOKENS, 1)
     if kind == "streaming":
-        return CachePolicy(kind="streaming", sink_tokens=SINK_TOKENS,
-                           window=max(budget - SINK_TOKENS, 1))
+        return CachePolicy(kind="streaming", sink_tokens=SINK_TOKENS, window=window)
+    if kind == "duo":
+        if head_gates is None:
+            raise ValueError("policy 'duo' needs head_gates (see duo_gates)")
+        return CachePolicy(kind="duo", sink_tokens=SINK_TOKENS, window=window,
+                           head_gates=head_gates)
     return CachePolicy(kind=kind, budget=budget)
+
+
+def duo_gates(scores, full_fraction: float, kv_heads: int) -> tuple[tuple[bool, ...], ...]:
+    """DuoAttention gates ``[layers][kv_heads]`` from the study's own retrieval-head scores
+    ``[L, H]``: the ``round(full_fraction * L * Hkv)`` best-scoring KV heads keep the full
+    cache (``models.cache_policies.gates_from_scores``)."""
+    from models.cache_policies import gates_from_scores
+
+    return gates_from_scores(scores, full_fraction, kv_heads=kv_heads)
 
 
 def attention_maps(model, inputs):
@@ -165,28 +182,54 @@ def evaluate(path: str, n_eval: int, n_heads_eval: int) -> dict:
     return row
 
 
-def cache_sweep(path: str, policies, budgets, n_eval: int) -> list[dict]:
-    """Exact recall of each example's last query decoded by ``generate`` under each
-    ``(policy, budget)``: the prompt ends with the query's key, ``value_len`` tokens are
-    generated greedily and compared with the fact's value."""
+def recall_last_query(model, inputs, value_len: int, policy) -> np.ndarray:
+    """``[B, L]`` greedy answer to each row's last query ``Q k v_1 .. v_L`` with the cache
+    compressed *before* the query is read: ``inputs [B, T]`` up to the query are prefilled
+    under ``policy``, then ``Q`` and ``k`` are decoded one step each (teacher-forced) and the
+    ``L`` value tokens greedily. (Asking inside the prefill would be no test: the first answer
+    token comes from the prefill's own logits, which every policy computes over the whole
+    prompt before it evicts anything.)"""
+    import jax.numpy as jnp
+
+    from models.decode import decode_fns
+
+    b, t = inputs.shape
+    p = t - value_len - 2  # the last query starts here
+    state, prefill, step = decode_fns(model, policy)
+    cache = model.init_cache(b, t, policy)
+    _, cache = prefill(state, inputs[:, :p], cache)
+    _, cache = step(state, inputs[:, p:p + 1], cache, p)  # Q
+    logits, cache = step(state, inputs[:, p + 1:p + 2], cache, p + 1)  # the key
+    out = [jnp.argmax(logits[:, -1], -1)]
+    for j in range(1, value_len):
+        logits, cache = step(state, out[-1][:, None].astype(jnp.int32), cache, p + 1 + j)
+        out.append(jnp.argmax(logits[:, -1], -1))
+    return np.stack([np.asarray(o) for o in out], 1)
+
+
+def cache_sweep(path: str, policies, budgets, n_eval: int, head_gates=None) -> list[dict]:
+    """Exact recall of each example's last query under each ``(policy, budget)``
+    (:func:`recall_last_query`: the haystack and the earlier queries are prefilled and
+    compressed, then the last query is read and its ``value_len`` tokens decoded greedily and
+    compared with the fact's value). ``head_gates``: the ``duo`` policy's gates
+    (:func:`duo_gates`)."""
     import jax.numpy as jnp
 
     from experiments import load
     from experiments.tasks.base import get_task
-    from models.decode import generate
 
     model, config, _ = load(path)
     ex = get_task("retrieval")(config).eval_examples(n_eval)
     n_val = int(config.value_len)
-    prompt = jnp.asarray(ex["inputs"][:, :-n_val])
+    inputs = jnp.asarray(ex["inputs"])
     want = ex["inputs"][:, -n_val:]
     rows = []
     for kind in policies:
         for budget in budgets:
             t0 = time.perf_counter()
-            out = np.asarray(generate(model, prompt, n_val, policy=make_policy(kind, budget)))
+            got = recall_last_query(model, inputs, n_val, make_policy(kind, budget, head_gates))
             rows.append({"policy": kind, "budget": int(budget),
-                         "exact": float((out[:, -n_val:] == want).all(-1).mean()),
+                         "exact": float((got == want).all(-1).mean()),
                          "wall_s": round(time.perf_counter() - t0, 1)})
             print(f"[retrieval_bench] cache {kind} budget {budget}: exact "
                   f"{rows[-1]['exact']:.3f}", flush=True)
@@ -271,6 +314,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mechanisms", nargs="+", default=list(MECHANISMS))
     p.add_argument("--policies", nargs="+", default=list(POLICIES),
                    help="KV-cache policy kinds for the budget sweep (first mechanism)")
+    p.add_argument("--duo-full-fraction", type=float, default=DUO_FULL_FRACTION,
+                   help="duo: the fraction of (layer, KV head) pairs with the full cache, the "
+                   "best by the first mechanism's retrieval-head scores")
     p.add_argument("--budgets", nargs="*", type=int, default=None,
                    help="cache budgets in tokens (default: T/16, T/8, T/4, T/2, T)")
     p.add_argument("--eval-examples", type=int, default=128)
@@ -287,14 +333,23 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[retrieval_bench] evaluated {mech}: {time.time() - t0:.0f}s", flush=True)
     from experiments import load
 
-    seq_len = int(load(paths[0])[1].seq_len)
+    first_model, first_config, _ = load(paths[0])
+    seq_len = int(first_config.seq_len)
     budgets = args.budgets or [seq_len // 16, seq_len // 8, seq_len // 4, seq_len // 2, seq_len]
+    gates = None
+    if "duo" in args.policies:
+        if rows[0]["retrieval_scores"] is None:
+            raise SystemExit(f"--policies duo needs retrieval-head scores of "
+                             f"{args.mechanisms[0]!r} (a mechanism with attention weights)")
+        gates = duo_gates(rows[0]["retrieval_scores"], args.duo_full_fraction,
+                          first_model.cfg.num_kv_heads or first_model.cfg.num_heads)
     t0 = time.time()
-    cache_rows = cache_sweep(paths[0], args.policies, budgets, args.eval_examples) \
+    cache_rows = cache_sweep(paths[0], args.policies, budgets, args.eval_examples, gates) \
         if args.policies else []
     cache_wall = time.time() - t0
     out = {"rows": rows, "cache": cache_rows, "cache_mechanism": args.mechanisms[0],
-           "cache_wall_s": round(cache_wall, 1)}
+           "cache_wall_s": round(cache_wall, 1), "duo_gates": gates,
+           "duo_full_fraction": args.duo_full_fraction if gates else None}
     with open(os.path.join(args.workdir, "retrieval_bench.json"), "w") as f:
         json.dump(out, f, indent=1)
     md = table(rows)
