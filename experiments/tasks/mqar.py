@@ -60,16 +60,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from experiments.config import ConfigError
 from experiments.data import BatchedSource, counter_uniform
 from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
 from experiments.tasks.model_config import decoder_config
-from models.intermediates import capture_intermediates
+from experiments.tasks.recall import IGNORE, attention_images, recall_loss
+from experiments.tasks.recall import labelled_positions as query_positions  # noqa: F401
 
-IGNORE = -100
 #: Counter streams of the generator: train and held-out use disjoint ones.
 _TRAIN_STREAM, _EVAL_STREAM = 0, 8
 
@@ -180,14 +179,6 @@ def mqar_mixture_batch(
             inputs[rows, :t] = part["inputs"]
             labels[rows, :t] = part["labels"]
     return {"inputs": inputs, "labels": labels}
-
-
-def query_positions(labels: jax.Array, num_kv_pairs: int) -> jax.Array:
-    """int32 ``[B, num_kv_pairs]``: the labelled positions of each row in increasing order
-    (rows with fewer labels are padded with positions whose label is ``IGNORE``)."""
-    t = labels.shape[1]
-    key = jnp.where(labels != IGNORE, 0, t) + jnp.arange(t, dtype=jnp.int32)
-    return jnp.sort(key, axis=1)[:, :num_kv_pairs] % t
 
 
 # ================================================================================================
@@ -320,28 +311,12 @@ class MQAR(Task):
 
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
-        # A row has at most _max_pairs() labelled positions: run the vocabulary head on those
-        # only (the head over all T positions is ~T/P times the cost at vocab 8192).
-        pos = query_positions(batch["labels"], self._max_pairs())
-        logits = model(batch["inputs"], gather=pos).astype(jnp.float32)
-        labels = jnp.take_along_axis(batch["labels"], pos, axis=1)
-        mask = labels != IGNORE
-        safe = jnp.where(mask, labels, 0)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-        n = jnp.maximum(jnp.sum(mask), 1)
-        loss = jnp.sum(jnp.where(mask, ce, 0.0)) / n
-        acc = jnp.sum(mask & (jnp.argmax(logits, -1) == safe)) / n
-        if hasattr(model, "aux_loss"):
-            loss = loss + model.aux_loss()
-        return loss, {"accuracy": acc}
+        # a row has at most _max_pairs() labelled positions: the head runs on those only
+        loss, right, n = recall_loss(model, batch["inputs"], batch["labels"], self._max_pairs())
+        return loss, {"accuracy": jnp.sum(right) / n}
 
     def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        _, inter = capture_intermediates(model, batch["inputs"][:1])
-        out = {}
-        for i, layer in enumerate(inter["layers"]):
-            if "attention_weights" in layer:
-                out[f"attention/layer{i}"] = jnp.mean(layer["attention_weights"][0], axis=0)
-        return out
+        return attention_images(model, batch["inputs"])
 
     # --- end of run ------------------------------------------------------------------
     def summary_fields(self, model, history: Mapping[str, list]) -> dict[str, Any]:

@@ -23,25 +23,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from experiments.config import ConfigError
 from experiments.data import BatchedSource
 from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
 from experiments.tasks.model_config import decoder_config
-from experiments.tasks.retrieval_data import IGNORE, check_sizes, retrieval_batch
+from experiments.tasks.recall import attention_images, recall_loss
+from experiments.tasks.retrieval_data import check_sizes, retrieval_batch
 
 #: Counter streams of the generator: train and held-out use disjoint ones.
 TRAIN_STREAM, EVAL_STREAM = 0, 16
-
-
-def labelled_positions(labels: jax.Array, count: int) -> jax.Array:
-    """int32 ``[B, count]``: the labelled positions of each row, increasing (every row of this
-    task has exactly ``num_facts * value_len`` of them)."""
-    t = labels.shape[1]
-    key = jnp.where(labels != IGNORE, 0, t) + jnp.arange(t, dtype=jnp.int32)
-    return jnp.sort(key, axis=1)[:, :count] % t
 
 
 @register("retrieval")
@@ -105,29 +97,14 @@ class Retrieval(Task):
 
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
-        pos = labelled_positions(batch["labels"], self.answers_per_example())
-        logits = model(batch["inputs"], gather=pos).astype(jnp.float32)
-        labels = jnp.take_along_axis(batch["labels"], pos, axis=1)
-        mask = labels != IGNORE
-        safe = jnp.where(mask, labels, 0)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-        n = jnp.maximum(jnp.sum(mask), 1)
-        loss = jnp.sum(jnp.where(mask, ce, 0.0)) / n
-        right = mask & (jnp.argmax(logits, -1) == safe)
-        acc = jnp.sum(right) / n
+        loss, right, n = recall_loss(model, batch["inputs"], batch["labels"],
+                                     self.answers_per_example())
         per_fact = right.reshape(right.shape[0], int(self.config.num_facts), -1)
-        exact = jnp.mean(jnp.all(per_fact, axis=-1))
-        if hasattr(model, "aux_loss"):
-            loss = loss + model.aux_loss()
-        return loss, {"accuracy": acc, "exact": exact}
+        return loss, {"accuracy": jnp.sum(right) / n,
+                      "exact": jnp.mean(jnp.all(per_fact, axis=-1))}
 
     def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        _, inter = model(batch["inputs"][:1], return_intermediates=True)
-        out = {}
-        for i, layer in enumerate(inter["layers"]):
-            if "attention_weights" in layer:
-                out[f"attention/layer{i}"] = jnp.mean(layer["attention_weights"][0], axis=0)
-        return out
+        return attention_images(model, batch["inputs"])
 
     # --- end of run ------------------------------------------------------------------
     def summary_fields(self, model, history: Mapping[str, list]) -> dict[str, Any]:
