@@ -64,9 +64,8 @@ from flax import nnx
 
 from experiments.config import ConfigError
 from experiments.data import BatchedSource, counter_uniform
-from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
-from experiments.tasks.model_config import decoder_config
-from experiments.tasks.recall import IGNORE, attention_images, recall_loss
+from experiments.tasks.base import Batch, Metrics, register
+from experiments.tasks.recall import IGNORE, RecallTask, recall_loss
 from experiments.tasks.recall import labelled_positions as query_positions  # noqa: F401
 
 #: Counter streams of the generator: train and held-out use disjoint ones.
@@ -235,7 +234,7 @@ def _policy():
 # The task.
 # ================================================================================================
 @register("mqar")
-class MQAR(Task):
+class MQAR(RecallTask):
     """Zoology's multi-query associative recall on a ``models.Decoder``."""
 
     headline_metrics = ("accuracy",)
@@ -298,25 +297,13 @@ class MQAR(Task):
     def tokens_per_example(self) -> int:
         return int(self.config.seq_len)
 
-    # --- model -----------------------------------------------------------------------
-    def model_config(self):
-        c = self.config
-        return decoder_config(c.model, vocab_size=int(c.vocab_size), max_len=int(c.seq_len))
-
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        from models import Decoder
-
-        return apply_init(Decoder(self.model_config(), rngs=rngs), rngs,
-                          self.config.model.get("init", "models"))
-
+    # --- loss (the model and its attention images: RecallTask) -------------------
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
         # a row has at most _max_pairs() labelled positions: the head runs on those only
         loss, right, n = recall_loss(model, batch["inputs"], batch["labels"], self._max_pairs())
         return loss, {"accuracy": jnp.sum(right) / n}
 
-    def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        return attention_images(model, batch["inputs"])
 
     # --- end of run ------------------------------------------------------------------
     def summary_fields(self, model, history: Mapping[str, list]) -> dict[str, Any]:

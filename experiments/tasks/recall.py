@@ -1,5 +1,5 @@
-"""What the recall tasks (MQAR, retrieval) share: the loss on labelled positions only, and the
-attention maps they log.
+"""What the recall tasks (MQAR, retrieval) share: a token Decoder sized by the data, the loss on
+labelled positions only, and the attention maps they log.
 
 Recall tasks label a few positions per row (the answers) with everything else ``IGNORE``; the
 vocabulary head runs on those positions only (the head over all ``T`` positions costs about
@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from experiments.tasks.base import Batch, Task, apply_init
+from experiments.tasks.model_config import decoder_config
 from models.intermediates import capture_intermediates
 
 IGNORE = -100  # label of a position that is not scored
@@ -50,3 +52,21 @@ def attention_images(model: nnx.Module, inputs: jax.Array) -> dict[str, jax.Arra
     _, inter = capture_intermediates(model, inputs[:1])
     return {f"attention/layer{i}": jnp.mean(layer["attention_weights"][0], axis=0)
             for i, layer in enumerate(inter["layers"]) if "attention_weights" in layer}
+
+
+class RecallTask(Task):
+    """A task on a ``models.Decoder`` of ``config.vocab_size`` tokens and ``config.seq_len``
+    positions that logs its attention maps."""
+
+    def model_config(self):
+        c = self.config
+        return decoder_config(c.model, vocab_size=int(c.vocab_size), max_len=int(c.seq_len))
+
+    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+        from models import Decoder
+
+        return apply_init(Decoder(self.model_config(), rngs=rngs), rngs,
+                          self.config.model.get("init", "models"))
+
+    def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+        return attention_images(model, batch["inputs"])

@@ -27,9 +27,8 @@ from flax import nnx
 
 from experiments.config import ConfigError
 from experiments.data import BatchedSource
-from experiments.tasks.base import Batch, Metrics, Task, apply_init, register
-from experiments.tasks.model_config import decoder_config
-from experiments.tasks.recall import attention_images, recall_loss
+from experiments.tasks.base import Batch, Metrics, register
+from experiments.tasks.recall import RecallTask, recall_loss
 from experiments.tasks.retrieval_data import check_sizes, retrieval_batch
 
 #: Counter streams of the generator: train and held-out use disjoint ones.
@@ -37,7 +36,7 @@ TRAIN_STREAM, EVAL_STREAM = 0, 16
 
 
 @register("retrieval")
-class Retrieval(Task):
+class Retrieval(RecallTask):
     """Passkey / long-range multi-query recall on a ``models.Decoder``."""
 
     headline_metrics = ("accuracy", "exact")
@@ -84,17 +83,7 @@ class Retrieval(Task):
     def answers_per_example(self) -> int:
         return int(self.config.num_facts) * int(self.config.value_len)
 
-    # --- model -----------------------------------------------------------------------
-    def model_config(self):
-        c = self.config
-        return decoder_config(c.model, vocab_size=int(c.vocab_size), max_len=int(c.seq_len))
-
-    def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
-        from models import Decoder
-
-        return apply_init(Decoder(self.model_config(), rngs=rngs), rngs,
-                          self.config.model.get("init", "models"))
-
+    # --- loss (the model and its attention images: RecallTask) -------------------
     def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics]:
         del rng
         loss, right, n = recall_loss(model, batch["inputs"], batch["labels"],
@@ -103,8 +92,6 @@ class Retrieval(Task):
         return loss, {"accuracy": jnp.sum(right) / n,
                       "exact": jnp.mean(jnp.all(per_fact, axis=-1))}
 
-    def eval_images(self, model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        return attention_images(model, batch["inputs"])
 
     # --- end of run ------------------------------------------------------------------
     def summary_fields(self, model, history: Mapping[str, list]) -> dict[str, Any]:
