@@ -36,6 +36,8 @@ def test_layer_parameters_get_gradients():
     graphdef, state = nnx.split(model)
     grads = jax.jit(jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(tokens) ** 2)))(state)
     core = grads["layers"][0]["attn"]["core"]
-    for name in ("conv_w", "conv_b", "dt_bias", "a_log", "d_skip", "norm"):
-        assert float(jnp.sum(core[name][...] ** 2)) > 0, name
+    leaves = {"conv.kernel": core["conv"]["kernel"], "conv.bias": core["conv"]["bias"],
+              **{name: core[name] for name in ("dt_bias", "a_log", "d_skip", "norm")}}
+    for name, g in leaves.items():
+        assert float(jnp.sum(g[...] ** 2)) > 0, name
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

@@ -133,8 +133,8 @@ def _dcfg(mechanism, d=32, heads=2, **kw):
     [
         ("softmax", 2 * 16 * 32),  # KV cache 2 T d
         ("gla", 2 * 16 * 16),  # H K V
-        ("deltanet", 2 * 16 * 16),
-        ("gated_deltanet", 2 * 16 * 16),
+        ("deltanet", 2 * 16 * 16 + 3 * 3 * 32),  # + the short convs' W - 1 = 3 inputs of q, k, v
+        ("gated_deltanet", 2 * 16 * 16 + 3 * 3 * 32),
         ("retnet", 2 * 16 * 16),
         ("linear:elu1", 2 * 16 * 16 + 2 * 16),  # H F V + normalizer H F, F = Dh
         ("sliding_window:8", 2 * 8 * 32),  # window < T

@@ -32,7 +32,7 @@ from models.cores.recurrent import (
     linear_kwargs,
     ssd_decay,
 )
-from models.kv_cache import CachePolicy
+from models.cores.short_conv import ConvCarry, ShortConv
 from models.layers import Dense
 from models.registry import register_mechanism
 from models.sharding import param
@@ -41,7 +41,7 @@ __all__ = ["Mamba2"]
 
 
 @register_mechanism("mamba2")
-class Mamba2(RecurrentCore):
+class Mamba2(ConvCarry, RecurrentCore):
     """Mamba-2 layer (module docstring): conv + SiLU on ``[C, B, X]``, softplus ``dt``,
     ``A_log``, SSD via ``jattn.linear.gla`` (scalar gate), ``D`` skip, gated RMSNorm."""
 
@@ -54,13 +54,10 @@ class Mamba2(RecurrentCore):
             raise ValueError(f"mechanism 'mamba2' takes no argument and no mask pattern, got "
                              f"arg={arg!r}, mask={cfg.mask!r}")
         super().__init__(cfg, mask)
-        h, hkv, dh, w = cfg.num_heads, cfg.kv_heads, cfg.dh, self.opts.conv_width
-        if not isinstance(w, int) or w < 1:
-            raise ValueError(f"conv_width must be a positive int, got {w!r}")
-        self.channels = (h + 2 * hkv) * dh
-        self.conv_w = param(rngs, nnx.initializers.lecun_normal(), (w, self.channels),
-                            (None, None))
-        self.conv_b = param(rngs, nnx.initializers.zeros_init(), (self.channels,), (None,))
+        h, hkv, dh = cfg.num_heads, cfg.kv_heads, cfg.dh
+        # one depthwise conv over the concatenated [C, B, X] channels (Mamba-2's xBC conv)
+        self.conv = ShortConv(self.opts.conv_width, ((h + 2 * hkv) * dh,), (None,), bias=True,
+                              rngs=rngs)
         self.dt_proj = Dense((cfg.d_model,), (h,), ("embed",), ("heads",), rngs=rngs)
         self.dt_bias = param(rngs, _dt_bias_init, (h,), ("heads",))
         self.a_log = param(rngs, _a_log_init, (h,), ("heads",))
@@ -68,21 +65,13 @@ class Mamba2(RecurrentCore):
         self.z_proj = Dense((cfg.d_model,), (h, dh), ("embed",), ("heads", "kv"), rngs=rngs)
         self.norm = param(rngs, nnx.initializers.ones_init(), (dh,), ("kv",))
 
-    def _conv(self, u: jax.Array, past: jax.Array) -> jax.Array:
-        """Causal depthwise conv of ``u [B, T, Ch]`` after ``past [B, W-1, Ch]``, then SiLU."""
-        w = self.opts.conv_width
-        full = jnp.concatenate([past.astype(u.dtype), u], axis=1)
-        t = u.shape[1]
-        out = sum(full[:, i : i + t] * self.conv_w[i] for i in range(w)) + self.conv_b[...]
-        return jax.nn.silu(out)
-
-    def _layer(self, inp: CoreInputs, state, past, want_state):
+    def layer(self, inp: CoreInputs, state, past, want_state, context_axis=None):
         b, t = inp.q.shape[:2]
         h, dh = self.cfg.num_heads, self.cfg.dh
         hkv = inp.k.shape[2]
         u = jnp.concatenate([inp.q.reshape(b, t, -1), inp.k.reshape(b, t, -1),
                              inp.v.reshape(b, t, -1)], axis=-1)
-        c = self._conv(u.astype(jnp.float32), past)
+        c, new_past = self.conv(u, past)
         cq, ck, cv = jnp.split(c, [h * dh, (h + hkv) * dh], axis=-1)
         C = cq.reshape(b, t, h, dh)
         B = repeat_kv(ck.reshape(b, t, hkv, dh), h)
@@ -94,24 +83,7 @@ class Mamba2(RecurrentCore):
         y = y + self.d_skip[...][:, None] * X
         y = y * jax.nn.silu(self.z_proj(inp.x).astype(jnp.float32))
         y = y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + 1e-6) * self.norm[...]
-        w = self.opts.conv_width
-        new_past = jnp.concatenate([past.astype(jnp.float32), u.astype(jnp.float32)],
-                                   axis=1)[:, -(w - 1):] if w > 1 else past
         return y.astype(inp.q.dtype), final, new_past
 
-    def _zero_past(self, batch):
-        return jnp.zeros((batch, self.opts.conv_width - 1, self.channels), jnp.float32)
-
-    def recur(self, inp, state, want_state, *, context_axis=None):
-        o, final, _ = self._layer(inp, state, self._zero_past(inp.q.shape[0]), want_state)
-        return o, final
-
-    def state_size(self, seq_len):
-        return super().state_size(seq_len) + (self.opts.conv_width - 1) * self.channels
-
-    def init_cache(self, batch: int, max_len: int, policy: CachePolicy) -> dict:
-        return {**super().init_cache(batch, max_len, policy), "conv": self._zero_past(batch)}
-
-    def decode(self, inp, cache, index, policy):
-        o, state, past = self._layer(inp, cache["state"], cache["conv"], True)
-        return o, {**cache, "state": state.astype(jnp.float32), "conv": past}
+    def conv_past(self, batch):
+        return self.conv.zero_past(batch)

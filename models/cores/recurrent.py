@@ -38,6 +38,7 @@ import jattn
 import jattn.linear
 from models.config import AttentionConfig
 from models.cores.base import Core, CoreInputs, repeat_kv
+from models.cores.short_conv import ConvCarry, ShortConv, check_conv_width
 from models.kv_cache import CachePolicy
 from models.layers import Dense
 from models.registry import register_mechanism
@@ -131,7 +132,11 @@ class _RecurrentBase(RecurrentCore):
         raise NotImplementedError
 
     def recur(self, inp, state, want_state, *, context_axis=None):
-        q, k, v = self.heads(inp)
+        return self.mix(inp, *self.heads(inp), state, want_state, context_axis)
+
+    def mix(self, inp, q, k, v, state, want_state, context_axis=None):
+        """``(o, final_state)``: the jattn call on ``q, k, v`` at every head, then the output
+        norm and gate."""
         o, final = self.run(q, k, v, state, want_state, context_axis, **self.gates(inp))
         if self.out is not None:
             o = self.out(inp.x, o)
@@ -203,17 +208,53 @@ class RetNet(_RecurrentBase):
                                 **linear_kwargs(self.cfg, context_axis))
 
 
-class _DeltaBase(_RecurrentBase):
-    """Delta-rule cores: ``beta = sigmoid(x W_b)``; q, k pass SiLU then per-head L2 norm."""
+class _DeltaBase(ConvCarry, _RecurrentBase):
+    """Delta-rule cores: ``beta = sigmoid(x W_b)``; q, k, v pass the short causal depthwise
+    convolutions + SiLU of the papers' layers (fla's ``ShortConvolution``, width
+    ``conv_width`` = 4, no bias; :mod:`models.cores.short_conv`), q and k then a per-head L2
+    norm inside the delta rule. ``conv_width=0`` drops the convolutions (SiLU on q and k only:
+    jattn's form before they were added, for ablations)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        conv_width: int = 4  # short causal depthwise conv on q, k, v (0: none)
 
     def __init__(self, cfg, mask, arg=None, *, rngs):
         super().__init__(cfg, mask, arg, rngs=rngs)
         self.beta = Dense((cfg.d_model,), (cfg.num_heads,), ("embed",), ("heads",),
                           use_bias=True, rngs=rngs)
+        width = check_conv_width(self.opts.conv_width, allow_zero=True)
+        self.convs = None if width == 0 else nnx.Dict({
+            name: ShortConv(width, features, axes, bias=False, rngs=rngs)
+            for name, (features, axes) in self.conv_streams().items()})
 
-    def heads(self, inp):
-        q, k, v = super().heads(inp)
-        return jax.nn.silu(q), jax.nn.silu(k), v
+    def conv_streams(self) -> dict[str, tuple[tuple[int, ...], tuple]]:
+        """``{name: (features, logical axes)}`` of the arrays :meth:`projections` returns."""
+        kv = ((self.cfg.kv_heads, self.cfg.dh), ("heads", "kv"))
+        return {"q": ((self.cfg.num_heads, self.cfg.dh), ("heads", "kv")), "k": kv, "v": kv}
+
+    def projections(self, inp) -> dict[str, jax.Array]:
+        """The per-token arrays ``[B, T, *features]`` that enter the convolutions."""
+        return {"q": inp.q, "k": inp.k, "v": inp.v}
+
+    def assemble(self, streams: dict[str, jax.Array]):
+        """``(q, k, v)`` at every query head from the (convolved) :meth:`projections`."""
+        h = self.cfg.num_heads
+        return streams["q"], repeat_kv(streams["k"], h), repeat_kv(streams["v"], h)
+
+    def conv_past(self, batch):
+        return {} if self.convs is None else {n: c.zero_past(batch) for n, c in self.convs.items()}
+
+    def layer(self, inp, state, past, want_state, context_axis=None):
+        streams = self.projections(inp)
+        if self.convs is None:
+            q, k, v = self.assemble(streams)
+            q, k = jax.nn.silu(q), jax.nn.silu(k)
+        else:
+            conv = {n: self.convs[n](u, past[n]) for n, u in streams.items()}
+            past = {n: c[1] for n, c in conv.items()}
+            q, k, v = self.assemble({n: c[0].astype(inp.q.dtype) for n, c in conv.items()})
+        return (*self.mix(inp, q, k, v, state, want_state, context_axis), past)
 
     def delta_gates(self, inp) -> jax.Array | None:
         return None
@@ -265,8 +306,8 @@ def ssd_log_decay(core: nnx.Module, x: jax.Array) -> jax.Array:
 class DeltaNet(_DeltaBase):
     """DeltaNet (Yang et al., "Parallelizing Linear Transformers with the Delta Rule over
     Sequence Length", 2024): ``S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1})``,
-    ``o_t = scale q_t S_t``; L2-normalized SiLU q/k, per-head RMSNorm output (no gate; the short
-    convolutions of the paper are omitted)."""
+    ``o_t = scale q_t S_t``; short convolutions + SiLU on q/k/v, L2-normalized q/k, per-head
+    RMSNorm output (no gate)."""
 
     out_gate = False
 
@@ -275,7 +316,8 @@ class DeltaNet(_DeltaBase):
 class GatedDeltaNet(_DeltaBase):
     """Gated DeltaNet (Yang et al., "Gated Delta Networks: Improving Mamba2 with Delta Rule",
     2025): the delta rule on ``exp(g_t) S_{t-1}`` with the Mamba2 scalar decay
-    ``g_t = -exp(A_log_h) softplus(x_t W_a + dt_bias_h)``; RMSNorm + ``swish(x W_r)`` output."""
+    ``g_t = -exp(A_log_h) softplus(x_t W_a + dt_bias_h)``; the paper's full layer: short
+    convolutions + SiLU on q/k/v, L2-normalized q/k, RMSNorm + ``swish(x W_r)`` output."""
 
     def __init__(self, cfg, mask, arg=None, *, rngs):
         super().__init__(cfg, mask, arg, rngs=rngs)
@@ -293,7 +335,7 @@ class KDA(_DeltaBase):
     The exact gate parameterization of the paper is inferred (Mamba2-style, per channel)."""
 
     @dataclasses.dataclass(frozen=True)
-    class Options:
+    class Options(_DeltaBase.Options):
         gate_low_rank: int = 16  # rank of the decay projection
 
     def __init__(self, cfg, mask, arg=None, *, rngs):
@@ -317,37 +359,52 @@ class DeltaProduct(GatedDeltaNet):
     Step 0 uses the block's k/v projections; steps ``1..n_h-1`` have their own
     (``[D] -> [n_h - 1, H, Dh]``); ``beta [n_h, H]`` per token, ``sigmoid`` (times 2 with
     ``allow_neg_eigval``, the paper's negative-eigenvalue variant). SiLU + L2-normed q/k, decay
-    ``-exp(A_log) softplus(x W_a + dt_bias)``, per-head RMSNorm + ``swish(x W_r)`` output. The
-    paper's short convolutions are omitted (as in this file's other cores).
+    ``-exp(A_log) softplus(x W_a + dt_bias)``, per-head RMSNorm + ``swish(x W_r)`` output.
+    The short convolutions (``conv_width``) run over tokens on every step's q/k/v projections
+    before the steps are interleaved (as fla's ``GatedDeltaProduct``).
     """
 
     context_parallel = False  # jattn.linear.delta_product takes no context_axis
 
     @dataclasses.dataclass(frozen=True)
-    class Options:
+    class Options(_DeltaBase.Options):
         num_householder: int = 2  # delta-rule steps per token (1: Gated DeltaNet)
         allow_neg_eigval: bool = False  # beta in (0, 2) instead of (0, 1)
 
     def __init__(self, cfg, mask, arg=None, *, rngs):
-        super().__init__(cfg, mask, arg, rngs=rngs)
-        n_h, h, dh = self.opts.num_householder, cfg.num_heads, cfg.dh
+        n_h = self.Options(**cfg.options_for(self.Options)).num_householder
         if not isinstance(n_h, int) or isinstance(n_h, bool) or n_h < 1:
             raise ValueError(f"num_householder must be a positive int, got {n_h!r}")
+        super().__init__(cfg, mask, arg, rngs=rngs)
+        h, dh = cfg.num_heads, cfg.dh
         self.beta = Dense((cfg.d_model,), (n_h, h), ("embed",), (None, "heads"), use_bias=True,
                           rngs=rngs)
         self.kv_extra = (Dense((cfg.d_model,), (2, n_h - 1, h, dh), ("embed",),
                                (None, None, "heads", "kv"), rngs=rngs) if n_h > 1 else None)
 
-    def heads(self, inp):
-        q, k, v = _RecurrentBase.heads(self, inp)
-        if self.kv_extra is not None:  # [B, T, n_h, H, Dh] -> [B, T * n_h, H, Dh]
-            extra = self.kv_extra(inp.x)
+    def conv_streams(self):
+        streams = super().conv_streams()
+        n_h, h, dh = self.opts.num_householder, self.cfg.num_heads, self.cfg.dh
+        if n_h > 1:  # steps 1..n_h-1's keys and values
+            streams["kv_extra"] = ((2, n_h - 1, h, dh), (None, None, "heads", "kv"))
+        return streams
+
+    def projections(self, inp):
+        streams = super().projections(inp)
+        if self.kv_extra is not None:
+            streams["kv_extra"] = self.kv_extra(inp.x)
+        return streams
+
+    def assemble(self, streams):
+        q, k, v = super().assemble(streams)
+        if "kv_extra" in streams:  # [B, T, n_h, H, Dh] -> [B, T * n_h, H, Dh]
+            extra = streams["kv_extra"]
             b, t, h, dh = k.shape
             n_h = self.opts.num_householder
             k = jnp.concatenate([k[:, :, None], extra[:, :, 0].astype(k.dtype)], axis=2)
             v = jnp.concatenate([v[:, :, None], extra[:, :, 1].astype(v.dtype)], axis=2)
             k, v = k.reshape(b, t * n_h, h, dh), v.reshape(b, t * n_h, h, v.shape[-1])
-        return jax.nn.silu(q), jax.nn.silu(k), v
+        return q, k, v
 
     def gates(self, inp):
         beta = jax.nn.sigmoid(self.beta(inp.x).astype(jnp.float32))  # [B, T, n_h, H]
