@@ -21,8 +21,9 @@ does; evaluation is at the preset's size only); ``--config.train_mix=`` trains o
 Keys: data ``seq_len``, ``num_kv_pairs``, ``vocab_size``, ``power_a`` (query-gap power law),
 ``train_mix``; model ``model.mechanism`` (any registered attention mechanism name, see
 ``models.mechanism_names()``), ``model.d_model``, ``model.num_heads``, ``model.num_layers``,
-``model.positions``, ``model.init``, ``model.embed_init_std``, ``model.tie_embeddings``; plus
-the runner's shared keys (``train_steps``, ``learning_rate``, ...).
+``model.positions``, ``model.init``, ``model.embed_init_std``, ``model.tie_embeddings``,
+``model.attention_options``; plus the runner's shared keys (``train_steps``,
+``learning_rate``, ...).
 """
 
 import ml_collections
@@ -68,6 +69,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init="models",
         embed_init_std=1.0,
         implementation="",  # jattn.attention implementation ("" = best for the platform)
+        # the mechanism's own options, e.g. '(("conv_width", 0),)': DeltaNet without its convs
+        attention_options=(),
     )
     # --- optimizer -------------------------------------------------------------------------------
     set_fields(
