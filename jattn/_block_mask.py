@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jattn import _dispatch
 
-__all__ = ["attention_block_sizes", "check", "expand"]
+__all__ = ["attention_block_sizes", "check", "expand", "selection_mask"]
 
 
 def attention_block_sizes(q_len: int, kv_len: int,
@@ -68,3 +68,19 @@ def expand(block_mask, tq: int, tk: int, block_q: int, block_kv: int):
     rows = jnp.arange(tq) // block_q
     cols = jnp.arange(tk) // block_kv
     return block_mask[:, :, rows][:, :, :, cols]
+
+
+def selection_mask(indices, valid, kv_len: int):
+    """Dense bool ``[..., S]`` of a selection ``indices, valid [..., k]``: True at the valid
+    selected entries (for tokens, ``[B, T, S]``, the reference form
+    ``jattn.attention(q, k, v, mask=selection_mask(...)[:, None])``).
+
+    A scatter: ``O(... S)`` memory. (A one-hot ``[..., k, S]`` reduced over ``k`` needs
+    ``k`` times more: 137 GB for DSA's 2048 of 8192 tokens.) ``indices`` are distinct along
+    the last axis (as ``lax.top_k`` returns them)."""
+    lead = indices.shape[:-1]
+    idx = indices.reshape(-1, indices.shape[-1])
+    ok = jnp.broadcast_to(valid, indices.shape).reshape(idx.shape)
+    rows = jnp.arange(idx.shape[0])[:, None]
+    out = jnp.zeros((idx.shape[0], kv_len), bool).at[rows, idx].set(ok)
+    return out.reshape(lead + (kv_len,))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jattn import masks as masks_lib
-from jattn._block_mask import attention_block_sizes
+from jattn._block_mask import attention_block_sizes, selection_mask
 from jattn.attention import attention as _attention
 
 F32 = jnp.float32
@@ -123,8 +123,7 @@ def nsa_selection(p_cmp, t: int, *, num_kv_heads: int, block_size: int, compress
     if select_blocks > 0:
         kk = min(select_blocks, ns)
         top, idx = lax.top_k(jnp.where(earlier, p_shared, -jnp.inf), kk)
-        selected = selected | (jax.nn.one_hot(idx, ns, dtype=bool)
-                               & (top > -jnp.inf)[..., None]).any(-2)
+        selected = selected | selection_mask(idx, top > -jnp.inf, ns)
     return selected
 
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 # NSA has its own module; its public names belong to this one
+from jattn._block_mask import selection_mask  # noqa: F401 (re-exported)
 from jattn._nsa import COMPRESS_MLP_KEYS, compress_blocks, nsa, nsa_selection  # noqa: F401 (re-exported)
 from jattn.masks import Mask
 
@@ -119,8 +120,7 @@ def topk_blocks(q, k, *, block_q: int, block_kv: int, k_blocks: int, mask: Mask 
         kk = min(k_blocks, nk)
         masked = jnp.where(candidate, s, -jnp.inf)
         top, idx = lax.top_k(masked, kk)  # ties: the lower index first
-        picked = jax.nn.one_hot(idx, nk, dtype=bool) & (top > -jnp.inf)[..., None]
-        chosen = chosen | picked.any(-2)
+        chosen = chosen | selection_mask(idx, top > -jnp.inf, nk)
     return jnp.broadcast_to(chosen, (b, hq, nq, nk))
 
 
@@ -170,13 +170,6 @@ def lightning_indexer(q_idx, k_idx, weights, top_k: int, *, mask: Mask | None = 
         return scores, jnp.zeros((b, t, 0), jnp.int32), jnp.zeros((b, t, 0), bool)
     top, indices = lax.top_k(scores, kk)
     return scores, indices.astype(jnp.int32), top > -jnp.inf
-
-
-def selection_mask(indices, valid, kv_len: int):
-    """Dense bool ``[B, T, S]`` of a token selection: True at the valid selected keys (the
-    reference form: ``jattn.attention(q, k, v, mask=selection_mask(...)[:, None])``)."""
-    hot = jax.nn.one_hot(indices, kv_len, dtype=bool) & valid[..., None]
-    return hot.any(-2)
 
 
 def gathered_attention(q, k, v, indices, valid, *, scale: float | None = None):

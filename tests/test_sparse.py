@@ -245,3 +245,40 @@ def test_sparse_mechanisms_train_and_moba_decodes_like_the_forward():
     index_grad = grads["layers"][0]["attn"]["core"]["index_q"]["kernel"][...]
     assert float(jnp.abs(index_grad).sum()) > 0  # the indexer learns from its KL loss
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(grads))
+
+
+def test_selection_mask_is_the_union_of_the_valid_picks_without_a_one_hot():
+    """Equal to the one-hot formula; compiled, its memory is O(T S), not O(T k S): the DSA
+    core once built ``one_hot(idx, T)`` ``[B, T, k, T]`` (137 GB at T = 8192, k = 2048)."""
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.permutation(9)[:4] for _ in range(2 * 5)]).reshape(2, 5, 4)
+    valid = rng.random((2, 5, 4)) < 0.7
+    want = np.zeros((2, 5, 9), bool)
+    for b, t, n in np.ndindex(2, 5, 4):
+        want[b, t, idx[b, t, n]] |= valid[b, t, n]
+    got = jax.jit(sparse.selection_mask, static_argnums=2)(jnp.asarray(idx), valid, 9)
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+    t, k = 2048, 512  # a one-hot would be t * k * t bytes = 2 GiB
+    spec = jax.ShapeDtypeStruct((1, t, k), jnp.int32)
+    compiled = jax.jit(sparse.selection_mask, static_argnums=2).lower(
+        spec, jax.ShapeDtypeStruct((1, t, k), bool), t).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < 64 * 2**20
+
+
+def test_dsa_core_memory_does_not_scale_with_top_k_times_t_squared():
+    from flax import nnx
+
+    from models import Decoder, DecoderConfig
+
+    t = 1024
+    model = Decoder(DecoderConfig(vocab_size=32, d_model=16, num_heads=2, num_layers=1,
+                                  mlp="none", positions="none", mechanism="dsa", max_len=t,
+                                  attention_options=(("dsa_top_k", 256), ("dsa_index_heads", 2),
+                                                     ("dsa_index_dim", 4))), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((1, t), jnp.int32)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s, copy=True)(x)).lower(
+        state, tokens).compile()
+    # the one-hot alone was t * 256 * t bytes = 256 MiB; the dense [T, T] maps are ~4 MiB each
+    assert compiled.memory_analysis().temp_size_in_bytes < 96 * 2**20

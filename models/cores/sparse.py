@@ -268,8 +268,8 @@ class DSA(SoftmaxCore):
         vis = _dense_visibility(self.mask, q.shape[0], q.shape[2], t, t)
         scores = self.index_scores(inp.x, vis)
         top, idx = jax.lax.top_k(jax.lax.stop_gradient(scores), min(self.opts.dsa_top_k, t))
-        hot = jax.nn.one_hot(idx, t, dtype=bool) & (top > -jnp.inf)[..., None]
-        support = hot.any(-2)[:, None] & vis  # [B, Hq|1, T, T]
+        support = jattn.sparse.selection_mask(idx, top > -jnp.inf, t)[:, None] & vis
+        # [B, Hq|1, T, T]
         o = self.attend(q, k, inp.v, mask=support, bias=bias)
         # the indexer's KL loss against the (stop-gradient) dense attention distribution
         p = jattn.attention_weights(q, k, mask=self.mask, bias=bias, scale=self.cfg.scale)
