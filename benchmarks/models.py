@@ -15,6 +15,12 @@ steps of the contenders are timed interleaved, round-robin, and the median is re
 3. Decoding tokens/s at a context of 1024 tokens: one jitted step with the KV cache
    (``models.decode_fns``) vs recomputing the full forward over the prefix for each new token.
    Target: cache >= 10x faster.
+
+``--sparse`` runs instead: training-step tokens/s of the trainable sparse mechanisms
+(``moba``, ``nsa``, ``dsa``) vs full causal softmax on the retrieval benchmark's model
+(``configs/retrieval.py``: d 64, 4 heads, 2 layers, RoPE, each sparse mechanism at about
+``T / 4`` keys per query, :func:`configs.retrieval.sparse_options`), 8192 tokens per step, at
+each of ``--sparse-lengths`` (default 256, the trained length, and 2048).
 """
 
 from __future__ import annotations
@@ -55,29 +61,31 @@ def build(cfg: DecoderConfig, flax_attention: bool = False) -> Decoder:
 
 
 def train_step_fn(model: Decoder):
-    """A jitted AdamW step ``(params, opt_state, tokens) -> (params, opt_state, loss)``."""
+    """An AdamW step ``(params, opt_state, tokens, rest) -> (params, opt_state, loss)`` and its
+    ``params, opt_state, rest`` (``rest``: the non-parameter state, e.g. a core's ``AuxLoss``
+    that the forward writes, so it enters the jit as an argument)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(1e-3)
     opt_state = tx.init(params)
 
-    def step(params, opt_state, tokens):
+    def step(params, opt_state, tokens, rest):
         def loss_fn(p):
-            logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1])
+            logits = nnx.merge(graphdef, p, rest, copy=True)(tokens[:, :-1])
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return step, params, opt_state
+    return step, params, opt_state, rest
 
 
 def compile_train(cfg: DecoderConfig, t: int, batch: int, flax_attention: bool = False):
-    """``(run, tokens)``: ``run()`` does one training step on ``[batch, t + 1]`` tokens."""
-    step, params, opt_state = train_step_fn(build(cfg, flax_attention))
+    """``run()`` doing one training step on ``[batch, t + 1]`` tokens."""
+    step, params, opt_state, rest = train_step_fn(build(cfg, flax_attention))
     tokens = jax.random.randint(jax.random.key(0), (batch, t + 1), 0, cfg.vocab_size)
-    compiled = harness.compile_fn(step, params, opt_state, tokens)
-    return lambda: jax.block_until_ready(compiled(params, opt_state, tokens))
+    compiled = harness.compile_fn(step, params, opt_state, tokens, rest)
+    return lambda: jax.block_until_ready(compiled(params, opt_state, tokens, rest))
 
 
 def time_interleaved(runs: dict, repeats: int) -> dict:
@@ -119,6 +127,30 @@ def time_decode(cfg: DecoderConfig, context: int, steps: int, batch: int, repeat
     compiled = forward.lower(st, prefix).compile()
     recompute = harness.time_compiled(compiled, st, prefix, repeats=repeats, min_time=0.0)
     return cached, recompute
+
+
+def run_sparse(args) -> list[dict]:
+    """Training-step time of moba / nsa / dsa vs full softmax (module docstring, ``--sparse``)."""
+    from configs.retrieval import sparse_options
+
+    rows = []
+    for t in args.sparse_lengths:
+        batch = max(1, 8192 // t)
+        base = DecoderConfig(vocab_size=64, d_model=64, num_layers=2, num_heads=4,
+                             mlp="swiglu", positions="rope", tie_embeddings=False, max_len=t,
+                             attention_options=sparse_options(t))
+        runs = {m: compile_train(dataclasses.replace(base, mechanism=m), t, batch)
+                for m in ("softmax", "moba", "nsa", "dsa")}
+        res = time_interleaved(runs, args.repeats)
+        for m in ("moba", "nsa", "dsa"):
+            row = {"case": f"train: {m} vs full softmax", "T": t,
+                   "ours ms": 1e3 * res[m], "baseline ms": 1e3 * res["softmax"],
+                   "ours tok/s": batch * t / res[m],
+                   "baseline tok/s": batch * t / res["softmax"],
+                   "speedup": res["softmax"] / res[m]}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
 
 
 def run(args) -> list[dict]:
@@ -187,11 +219,17 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", default="benchmarks/models.json")
+    p.add_argument("--sparse", action="store_true",
+                   help="only moba / nsa / dsa vs full softmax training steps (docstring)")
+    p.add_argument("--sparse-lengths", type=int, nargs="+", default=[256, 2048])
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/models.json, models_sparse.json)")
     args = p.parse_args(argv)
     if args.small:
         args.train_lengths, args.hybrid_length, args.repeats = [512], 1024, 3
-    rows = run(args)
+    if args.out is None:
+        args.out = "benchmarks/models_sparse.json" if args.sparse else "benchmarks/models.json"
+    rows = run_sparse(args) if args.sparse else run(args)
     print(harness.table(rows, COLUMNS))
     harness.write_json(args.out, {"machine": harness.machine(), "args": vars(args),
                                   "rows": rows})
