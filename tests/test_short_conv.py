@@ -18,7 +18,7 @@ from flax import nnx
 
 import jattn.linear
 from jattn.testing import assert_close
-from models import Decoder, DecoderConfig
+from models import Decoder, DecoderConfig, capture_intermediates
 from models.config import AttentionConfig
 from models.cores.base import CoreInputs, repeat_kv
 from models.cores.short_conv import ShortConv
@@ -83,7 +83,7 @@ def test_delta_core_equals_numpy_convs_then_delta_rule(mechanism):
     got = core(inp)
 
     def conv(name, u):
-        c = core.convs[name]
+        c = core.convs()[name]
         assert c.bias is None  # fla's ShortConvolution: no bias in the DeltaNet family
         zeros = np.zeros((u.shape[0], c.width - 1) + u.shape[2:])
         return jnp.asarray(_conv_numpy(u, zeros, c.kernel[...], None), jnp.float32)
@@ -100,7 +100,7 @@ def test_delta_core_equals_numpy_convs_then_delta_rule(mechanism):
 
 def test_conv_width_zero_is_the_convolution_free_layer():
     core, inp = _core_and_inputs("gated_deltanet", (("conv_width", 0),))
-    assert core.convs is None and core.state_size(11) == 4 * 6 * 6
+    assert core.convs() == {} and core.state_size(11) == 4 * 6 * 6
     h = core.cfg.num_heads
     gates = core.gates(inp)
     o, _ = jattn.linear.delta_rule(jax.nn.silu(inp.q), jax.nn.silu(repeat_kv(inp.k, h)),
@@ -134,8 +134,11 @@ def test_decoding_carries_the_conv_window(mechanism, opts):
     assert_close(decoded, full, rtol=1e-4, name=f"{mechanism} decoded logits")
     core = model.layers[0].attn.core
     width = core.opts.conv_width
-    conv_floats = sum((width - 1) * int(np.prod(c.features)) for c in core.convs.values())
+    conv_floats = sum((width - 1) * int(np.prod(c.features)) for c in core.convs().values())
     assert core.state_size(9) == 2 * 8 * 8 + conv_floats
+    # the analysis path (nnx.capture) runs the same layer: it once failed on an nnx.Dict
+    captured = capture_intermediates(model, tokens)
+    assert captured and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(captured))
 
 
 @pytest.mark.parametrize("width", [-1, 1.5, True])

@@ -224,9 +224,14 @@ class _DeltaBase(ConvCarry, _RecurrentBase):
         self.beta = Dense((cfg.d_model,), (cfg.num_heads,), ("embed",), ("heads",),
                           use_bias=True, rngs=rngs)
         width = check_conv_width(self.opts.conv_width, allow_zero=True)
-        self.convs = None if width == 0 else nnx.Dict({
-            name: ShortConv(width, features, axes, bias=False, rngs=rngs)
-            for name, (features, axes) in self.conv_streams().items()})
+        streams = {} if width == 0 else self.conv_streams()
+        self.conv_names = tuple(streams)
+        for name, (features, axes) in streams.items():  # attributes conv_q, conv_k, ...
+            setattr(self, f"conv_{name}", ShortConv(width, features, axes, bias=False, rngs=rngs))
+
+    def convs(self) -> dict[str, ShortConv]:
+        """``{stream name: its ShortConv}``; empty with ``conv_width=0``."""
+        return {name: getattr(self, f"conv_{name}") for name in self.conv_names}
 
     def conv_streams(self) -> dict[str, tuple[tuple[int, ...], tuple]]:
         """``{name: (features, logical axes)}`` of the arrays :meth:`projections` returns."""
@@ -243,15 +248,16 @@ class _DeltaBase(ConvCarry, _RecurrentBase):
         return streams["q"], repeat_kv(streams["k"], h), repeat_kv(streams["v"], h)
 
     def conv_past(self, batch):
-        return {} if self.convs is None else {n: c.zero_past(batch) for n, c in self.convs.items()}
+        return {n: c.zero_past(batch) for n, c in self.convs().items()}
 
     def layer(self, inp, state, past, want_state, context_axis=None):
         streams = self.projections(inp)
-        if self.convs is None:
+        convs = self.convs()
+        if not convs:
             q, k, v = self.assemble(streams)
             q, k = jax.nn.silu(q), jax.nn.silu(k)
         else:
-            conv = {n: self.convs[n](u, past[n]) for n, u in streams.items()}
+            conv = {n: convs[n](u, past[n]) for n, u in streams.items()}
             past = {n: c[1] for n, c in conv.items()}
             q, k, v = self.assemble({n: c[0].astype(inp.q.dtype) for n, c in conv.items()})
         return (*self.mix(inp, q, k, v, state, want_state, context_axis), past)
