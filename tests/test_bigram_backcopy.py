@@ -221,6 +221,7 @@ def test_bb_compare_labels_read_model_keys_of_new_and_old_runs():
         "3L, softmax", "1L, relu"]
 
 
+@pytest.mark.slow  # suite time (52 s); the study's CLI and lr handling stay in the default run
 def test_bb_ablations_grow_the_runs_in_stages(tmp_path, capsys):
     from studies import bb_ablations
 

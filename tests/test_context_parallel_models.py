@@ -218,7 +218,9 @@ def one_device_curve(tmp_path_factory):
     return _loss_curve(char_lm_config(), tmp_path_factory.mktemp("one"))[0]
 
 
-@pytest.mark.parametrize("mesh", [{"context": 4}, {"data": 2, "context": 4}],
+# suite time: data=2 x context=4 (both axes) in the default run, context=4 alone slow
+@pytest.mark.parametrize("mesh", [pytest.param({"context": 4}, marks=pytest.mark.slow),
+                                  {"data": 2, "context": 4}],
                          ids=["context4", "data2_context4"])
 def test_hybrid_training_matches_one_device(mesh, one_device_curve, tmp_path, monkeypatch):
     spy = _Spy(monkeypatch)
@@ -243,23 +245,25 @@ def no_end_of_run_extras(monkeypatch):
     monkeypatch.setattr(CharLM, "write_figures", lambda self, workdir, model, history: [])
 
 
-def test_checkpoint_from_context4_resumes_on_other_meshes(tmp_path, no_end_of_run_extras):
+# suite time: the resume on fsdp=8 (a different multi-device sharding) in the default run,
+# on one device slow
+@pytest.mark.parametrize("name, mesh", [pytest.param("one", {}, marks=pytest.mark.slow),
+                                        ("fsdp8", {"mesh.fsdp": 8})], ids=["one", "fsdp8"])
+def test_checkpoint_from_context4_resumes_on_other_meshes(name, mesh, tmp_path,
+                                                          no_end_of_run_extras):
     """Checkpoints at steps 2 and 3 on context=4; resumed from step 2 on context=1 (one
-    device) and on fsdp=8, step 3's loss is the context=4 run's: orbax restores the global
+    device) or on fsdp=8, step 3's loss is the context=4 run's: orbax restores the global
     arrays into the current mesh's shardings (the trainer's abstract state)."""
     saved = tmp_path / "context4"
     config = lambda **kw: char_lm_config(**{"train_steps": 3, "checkpoint_every": 2, **kw})
     want = train(config(**{"mesh.context": 4}), str(saved))["final"]["train_loss"]
-    for name, mesh in (("one", {}), ("fsdp8", {"mesh.fsdp": 8})):
-        workdir = tmp_path / name
-        shutil.copytree(saved, workdir)
-        shutil.rmtree(workdir / "checkpoints" / "3")  # resume from step 2
-        trainer = Trainer(config(**mesh), str(workdir))
-        summary = trainer.run()
-        assert summary["resumed_from"] == 2, name
-        assert summary["mesh"]["context"] == 1
-        np.testing.assert_allclose(summary["final"]["train_loss"], want, rtol=1e-4,
-                                   err_msg=name)
+    workdir = tmp_path / name
+    shutil.copytree(saved, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "3")  # resume from step 2
+    summary = Trainer(config(**mesh), str(workdir)).run()
+    assert summary["resumed_from"] == 2
+    assert summary["mesh"]["context"] == 1
+    np.testing.assert_allclose(summary["final"]["train_loss"], want, rtol=1e-4)
 
 
 def test_char_lm_attention_images_of_a_split_model(tmp_path):
