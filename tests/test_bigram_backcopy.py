@@ -287,13 +287,17 @@ def test_cpu_reproduction_sink_forms(tmp_path):
     jax.clear_caches()
 
 
-def test_bb_ablations_cpu_preset_learning_rates(tmp_path):
-    """Under --preset cpu the variant's CPU learning rate applies unless --paper-lrs."""
+def test_bb_ablations_cpu_preset_learning_rates(tmp_path, monkeypatch):
+    """Under --preset cpu the variant's CPU learning rate applies unless --paper-lrs (the
+    config handed to the trainer; nothing is trained)."""
+    import experiments.trainer
     from studies import bb_ablations
 
-    for flag, lr in (([], 1e-3), (["--paper-lrs"], 3e-4)):
-        workdir = tmp_path / (flag[0][2:] if flag else "cpu-lrs")
-        bb_ablations.main(["--workdir", str(workdir), "--preset", "cpu,tiny", "--steps", "1",
-                           "--variants", "3layer_adam", *flag, "--set", "mesh.data=1"])
-        summary = json.loads((workdir / "3layer_adam" / "summary.json").read_text())
-        assert summary["config"]["learning_rate"] == pytest.approx(lr)
+    handed = []
+    monkeypatch.setattr(experiments.trainer, "train",
+                        lambda config, run_dir: handed.append(config.learning_rate))
+    for paper_lrs, lr in ((False, 1e-3), (True, 3e-4)):
+        bb_ablations.advance(str(tmp_path / str(paper_lrs)), "3layer_adam", "cpu,tiny", 1,
+                             {"mesh.data": 1}, paper_lrs=paper_lrs)
+        assert handed[-1] == pytest.approx(lr)
+    assert len(handed) == 2
