@@ -58,6 +58,20 @@ def train_unless_done(path: str, make_config: Callable[[], Any], overrides: dict
     return summary_path
 
 
+def train_mechanism(workdir: str, get_config: Callable[[str | None], Any], preset: str,
+                    mechanism: str, overrides: dict, label: str) -> str:
+    """:func:`train_unless_done` for ``get_config(preset)`` with ``model.mechanism`` set, in
+    ``workdir/<mechanism>`` (``:`` spelled ``-``); returns its ``summary.json`` path."""
+
+    def make_config():
+        config = get_config(preset or None)
+        config.model.mechanism = mechanism
+        return config
+
+    path = os.path.join(workdir, mechanism.replace(":", "-"))
+    return train_unless_done(path, make_config, overrides, f"{label} {mechanism}")
+
+
 def sweep_parser(doc: str, *, preset: str, preset_help: str,
                  mechanisms: Sequence[str]) -> argparse.ArgumentParser:
     """The flags every sweep shares: ``--workdir``, ``--preset`` (the config's ARG),

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from studies.cli import parse_args, train_unless_done
+from studies.cli import parse_args, train_mechanism
 
 MECHANISMS = ("softmax", "moba", "nsa", "dsa")
 #: The KV-cache policies swept by default: every kind of `models.kv_cache.CACHE_POLICIES`.
@@ -113,14 +113,9 @@ def run_one(workdir: str, preset: str, mechanism: str, overrides: dict) -> str:
     """Trains (or reuses) one run; returns its directory."""
     from configs.retrieval import get_config
 
-    def make_config():
-        config = get_config(preset or None)
-        config.model.mechanism = mechanism
-        return config
-
-    path = os.path.join(workdir, mechanism.replace(":", "-"))
-    train_unless_done(path, make_config, overrides, f"retrieval_bench {mechanism}")
-    return path
+    summary = train_mechanism(workdir, get_config, preset, mechanism, overrides,
+                              "retrieval_bench")
+    return os.path.dirname(summary)
 
 
 def _forward_eval(model, inputs, labels, reps: int = 3):

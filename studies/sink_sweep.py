@@ -17,7 +17,7 @@ import functools
 import json
 import os
 
-from studies.cli import parse_args, sweep_parser, sweep_rows, train_unless_done
+from studies.cli import parse_args, sweep_parser, sweep_rows, train_mechanism
 
 #: Gu et al. 2024 (a small LM, not this setup): Sink_1^0.3 in percent.
 PUBLISHED = {"softmax": 18.0, "sigmoid": 0.4}
@@ -27,13 +27,7 @@ def run_one(workdir: str, preset: str, mechanism: str, overrides: dict) -> dict:
     """Trains (or reuses) one run; returns its table row."""
     from configs.sink_sweep import get_config
 
-    def make_config():
-        config = get_config(preset or None)
-        config.model.mechanism = mechanism
-        return config
-
-    path = os.path.join(workdir, mechanism.replace(":", "-"))
-    return row(train_unless_done(path, make_config, overrides, f"sink_sweep {mechanism}"))
+    return row(train_mechanism(workdir, get_config, preset, mechanism, overrides, "sink_sweep"))
 
 
 def row(summary_path: str) -> dict:
